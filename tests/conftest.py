@@ -1,0 +1,71 @@
+"""Test set-up: offline, deterministic, and no test may reach the network."""
+from __future__ import annotations
+
+import os
+import socket
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Randomly initialised big models produce denormal floats whose arithmetic is ~5x slower on CPU.
+torch.set_flush_denormal(True)
+
+_real_connect = socket.socket.connect
+
+
+def _local_only_connect(self, address):  # pragma: no cover - only trips on a bug
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, str) and (host.startswith("127.") or host in ("localhost", "::1") or host.startswith("/")):
+        return _real_connect(self, address)
+    raise RuntimeError(f"tests must not use the network (tried to connect to {address!r})")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_network():
+    socket.socket.connect = _local_only_connect
+    yield
+    socket.socket.connect = _real_connect
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+_cache: dict[str, object] = {}
+
+
+def embedded(name: str):
+    """Embedded preset with random weights, built once per session (tests must not depend on training)."""
+    from vlm_inspect.models import load
+
+    if name not in _cache:
+        _cache[name] = load(name, weights="random")
+    return _cache[name]
+
+
+@pytest.fixture(scope="session")
+def shapes_clip():
+    return embedded("shapes-clip")
+
+
+@pytest.fixture(scope="session")
+def shapes_captioner():
+    return embedded("shapes-captioner")
+
+
+@pytest.fixture(scope="session")
+def shapes_vqa():
+    return embedded("shapes-vqa")
+
+
+@pytest.fixture(scope="session")
+def vit_b32():
+    """openai/ViT-B-32 architecture with random weights (no network)."""
+    from vlm_inspect.models import load
+
+    return load("openai/ViT-B-32", weights="random")

@@ -1,0 +1,305 @@
+"""Every preset builds offline, loads through the real loading path, runs forward and backward."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import embedded
+from vlm_inspect.checkpoints import CheckpointError, save_adapter
+from vlm_inspect.models import PRESETS, list_presets, load
+from vlm_inspect.models.tokenizers import build_shapes_tokenizer, shapes_vocabulary
+
+EMBEDDED = list_presets(suite="embedded")
+PRETRAINED = list_presets(suite="pretrained")
+
+
+def task_loss(model, pixels: torch.Tensor) -> torch.Tensor:
+    b = pixels.shape[0]
+    if model.family == "clip":
+        return model.zero_shot_logits(pixels, ["a photo of a red star", "a photo of a blue circle"]).logsumexp(-1)
+    if model.family == "captioner":
+        return model.caption_nll(pixels, ["a small red star on the left"] * b)
+    return model.answer_nll(pixels, ["what color is the star?"] * b, ["red"] * b)
+
+
+def check_forward_backward(model, batch: int = 2) -> None:
+    pixels = torch.rand(batch, 3, model.image_size, model.image_size, requires_grad=True)
+    loss = task_loss(model, pixels)
+    assert loss.shape == (batch,)
+    assert torch.isfinite(loss).all()
+    loss.sum().backward()
+    assert pixels.grad is not None and torch.isfinite(pixels.grad).all()
+    assert pixels.grad.abs().sum() > 0
+
+
+def check_family_outputs(model) -> None:
+    x = torch.rand(2, 3, model.image_size, model.image_size)
+    with torch.no_grad():
+        if model.family == "clip":
+            img = model.encode_image(x)
+            txt = model.encode_text(["a photo of a cat", "a photo of a dog", "a photo of a red star"])
+            assert img.shape[0] == 2 and txt.shape == (3, img.shape[1])
+            assert torch.allclose(img.norm(dim=-1), torch.ones(2), atol=1e-4)
+            assert torch.allclose(txt.norm(dim=-1), torch.ones(3), atol=1e-4)
+            logits = model.zero_shot_logits(x, ["a cat", "a dog", "a red star"])
+            assert logits.shape == (2, 3)
+            expected = model.logit_scale * img @ model.encode_text(["a cat", "a dog", "a red star"]).t()
+            assert torch.allclose(logits, expected, atol=1e-4)
+            patches = model.patch_embeddings(x)
+            assert patches.shape == (2, model.grid ** 2, img.shape[1])
+            assert torch.allclose(patches.norm(dim=-1), torch.ones(2, model.grid ** 2), atol=1e-4)
+            # one forward gives the pooled feature too: the class token after norm + projection
+            cls = torch.nn.functional.normalize(model.projected_tokens(x)[:, 0], dim=-1)
+            assert torch.allclose(cls, img, atol=1e-5)
+        elif model.family == "captioner":
+            caps = model.generate(x, max_new_tokens=4)
+            assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
+        else:
+            ans = model.answer(x, ["what color is the star?", "how many shapes are there?"], max_new_tokens=3)
+            assert len(ans) == 2 and all(isinstance(a, str) for a in ans)
+
+
+@pytest.mark.parametrize("name", EMBEDDED)
+def test_embedded_preset(name):
+    model = embedded(name)
+    assert model.family == PRESETS[name].family and model.image_size == 64 and model.name == name
+    check_forward_backward(model)
+    check_family_outputs(model)
+
+
+@pytest.mark.parametrize("name", EMBEDDED)
+def test_embedded_checkpoint_roundtrip(name, tmp_path):
+    model = embedded(name)
+    save_adapter(model, tmp_path / name, seed=3, steps=7, metrics={"note": "random"})
+    config = json.loads((tmp_path / name / "config.json").read_text())
+    for key in ("preset", "family", "model", "defense", "hyperparameters", "data", "seed", "steps", "metrics",
+                "version"):
+        assert key in config
+    assert config["model"]["tokenizer"]["vocab_size"] == len(shapes_vocabulary())
+    again = load(name, weights=str(tmp_path / name))
+    a = dict(model.model.named_parameters())
+    for k, v in again.model.named_parameters():
+        assert torch.equal(v, a[k]), k
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(task_loss(model, x), task_loss(again, x), atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PRETRAINED)
+def test_pretrained_architecture_offline(name, tmp_path):
+    """Same architecture as the hub model, random weights, saved and re-loaded through load(weights=folder)."""
+    model = load(name, weights="random")
+    assert model.family == PRESETS[name].family
+    folder = save_adapter(model, tmp_path / "ckpt")
+    loaded = load(name, weights=str(folder))
+    ref = dict(model.model.state_dict())
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+    del model, ref
+    loaded.requires_grad_(False)  # weights are not under test here; saves time
+    check_forward_backward(loaded, batch=1)
+    if loaded.family == "clip":
+        assert loaded.image_size == 224 and loaded.grid == 224 // int(name.split("-")[-1])
+
+
+def test_hf_save_pretrained_folders_load(tmp_path):
+    """A plain transformers ``save_pretrained`` folder (what a hub download is) loads through load()."""
+    from transformers import (BlipConfig, BlipForQuestionAnswering, GPT2Config, ViTConfig,
+                              VisionEncoderDecoderConfig, VisionEncoderDecoderModel)
+
+    from vlm_inspect.models.tokenizers import byte_level_gpt2_standin, char_wordpiece_bert_standin
+
+    enc = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=64)
+    dec = GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=50256, eos_token_id=50256)
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id = cfg.pad_token_id = cfg.eos_token_id = 50256
+    VisionEncoderDecoderModel(cfg).save_pretrained(tmp_path / "cap")
+    byte_level_gpt2_standin().save_pretrained(tmp_path / "cap")
+    cap = load("nlpconnect/vit-gpt2-image-captioning", weights=str(tmp_path / "cap"))
+    assert cap.family == "captioner" and cap.image_size == 32
+    check_forward_backward(cap)
+
+    bcfg = BlipConfig(vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                                     "num_hidden_layers": 1, "num_attention_heads": 2},
+                      text_config={"vocab_size": 30524, "hidden_size": 32, "encoder_hidden_size": 32,
+                                   "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                   "bos_token_id": 30522, "sep_token_id": 102, "pad_token_id": 0})
+    BlipForQuestionAnswering(bcfg).save_pretrained(tmp_path / "vqa")
+    char_wordpiece_bert_standin().save_pretrained(tmp_path / "vqa")
+    vqa = load("Salesforce/blip-vqa-base", weights=str(tmp_path / "vqa"))
+    assert vqa.family == "vqa" and vqa.image_size == 32
+    check_forward_backward(vqa)
+
+
+def test_empty_tokenizer_is_refused(tmp_path):
+    """transformers 5 may hand back an empty tokenizer offline: loading must say so, not run with it."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    model = embedded("shapes-captioner")
+    folder = save_adapter(model, tmp_path / "c")
+    config = json.loads((folder / "config.json").read_text())
+    config["model"]["tokenizer"] = {"kind": "files"}
+    (folder / "config.json").write_text(json.dumps(config))
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({}, unk_token=None))).save_pretrained(folder)
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        load("c", weights=str(folder))
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError) as e:
+        load("no-such-model")
+    msg = str(e.value)
+    assert "no-such-model" in msg and "shapes-clip" in msg and "openai/ViT-B-32" in msg
+
+
+def test_list_presets_filters():
+    assert set(list_presets(family="clip")) >= {"shapes-clip", "openai/ViT-B-32"}
+    assert "shapes-clip" not in list_presets(suite="pretrained")
+    assert all(PRESETS[n].family == "vqa" for n in list_presets(family="vqa") if n in PRESETS)
+    with pytest.raises(ValueError, match="suite"):
+        list_presets(suite="cloud")
+    with pytest.raises(ValueError, match="family"):
+        list_presets(family="audio")
+
+
+def test_defended_checkpoints_appear_as_presets(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLM_INSPECT_CHECKPOINTS", str(tmp_path))
+    save_adapter(embedded("shapes-clip"), tmp_path / "shapes-clip+toy", defense="toy", base="shapes-clip")
+    assert "shapes-clip+toy" in list_presets(suite="embedded", family="clip")
+    assert "shapes-clip+toy" not in list_presets(family="vqa")
+    m = load("shapes-clip+toy")
+    assert m.name == "shapes-clip+toy" and m.checkpoint["defense"] == "toy"
+
+
+def test_default_weights_fall_back_to_random_with_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("VLM_INSPECT_CHECKPOINTS", str(tmp_path))
+    with caplog.at_level("WARNING"):
+        m = load("shapes-vqa")
+    assert m.family == "vqa" and "random weights" in caplog.text
+
+
+@pytest.mark.parametrize("bad", [
+    torch.rand(3, 64, 64), torch.rand(1, 1, 64, 64), torch.rand(1, 3, 32, 32), torch.rand(1, 3, 64, 64) * 2,
+    torch.rand(1, 3, 64, 64) - 0.5, (torch.rand(1, 3, 64, 64) * 255).byte(), np.zeros((1, 3, 64, 64)),
+    torch.full((1, 3, 64, 64), float("nan")),
+])
+def test_bad_pixels_raise_clear_errors(shapes_clip, bad):
+    with pytest.raises(ValueError, match=r"pixels must"):
+        shapes_clip.encode_image(bad)
+
+
+def test_bad_pixels_message_says_what_was_expected(shapes_clip):
+    with pytest.raises(ValueError, match=r"\(B, 3, 64, 64\).*preprocess"):
+        shapes_clip.encode_image(torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"\[0, 1\].*normalisation happens inside"):
+        shapes_clip.encode_image(torch.rand(1, 3, 64, 64) * 3)
+
+
+@pytest.mark.parametrize("mode,size", [("RGB", (50, 80)), ("RGBA", (64, 64)), ("L", (300, 20)), ("P", (40, 40)),
+                                        ("I;16", (70, 70)), ("F", (30, 30)), ("CMYK", (10, 10)), ("1", (5, 9)),
+                                        ("RGB", (1, 1))])
+def test_preprocess_any_pil_image(shapes_clip, mode, size):
+    img = Image.new(mode, size)
+    if mode == "I;16":
+        img = Image.fromarray(np.arange(size[0] * size[1], dtype=np.uint16).reshape(size[1], size[0]))
+    px = shapes_clip.preprocess(img)
+    assert px.shape == (1, 3, 64, 64) and px.dtype == torch.float32
+    assert px.min() >= 0 and px.max() <= 1
+    if mode == "I;16":  # 16-bit grey is rescaled, not clipped to white
+        assert 0.3 < px.mean() < 0.7
+
+
+def test_preprocess_rejects_corrupt_files(shapes_clip, tmp_path):
+    from vlm_inspect.images import ImageError
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(ImageError, match="broken.png"):
+        shapes_clip.preprocess(str(bad))
+    with pytest.raises(ImageError, match="not found"):
+        shapes_clip.preprocess(str(tmp_path / "missing.jpg"))
+
+
+def test_tokenizer_reports_unknown_words(shapes_clip, shapes_vqa):
+    assert shapes_clip.unknown_words("a photo of a red star") == []
+    assert shapes_clip.unknown_words("a photo of a Zebra near a red kite") == ["zebra", "near", "kite"]
+    assert shapes_vqa.unknown_words("what colour is the unicorn?") == ["unicorn"]
+    tok = build_shapes_tokenizer()
+    ids = tok("a zebra")["input_ids"]
+    assert ids == [tok.bos_token_id, tok.convert_tokens_to_ids("a"), tok.unk_token_id, tok.eos_token_id]
+    assert tok.eos_token_id == len(tok) - 1, "<eos> must be the largest id (open_clip argmax pooling)"
+
+
+def test_open_clip_tokenizer_knows_every_word(vit_b32):
+    assert vit_b32.unknown_words("a photo of a xylophone") == []
+
+
+def test_checkpoint_errors_name_the_file(tmp_path):
+    model = embedded("shapes-clip")
+    folder = save_adapter(model, tmp_path / "ok")
+    # missing weights
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load("shapes-clip", weights=str(tmp_path / "noweights"))
+    # truncated weights
+    import shutil
+
+    shutil.copytree(folder, tmp_path / "trunc")
+    data = (folder / "model.safetensors").read_bytes()
+    (tmp_path / "trunc" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load("shapes-clip", weights=str(tmp_path / "trunc"))
+    # mismatched architecture
+    shutil.copytree(folder, tmp_path / "mismatch")
+    config = json.loads((folder / "config.json").read_text())
+    config["model"]["architecture"]["vision_cfg"]["width"] = 64
+    (tmp_path / "mismatch" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="does not match"):
+        load("shapes-clip", weights=str(tmp_path / "mismatch"))
+    # missing folder / broken config
+    with pytest.raises(CheckpointError, match="not found"):
+        load("shapes-clip", weights=str(tmp_path / "nowhere"))
+    (tmp_path / "badjson").mkdir()
+    (tmp_path / "badjson" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json"):
+        load("shapes-clip", weights=str(tmp_path / "badjson"))
+
+
+def test_checkpoint_writes_are_atomic(tmp_path):
+    save_adapter(embedded("shapes-vqa"), tmp_path / "v")
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_adapters_move_devices_and_keep_eval_mode(shapes_captioner):
+    assert not shapes_captioner.training
+    assert shapes_captioner.to("cpu").device.type == "cpu"
+
+
+def test_shapes_vocabulary_covers_the_world():
+    """Every word the shapes world emits (captions, prompts, questions, answers) is in the vocabulary."""
+    from vlm_inspect.data.shapes import DATASETS, ShapesDataset
+
+    tok = build_shapes_tokenizer()
+    texts = ["This is a photo of a red star", "an image of", "there is", "one shapes: a red star",
+             "a red object"]
+    for name in DATASETS:
+        for split in ("train", "test"):
+            if name == "shapes-heldout" and split == "train":
+                continue
+            ds = ShapesDataset(name, split=split, length=60)
+            texts += ds.prompts
+            for i in range(len(ds)):
+                item = ds[i]
+                texts += [item["caption"], item["question"], item["answer"]]
+    from vlm_inspect.models.tokenizers import unknown_words
+
+    missing = sorted({w for t in texts for w in unknown_words(tok, t)})
+    assert missing == []

@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from .base import ATTACKS, Attack
+
+
+@ATTACKS.register("bim")
+class BIM(Attack):
+    """Basic Iterative Method — Kurakin et al., "Adversarial examples in the physical world",
+    ICLR workshop 2017, https://arxiv.org/abs/1607.02533.
+
+    ``steps`` steps of size ``alpha`` from the clean image, each projected back onto the ``eps``
+    ball and the valid pixel range. No random start.
+
+    Args:
+        eps: budget in pixel units; alpha: step size (default 2.5 * eps / steps); steps: >= 1;
+        norm: ``"linf"`` or ``"l2"``.
+    """
+
+    name = "bim"
+
+    def __init__(self, eps: float, alpha: float | None = None, steps: int = 10, norm: str = "linf") -> None:
+        super().__init__(eps=eps, alpha=alpha, steps=steps, random_start=False, norm=norm)

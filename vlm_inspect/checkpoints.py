@@ -1,0 +1,134 @@
+"""Checkpoint folders: ``model.safetensors`` + ``config.json`` (DESIGN.md §3.5).
+
+Writes are atomic (temp file in the same folder, then ``os.replace``). Loading never unpickles:
+safetensors and JSON only. A missing, truncated or mismatched file gives a :class:`CheckpointError`
+that names the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "vlm_inspect-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or does not fit the model; the message names the file."""
+
+
+def _atomic_path(final: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_path(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_save_weights(module: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Save ``module``'s parameters and buffers (shared tensors once) with safetensors, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_path(path)
+    try:
+        save_model(module, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> None:
+    """Load safetensors weights into ``module``; clear errors for missing/truncated/mismatched files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        missing, unexpected = load_model(module, str(path), strict=False)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    except RuntimeError as e:  # size mismatches from load_state_dict
+        msg = str(e).split("\n")
+        detail = "; ".join(m.strip() for m in msg[1:4] if m.strip()) or msg[0]
+        raise CheckpointError(f"{path} does not match the model architecture: {detail}") from e
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensors (e.g. {', '.join(list(missing)[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(list(unexpected)[:3])})")
+        raise CheckpointError(f"{path} does not match the model architecture: {'; '.join(parts)}")
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a checkpoint folder."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint config not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
+def is_vlm_checkpoint(folder: str | Path) -> bool:
+    try:
+        return read_config(folder).get("format") == FORMAT
+    except CheckpointError:
+        return False
+
+
+def save_adapter(adapter: Any, out_dir: str | Path, *, preset: str | None = None, defense: str | None = None,
+                 hyperparameters: dict[str, Any] | None = None, data: Any = None, seed: int | None = None,
+                 steps: int = 0, metrics: dict[str, Any] | None = None, base: str | None = None,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Write ``adapter`` as a checkpoint folder: weights, tokenizer files if needed, then config.json.
+
+    ``config.json`` holds everything DESIGN §3.5 lists: preset name, family, architecture, tokenizer
+    reference, defense and hyper-parameters, data spec, seed, steps, metrics and project version.
+    """
+    from . import __version__
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = dict(adapter.spec)
+    if spec.get("tokenizer", {}).get("kind") == "files":
+        adapter.tokenizer.save_pretrained(str(out))
+    atomic_save_weights(adapter.model, out / WEIGHTS_FILE, metadata={"format": FORMAT, "preset": preset or adapter.name})
+    config = {
+        "format": FORMAT,
+        "version": __version__,
+        "preset": preset or adapter.name,
+        "family": adapter.family,
+        "base": base,
+        "model": spec,
+        "defense": defense,
+        "hyperparameters": hyperparameters or {},
+        "data": data,
+        "seed": seed,
+        "steps": steps,
+        "metrics": metrics or {},
+    }
+    if extra:
+        config.update(extra)
+    atomic_write_json(out / CONFIG_FILE, config)  # last: a folder with a config is complete
+    return out

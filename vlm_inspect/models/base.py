@@ -1,0 +1,150 @@
+"""What every model adapter shares: pixel checks, normalisation, preprocessing, the conv stem."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..images import load_image, pil_to_pixels, resize_center_crop
+
+log = logging.getLogger(__name__)
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF_MEAN = (0.5, 0.5, 0.5)
+HALF_STD = (0.5, 0.5, 0.5)
+
+
+def check_pixels(pixels: Any, image_size: int | None = None) -> torch.Tensor:
+    """Raise a ValueError saying what was expected unless ``pixels`` is a float (B,3,H,W) tensor in [0,1]."""
+    want = f"(B, 3, {image_size}, {image_size})" if image_size else "(B, 3, H, W)"
+    if not isinstance(pixels, torch.Tensor):
+        raise ValueError(f"pixels must be a torch.Tensor of shape {want} in [0, 1], got {type(pixels).__name__}")
+    if pixels.ndim != 4 or pixels.shape[1] != 3:
+        raise ValueError(f"pixels must have shape {want}, got {tuple(pixels.shape)}")
+    if image_size is not None and tuple(pixels.shape[-2:]) != (image_size, image_size):
+        raise ValueError(
+            f"pixels must have shape {want}, got {tuple(pixels.shape)}; "
+            "use adapter.preprocess(image) to resize an image to the model's input size"
+        )
+    if not pixels.is_floating_point():
+        raise ValueError(f"pixels must be a floating point tensor in [0, 1], got dtype {pixels.dtype}")
+    if pixels.numel():
+        lo, hi = torch.aminmax(pixels.detach())
+        if lo < 0 or hi > 1 or torch.isnan(lo) or torch.isnan(hi):
+            raise ValueError(
+                f"pixels must lie in [0, 1], got values in [{lo.item():.4g}, {hi.item():.4g}]; "
+                "pass unnormalised pixels - mean/std normalisation happens inside the adapter"
+            )
+    return pixels
+
+
+def as_text_list(texts: str | Sequence[str], batch: int | None = None, what: str = "texts") -> list[str]:
+    """One string per image: a single string is repeated ``batch`` times."""
+    if isinstance(texts, str):
+        return [texts] * (batch if batch is not None else 1)
+    texts = list(texts)
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"{what} must be strings")
+    if batch is not None and len(texts) != batch:
+        raise ValueError(f"expected {batch} {what} (one per image) or a single string, got {len(texts)}")
+    return texts
+
+
+class ConvStem(nn.Module):
+    """A small convolutional stem in place of a ViT's patchify convolution (Xiao et al. 2021,
+    "Early Convolutions Help Transformers See Better"): ``log2(patch_size)`` 3x3 stride-2 convolutions
+    with GELU between them, giving the same (B, width, H/p, W/p) grid as the patchify. No
+    BatchNorm: it would change statistics during attacks and collapse on the noisy style (DESIGN §5).
+    """
+
+    def __init__(self, width: int, patch_size: int, channels: Sequence[int] = (32, 64)) -> None:
+        super().__init__()
+        n = patch_size.bit_length() - 1
+        if 2**n != patch_size or n < 1:
+            raise ValueError(f"conv stem needs a power-of-two patch size, got {patch_size}")
+        chans = [3, *list(channels)[: n - 1]]
+        while len(chans) < n:
+            chans.append(chans[-1])
+        chans.append(width)
+        layers: list[nn.Module] = []
+        for i in range(n):
+            layers.append(nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1))
+            if i < n - 1:
+                layers.append(nn.GELU())
+        self.convs = nn.Sequential(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The first kernel; transformers' ViT/BLIP read ``projection.weight.dtype`` to cast inputs."""
+        return self.convs[0].weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Convolutions stay in fp32: bf16 autocast makes them several times slower on CPU (DESIGN §5).
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return self.convs(x.float())
+        return self.convs(x)
+
+
+class Adapter(nn.Module):
+    """Base of the family adapters. ``self.model`` is the wrapped open_clip / transformers module.
+
+    Subclasses set ``family``. Pixels go in as (B,3,H,W) in [0,1] at ``image_size``; normalisation
+    with ``mean``/``std`` happens in :meth:`normalize`, inside every forward.
+    """
+
+    family: str = ""
+
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        tokenizer: Any,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        spec: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_size = int(image_size)
+        self.spec = spec  # how this model was built: preset, architecture, tokenizer kind, source
+        self.weights = "random"  # where the weights came from: "random", a folder, or a hub source
+        self.checkpoint: dict[str, Any] | None = None  # the checkpoint's config.json, when loaded from one
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, image_size={self.image_size}, weights={self.weights!r}, "
+                f"device={self.device})")
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Check ``pixels`` and map them to the model's normalised ``inputs``."""
+        check_pixels(pixels, self.image_size)
+        return (pixels - self.pixel_mean) / self.pixel_std
+
+    def preprocess(self, image: Image.Image | str | Any) -> torch.Tensor:
+        """Any PIL image (or path / array) -> (1, 3, H, W) pixels in [0, 1] at the model's input size,
+        on the model's device: shorter side resized, centre crop."""
+        img = load_image(image)
+        return pil_to_pixels(resize_center_crop(img, self.image_size)).to(self.device)
+
+    def image_embedding(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, D) L2-normalised image features, used by the task-agnostic embedding attack."""
+        raise NotImplementedError
+
+    def unknown_words(self, text: str) -> list[str]:
+        """Words of ``text`` the tokenizer does not know (always [] for sub-word tokenizers)."""
+        from .tokenizers import unknown_words
+
+        return unknown_words(self.tokenizer, text) if hasattr(self.tokenizer, "unk_token_id") else []

@@ -1,0 +1,130 @@
+"""CLIP-family adapter over open_clip models (the embedded ``shapes-clip`` and OpenAI / hub CLIPs)."""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import OPENAI_MEAN, OPENAI_STD, Adapter, ConvStem, as_text_list
+
+log = logging.getLogger(__name__)
+
+
+class ClipAdapter(Adapter):
+    """Zero-shot classification, image/text embeddings and patch embeddings of an open_clip ViT.
+
+    Shapes: ``pixels`` (B,3,H,W) in [0,1]; ``encode_image`` -> (B,D); ``encode_text`` -> (T,D);
+    ``zero_shot_logits`` -> (B,T); ``patch_embeddings`` -> (B,N,D) with N = ``grid**2``.
+    All embeddings are L2-normalised.
+    """
+
+    family = "clip"
+
+    def __init__(self, name: str, model: nn.Module, tokenizer: Any, spec: dict[str, Any],
+                 image_size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD,
+                 context_length: int = 77) -> None:
+        super().__init__(name, model, tokenizer, image_size, mean, std, spec)
+        self.context_length = int(context_length)
+
+    # ---- text -------------------------------------------------------------------------------
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """(T, context_length) token ids."""
+        texts = as_text_list(texts)
+        if hasattr(self.tokenizer, "unk_token_id"):  # a transformers tokenizer (the shapes vocabulary)
+            ids = self.tokenizer(texts, padding="max_length", truncation=True,
+                                 max_length=self.context_length, return_tensors="pt")["input_ids"]
+        else:  # open_clip's own tokenizer object
+            ids = self.tokenizer(texts)
+        return ids.to(self.device)
+
+    def encode_text(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """(T, D) L2-normalised text embeddings."""
+        return F.normalize(self.model.encode_text(self.tokenize(texts)), dim=-1)
+
+    # ---- image ------------------------------------------------------------------------------
+    @property
+    def grid(self) -> int:
+        """Patches per side of the visual token grid."""
+        g = self.model.visual.grid_size
+        return int(g[0] if isinstance(g, (tuple, list)) else g)
+
+    def projected_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 1+N, D): every token of the visual transformer after the final LayerNorm and the
+        projection, *not* normalised; index 0 is the class token (the pooled image feature).
+
+        One pass gives the image feature and the patch tokens, as TGA-ZSR's modified CLIP does.
+        """
+        visual = self.model.visual
+        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False) \
+                or getattr(visual, "pool_type", "tok") != "tok":
+            raise NotImplementedError(f"{self.name}: patch tokens need a ViT with class-token pooling")
+        x = visual._embeds(self.normalize(pixels))
+        x = visual.transformer(x)
+        x = visual.ln_post(x)
+        if visual.proj is not None:
+            x = x @ visual.proj
+        return x
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, D) L2-normalised image embeddings."""
+        return F.normalize(self.model.encode_image(self.normalize(pixels)), dim=-1)
+
+    def image_embedding(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encode_image(pixels)
+
+    def patch_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) patch tokens after the final norm and projection, each L2-normalised."""
+        return F.normalize(self.projected_tokens(pixels)[:, 1:], dim=-1)
+
+    # ---- zero-shot --------------------------------------------------------------------------
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """exp(logit_scale), capped at 100 as CLIP does."""
+        return self.model.logit_scale.exp().clamp(max=100.0)
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """(B,T) = scale * image_features @ text_features.T, both already normalised."""
+        return self.logit_scale * image_features @ text_features.t()
+
+    def zero_shot_logits(self, pixels: torch.Tensor, class_texts: str | Sequence[str]) -> torch.Tensor:
+        """(B, T) scaled cosine similarities between each image and each class prompt."""
+        return self.logits(self.encode_image(pixels), self.encode_text(class_texts))
+
+
+# ---- building --------------------------------------------------------------------------------
+
+def _install_stem(model: nn.Module, stem: dict[str, Any] | None) -> None:
+    if not stem or stem.get("type", "patch") == "patch":
+        return
+    if stem["type"] != "conv":
+        raise ValueError(f"unknown stem type {stem['type']!r}; valid: patch, conv")
+    visual = model.visual
+    old = visual.conv1
+    visual.conv1 = ConvStem(old.out_channels, old.stride[0], stem.get("channels", (32, 64)))
+
+
+def build_shapes_clip(arch: dict[str, Any], tokenizer: Any) -> nn.Module:
+    """An open_clip ``CLIP`` from a custom architecture dict (embed_dim, vision_cfg, text_cfg, stem)."""
+    cfg = copy.deepcopy(arch)
+    stem = cfg.pop("stem", None)
+    model = open_clip.model.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"],
+                                 quick_gelu=cfg.get("quick_gelu", False))
+    _install_stem(model, stem)
+    return model
+
+
+def make_clip_adapter(name: str, model: nn.Module, tokenizer: Any, spec: dict[str, Any]) -> ClipAdapter:
+    visual = model.visual
+    size = visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    pre = getattr(visual, "preprocess_cfg", None) or {}
+    mean = tuple(pre.get("mean", OPENAI_MEAN))
+    std = tuple(pre.get("std", OPENAI_STD))
+    ctx = int(getattr(model, "context_length", 77))
+    model.eval()
+    return ClipAdapter(name, model, tokenizer, spec, image_size=size, mean=mean, std=std, context_length=ctx)

@@ -1,0 +1,414 @@
+"""The table of named model presets and the single door to build one: :func:`load`.
+
+Embedded presets (``shapes-*``) are small models for the shapes world whose trained weights live in
+``checkpoints/<name>/``; defended variants are any ``checkpoints/<base>+<defense>/`` folder.
+Pretrained presets name the public source (open_clip OpenAI ViTs, nlpconnect ViT-GPT2, BLIP VQA);
+any open_clip ``hf-hub:`` name or a local checkpoint folder works too.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..checkpoints import CheckpointError, WEIGHTS_FILE, is_vlm_checkpoint, load_weights, read_config
+from .base import Adapter
+from .tokenizers import (TOKENIZER_KIND, build_shapes_tokenizer, byte_level_gpt2_standin,
+                         char_wordpiece_bert_standin, shapes_vocabulary, vocabulary_digest)
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("clip", "captioner", "vqa")
+SUITES = ("embedded", "pretrained")
+SHAPES_CONTEXT = 24  # longest shapes-world text is ~20 tokens with <bos>/<eos>
+
+
+def checkpoints_dir() -> Path:
+    """Where embedded checkpoints live: ``$VLM_INSPECT_CHECKPOINTS`` or ``<repo>/checkpoints``."""
+    env = os.environ.get("VLM_INSPECT_CHECKPOINTS")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "checkpoints"
+
+
+class ModelUnavailableError(RuntimeError):
+    """Weights for a pretrained preset could not be obtained (usually: no network)."""
+
+
+# ---- embedded architectures ------------------------------------------------------------------
+# A ViT everywhere (TGA-ZSR needs patch tokens, CAPT/APD need deep prompts), with a small conv stem
+# in place of the 8x8 patchify: DESIGN §5 measured that a plain 8x8-patchify ViT learns shape slowly
+# on this world while convolutions learn it fast. 64 px input, 8x8 grid of tokens, width 128.
+_STEM = {"type": "conv", "channels": [32, 64]}
+
+
+def _shapes_vocab_size() -> int:
+    return len(shapes_vocabulary())
+
+
+def shapes_clip_architecture() -> dict[str, Any]:
+    v = _shapes_vocab_size()
+    return {
+        "embed_dim": 128,
+        "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32,
+                       "mlp_ratio": 4.0},
+        "text_cfg": {"context_length": SHAPES_CONTEXT, "vocab_size": v, "width": 128, "heads": 4, "layers": 4,
+                     "pool_type": "eos", "eos_id": v - 1, "pad_id": 0},
+        "stem": copy.deepcopy(_STEM),
+    }
+
+
+def shapes_captioner_architecture() -> dict[str, Any]:
+    from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig
+
+    tok = build_shapes_tokenizer()
+    enc = ViTConfig(image_size=64, patch_size=8, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                    intermediate_size=512)
+    dec = GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=128, n_layer=3, n_head=4,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id = tok.bos_token_id
+    cfg.eos_token_id, cfg.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    return {**cfg.to_dict(), "stem": copy.deepcopy(_STEM)}
+
+
+def shapes_vqa_architecture() -> dict[str, Any]:
+    from transformers import BlipConfig
+
+    tok = build_shapes_tokenizer()
+    cfg = BlipConfig(
+        vision_config={"image_size": 64, "patch_size": 8, "hidden_size": 128, "intermediate_size": 512,
+                       "num_hidden_layers": 4, "num_attention_heads": 4},
+        text_config={"vocab_size": len(tok), "hidden_size": 128, "encoder_hidden_size": 128,
+                     "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 4,
+                     "max_position_embeddings": 32, "bos_token_id": tok.bos_token_id,
+                     "sep_token_id": tok.eos_token_id, "eos_token_id": tok.eos_token_id,
+                     "pad_token_id": tok.pad_token_id},
+        projection_dim=128, image_text_hidden_size=128,
+    )
+    return {**cfg.to_dict(), "stem": copy.deepcopy(_STEM)}
+
+
+def vit_gpt2_architecture() -> dict[str, Any]:
+    """nlpconnect/vit-gpt2-image-captioning: ViT-B/16 224 (in21k) encoder + GPT-2 (124M) decoder."""
+    from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig
+
+    enc = ViTConfig(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                    intermediate_size=3072, qkv_bias=True)
+    dec = GPT2Config(bos_token_id=50256, eos_token_id=50256)
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id = 50256, 50256, 50256
+    return cfg.to_dict()
+
+
+def blip_vqa_base_architecture() -> dict[str, Any]:
+    """Salesforce/blip-vqa-base: ViT-B/16 at 384 px + BERT-base question encoder and answer decoder."""
+    from transformers import BlipConfig
+
+    return BlipConfig(text_config={"vocab_size": 30524, "bos_token_id": 30522, "sep_token_id": 102,
+                                   "pad_token_id": 0}).to_dict()
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    family: str
+    suite: str
+    builder: str                      # "shapes-clip" | "open_clip" | "vision-encoder-decoder" | "blip-vqa"
+    architecture: Callable[[], dict[str, Any]] = field(repr=False, default=dict)
+    source: str | None = None         # hub id / open_clip pretrained tag
+    description: str = ""
+
+
+PRESETS: dict[str, Preset] = {}
+
+
+def register_preset(p: Preset) -> Preset:
+    PRESETS[p.name] = p
+    return p
+
+
+register_preset(Preset("shapes-clip", "clip", "embedded", "shapes-clip", shapes_clip_architecture,
+                       description="open_clip ViT (conv stem, 64 px, 4 layers, width 128) trained on the shapes world"))
+register_preset(Preset("shapes-captioner", "captioner", "embedded", "vision-encoder-decoder",
+                       shapes_captioner_architecture,
+                       description="ViT encoder (conv stem) + 3-layer GPT-2 decoder trained on shapes captions"))
+register_preset(Preset("shapes-vqa", "vqa", "embedded", "blip-vqa", shapes_vqa_architecture,
+                       description="small BLIP question-answering model trained on shapes questions"))
+for _arch, _oc in (("ViT-B-32", "ViT-B-32-quickgelu"), ("ViT-B-16", "ViT-B-16"), ("ViT-L-14", "ViT-L-14")):
+    register_preset(Preset(f"openai/{_arch}", "clip", "pretrained", "open_clip",
+                           (lambda oc=_oc: {"open_clip_name": oc}), source="openai",
+                           description=f"OpenAI CLIP {_arch} through open_clip"))
+register_preset(Preset("nlpconnect/vit-gpt2-image-captioning", "captioner", "pretrained", "vision-encoder-decoder",
+                       vit_gpt2_architecture, source="nlpconnect/vit-gpt2-image-captioning",
+                       description="ViT-GPT2 captioner (transformers)"))
+register_preset(Preset("Salesforce/blip-vqa-base", "vqa", "pretrained", "blip-vqa", blip_vqa_base_architecture,
+                       source="Salesforce/blip-vqa-base", description="BLIP VQA base (transformers)"))
+
+
+def _checkpoint_presets() -> dict[str, str]:
+    """Defended/extra embedded checkpoints found on disk: name -> family."""
+    found: dict[str, str] = {}
+    root = checkpoints_dir()
+    if root.is_dir():
+        for d in sorted(root.iterdir()):
+            if d.is_dir() and d.name not in PRESETS and is_vlm_checkpoint(d):
+                fam = read_config(d).get("family")
+                if fam in FAMILIES:
+                    found[d.name] = fam
+    return found
+
+
+def list_presets(suite: str | None = None, family: str | None = None) -> list[str]:
+    """Preset names, optionally filtered by suite (``embedded``/``pretrained``) and family."""
+    if suite is not None and suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; valid: {', '.join(SUITES)}")
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
+    names = [p.name for p in PRESETS.values()
+             if (suite is None or p.suite == suite) and (family is None or p.family == family)]
+    if suite in (None, "embedded"):
+        names += [n for n, f in _checkpoint_presets().items() if family is None or f == family]
+    return names
+
+
+# ---- building ---------------------------------------------------------------------------------
+
+def _spec(name: str, family: str, builder: str, architecture: dict[str, Any], tokenizer: dict[str, Any],
+          **extra: Any) -> dict[str, Any]:
+    return {"preset": name, "family": family, "builder": builder, "architecture": architecture,
+            "tokenizer": tokenizer, **extra}
+
+
+def _shapes_tokenizer_ref() -> dict[str, Any]:
+    vocab = shapes_vocabulary()
+    return {"kind": TOKENIZER_KIND, "vocab_size": len(vocab), "digest": vocabulary_digest(vocab)}
+
+
+def _tokenizer_from_ref(ref: dict[str, Any], folder: Path | None) -> Any:
+    kind = ref.get("kind")
+    if kind == TOKENIZER_KIND:
+        vocab = shapes_vocabulary()
+        if ref.get("digest") not in (None, vocabulary_digest(vocab)):
+            raise CheckpointError(
+                f"{folder}: the checkpoint was trained with a different shapes vocabulary "
+                f"(digest {ref.get('digest')}, this version has {vocabulary_digest(vocab)})")
+        return build_shapes_tokenizer()
+    if kind == "open_clip":
+        import open_clip
+
+        return open_clip.get_tokenizer(ref["name"])
+    if kind == "gpt2-byte-standin":
+        return byte_level_gpt2_standin(ref.get("eos_id", 50256))
+    if kind == "bert-char-standin":
+        return char_wordpiece_bert_standin(ref.get("vocab_size", 30524))
+    if kind == "files":
+        return _hf_tokenizer_from_folder(folder)
+    raise CheckpointError(f"unknown tokenizer kind {kind!r} in {folder}")
+
+
+def _hf_tokenizer_from_folder(folder: Path | str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
+        raise CheckpointError(f"could not load the tokenizer files in {folder}: {e}") from e
+    if len(tok) == 0 or not tok("a test", add_special_tokens=False)["input_ids"]:
+        # transformers 5 can hand back an empty tokenizer without an error
+        raise CheckpointError(f"the tokenizer in {folder} is empty (missing vocabulary files?)")
+    return tok
+
+
+def _build(spec: dict[str, Any], tokenizer: Any):
+    """Random-weight module for ``spec``."""
+    builder, arch = spec["builder"], spec["architecture"]
+    if builder == "shapes-clip":
+        from .clip import build_shapes_clip
+
+        return build_shapes_clip(arch, tokenizer)
+    if builder == "open_clip":
+        import open_clip
+
+        return open_clip.create_model(arch["open_clip_name"], pretrained=None)
+    if builder == "vision-encoder-decoder":
+        from .captioner import build_captioner
+
+        return build_captioner(arch)
+    if builder == "blip-vqa":
+        from .vqa import build_vqa
+
+        return build_vqa(arch)
+    raise CheckpointError(f"unknown model builder {builder!r}")
+
+
+def _adapt(name: str, model: Any, tokenizer: Any, spec: dict[str, Any]) -> Adapter:
+    return _make_adapter(name, model, tokenizer, spec).eval()
+
+
+def _make_adapter(name: str, model: Any, tokenizer: Any, spec: dict[str, Any]) -> Adapter:
+    family = spec["family"]
+    if family == "clip":
+        from .clip import make_clip_adapter
+
+        return make_clip_adapter(name, model, tokenizer, spec)
+    if family == "captioner":
+        from .captioner import make_captioner_adapter
+
+        return make_captioner_adapter(name, model, tokenizer, spec)
+    if family == "vqa":
+        from .vqa import make_vqa_adapter
+
+        return make_vqa_adapter(name, model, tokenizer, spec)
+    raise CheckpointError(f"unknown model family {family!r}")
+
+
+def preset_spec(name: str) -> dict[str, Any]:
+    """The build spec (architecture + tokenizer reference) of a registered preset, random weights."""
+    p = PRESETS[name]
+    arch = p.architecture()
+    if p.builder == "shapes-clip" or p.suite == "embedded":
+        tok = _shapes_tokenizer_ref()
+    elif p.builder == "open_clip":
+        tok = {"kind": "open_clip", "name": arch["open_clip_name"]}
+    elif p.builder == "vision-encoder-decoder":
+        tok = {"kind": "gpt2-byte-standin", "eos_id": 50256}
+    else:
+        tok = {"kind": "bert-char-standin", "vocab_size": 30524}
+    extra = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]} if p.builder == "vision-encoder-decoder" else {}
+    return _spec(name, p.family, p.builder, arch, tok, **extra)
+
+
+def load_folder(folder: str | Path, name: str | None = None, device: str = "cpu") -> Adapter:
+    """Load a checkpoint folder: ours (config.json with ``format``), a transformers ``save_pretrained``
+    folder (VisionEncoderDecoder / BLIP VQA) or an open_clip folder (``open_clip_config.json``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {folder}")
+    name = name or folder.name
+    if (folder / "open_clip_config.json").is_file():
+        import open_clip
+
+        model = open_clip.create_model(f"local-dir:{folder}")
+        tok = open_clip.get_tokenizer(f"local-dir:{folder}")
+        adapter = _adapt(name, model, tok, _spec(name, "clip", "open_clip-local", {"folder": str(folder)},
+                                                 {"kind": "open_clip-local"}))
+        adapter.weights = str(folder)
+        return adapter.to(device)
+    config = read_config(folder)
+    if config.get("format") is None and "model_type" in config:
+        return _load_hf_folder(folder, name, config["model_type"]).to(device)
+    if "model" not in config:
+        raise CheckpointError(f"{folder / 'config.json'} is not a vlm_inspect checkpoint config (no 'model' entry)")
+    spec = config["model"]
+    tokenizer = _tokenizer_from_ref(spec.get("tokenizer", {}), folder)
+    model = _build(spec, tokenizer)
+    load_weights(model, folder / WEIGHTS_FILE)
+    adapter = _adapt(name, model, tokenizer, spec)
+    adapter.checkpoint = config
+    adapter.weights = str(folder)
+    return adapter.to(device)
+
+
+def _load_hf_folder(folder: Path, name: str, model_type: str) -> Adapter:
+    adapter = _load_hf_folder_inner(folder, name, model_type)
+    adapter.weights = str(folder)
+    return adapter
+
+
+def _load_hf_folder_inner(folder: Path, name: str, model_type: str) -> Adapter:
+    if model_type == "vision-encoder-decoder":
+        from transformers import VisionEncoderDecoderModel
+
+        model = VisionEncoderDecoderModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+        family, builder = "captioner", "vision-encoder-decoder"
+        extra = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    elif model_type == "blip":
+        from transformers import BlipForQuestionAnswering
+
+        model = BlipForQuestionAnswering.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+        family, builder, extra = "vqa", "blip-vqa", {}
+    else:
+        raise CheckpointError(f"{folder}: unsupported transformers model_type {model_type!r} "
+                              "(supported: vision-encoder-decoder, blip)")
+    tok = _hf_tokenizer_from_folder(folder)
+    return _adapt(name, model, tok, _spec(name, family, builder, model.config.to_dict(), {"kind": "files"}, **extra))
+
+
+def _load_pretrained_default(p: Preset) -> Adapter:
+    """Weights from the hub (cached); a clear ModelUnavailableError when that is impossible."""
+    try:
+        if p.builder == "open_clip":
+            import open_clip
+
+            arch = p.architecture()
+            model = open_clip.create_model(arch["open_clip_name"], pretrained=p.source)
+            tok = open_clip.get_tokenizer(arch["open_clip_name"])
+            spec = _spec(p.name, p.family, p.builder, arch, {"kind": "open_clip", "name": arch["open_clip_name"]})
+            adapter = _adapt(p.name, model, tok, spec)
+            adapter.weights = f"open_clip:{p.source}"
+            return adapter
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(p.source, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        return _load_hf_folder(Path(folder), p.name, read_config(folder).get("model_type", ""))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - network / hub errors come in many types
+        raise ModelUnavailableError(
+            f"could not get the weights of {p.name} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"Download them on a machine with internet and pass the folder as weights=<folder>, "
+            f"or use the embedded suite."
+        ) from e
+
+
+def load(name: str, device: str = "cpu", weights: str = "default") -> Adapter:
+    """Build the adapter for ``name`` (DESIGN §3.2).
+
+    ``weights``: ``"default"`` — the shipped checkpoint for embedded presets (random init with a
+    warning until one exists) or the hub weights for pretrained ones; ``"random"`` — same
+    architecture, random init, no network; or a path to a local checkpoint folder.
+    """
+    if weights not in ("default", "random"):
+        return load_folder(weights, name if name in PRESETS or name.startswith("hf-hub:") else None, device)
+    if name.startswith("hf-hub:"):
+        if weights == "random":
+            raise ValueError(f"{name}: random weights need a known architecture; hub names only load real weights")
+        try:
+            import open_clip
+
+            model = open_clip.create_model(name)
+            tok = open_clip.get_tokenizer(name)
+        except Exception as e:  # noqa: BLE001
+            raise ModelUnavailableError(
+                f"could not load {name} ({type(e).__name__}). Download it on a machine with internet and pass "
+                "the folder as weights=<folder>, or use the embedded suite.") from e
+        adapter = _adapt(name, model, tok, _spec(name, "clip", "open_clip-hub", {"name": name},
+                                                 {"kind": "open_clip", "name": name}))
+        adapter.weights = name
+        return adapter.to(device)
+    if name in PRESETS:
+        p = PRESETS[name]
+        if weights == "default":
+            ckpt = checkpoints_dir() / name
+            if p.suite == "embedded":
+                if (ckpt / "config.json").is_file():
+                    return load_folder(ckpt, name, device)
+                log.warning("no trained checkpoint for %s in %s: using random weights", name, ckpt.parent)
+            else:
+                return _load_pretrained_default(p).to(device)
+        spec = preset_spec(name)
+        tokenizer = _tokenizer_from_ref(spec["tokenizer"], None)
+        return _adapt(name, _build(spec, tokenizer), tokenizer, spec).to(device)  # weights stays "random"
+    ckpt = checkpoints_dir() / name
+    if (ckpt / "config.json").is_file():
+        if weights == "random":
+            spec = read_config(ckpt)["model"]
+            tokenizer = _tokenizer_from_ref(spec.get("tokenizer", {}), ckpt)
+            return _adapt(name, _build(spec, tokenizer), tokenizer, spec).to(device)  # weights stays "random"
+        return load_folder(ckpt, name, device)
+    if Path(name).is_dir():
+        return load_folder(name, None, device)
+    raise ValueError(f"unknown model {name!r}; valid presets: {', '.join(list_presets())}; "
+                     "or an open_clip 'hf-hub:<org>/<repo>' name, or a checkpoint folder")

@@ -1,0 +1,141 @@
+"""Tokenizers for the shapes world, built in code from the world's vocabulary.
+
+Nothing is read from a hub. One word-level vocabulary serves all three embedded models:
+
+* ``<pad>`` = 0, ``<unk>`` = 1, ``<bos>`` = 2, then the words in a fixed order, and ``<eos>`` at the
+  **largest** id. ``<bos>``/``<eos>`` frame every sequence (CLIP's start/end of text, the GPT-2
+  decoder's start and end, BLIP's decoder start and ``[SEP]``). ``<eos>`` sits at the largest id so
+  that even open_clip's default argmax pooling finds it (DESIGN.md §5); our CLIP config also pools
+  explicitly at ``eos_id``.
+* Text is lower-cased and split on white space and punctuation; words outside the vocabulary map
+  to ``<unk>`` and :func:`unknown_words` reports them (the app flags them).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
+TOKENIZER_KIND = "shapes-word-v1"
+
+# Every word the shapes world can emit (SHAPES_WORLD.md): captions, caption prefixes, prompts of the
+# six zero-shot datasets, VQA questions and answers, TGA-ZSR's "this is a photo of a {}" template.
+_WORLD_WORDS = (
+    # colours, shapes (+ plurals), sizes, positions, counts
+    "red green blue yellow purple orange white black "
+    "circle square triangle diamond star cross "
+    "circles squares triangles diamonds stars crosses "
+    "small large left middle right one two three "
+    # function words of captions, prefixes and prompts
+    "a an the on in and of photo image picture there is this shapes shape object objects "
+    # questions and answers
+    "what color colour size how many are where yes no "
+    # punctuation kept as tokens
+    "? , : ."
+).split()
+
+
+def shapes_vocabulary() -> list[str]:
+    """The full vocabulary in id order (specials included, ``<eos>`` last)."""
+    seen: list[str] = []
+    for w in _WORLD_WORDS:
+        if w not in seen:
+            seen.append(w)
+    return [PAD, UNK, BOS, *seen, EOS]
+
+
+def vocabulary_digest(vocab: list[str]) -> str:
+    """Short hash of a vocabulary, stored in checkpoints to catch a tokenizer mismatch."""
+    return hashlib.sha256("\n".join(vocab).encode()).hexdigest()[:16]
+
+
+def build_shapes_tokenizer(model_max_length: int = 32) -> PreTrainedTokenizerFast:
+    """A transformers fast tokenizer over the shapes vocabulary.
+
+    ``tokenizer(text)`` gives ``<bos> words <eos>``; ``add_special_tokens=False`` gives the words only.
+    """
+    vocab = shapes_vocabulary()
+    ids = {w: i for i, w in enumerate(vocab)}
+    tok = Tokenizer(models.WordLevel(vocab=ids, unk_token=UNK))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, ids[BOS]), (EOS, ids[EOS])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token=UNK,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        model_max_length=model_max_length,
+    )
+    fast.init_kwargs["vlm_inspect_kind"] = TOKENIZER_KIND
+    return fast
+
+
+_WORD_RE = re.compile(r"\w+|[^\w\s]+")
+
+
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """Words of ``text`` that ``tokenizer`` maps to its unknown token (in order, without repeats).
+
+    Sub-word tokenizers (BPE, WordPiece with a full vocabulary) know every word: they give ``[]``.
+    """
+    unk_id = getattr(tokenizer, "unk_token_id", None)
+    if unk_id is None:
+        return []
+    out: list[str] = []
+    for word in _WORD_RE.findall(text.lower()):
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if unk_id in ids and word not in out:
+            out.append(word)
+    return out
+
+
+# ---- stand-in tokenizers for pretrained architectures built with random weights -----------------
+# The real GPT-2 / BERT vocabularies are not shipped, and transformers can silently return an empty
+# tokenizer offline. A model with random weights does not need the real vocabulary, only ids that
+# fit its embedding table and the same special-token ids, so these are built in code.
+
+def byte_level_gpt2_standin(eos_id: int = 50256) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with no merges (the 256 byte symbols at ids 0-255) and ``<|endoftext|>`` at
+    ``eos_id``: every text encodes, ids fit GPT-2's table, specials match nlpconnect's config."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<|endoftext|>"] = eos_id
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=1024)
+
+
+def char_wordpiece_bert_standin(vocab_size: int = 30524) -> PreTrainedTokenizerFast:
+    """Character-level WordPiece with BERT's special ids ([PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102,
+    [MASK]=103) and BLIP's [DEC]=30522 / [ENC]=30523, padded to ``vocab_size`` with unused tokens."""
+    from tokenizers import decoders
+
+    chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
+    words = chars + ["##" + c for c in chars]
+    vocab_list = [f"[unused{i}]" for i in range(vocab_size)]
+    for i, special in {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]",
+                       30522: "[DEC]", 30523: "[ENC]"}.items():
+        if i < vocab_size:
+            vocab_list[i] = special
+    for j, w in enumerate(words):
+        vocab_list[1000 + j] = w
+    tok = Tokenizer(models.WordPiece(vocab={w: i for i, w in enumerate(vocab_list)}, unk_token="[UNK]",
+                                     max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 101), ("[SEP]", 102)])
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", bos_token="[DEC]", model_max_length=512)

@@ -1,0 +1,98 @@
+"""VQA adapter over transformers' BlipForQuestionAnswering."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Adapter, as_text_list
+from .captioner import _token_nll, install_vit_stem
+
+
+class VqaAdapter(Adapter):
+    """``answer(pixels, questions) -> list[str]`` and ``answer_nll(pixels, questions, answers) -> (B,)``.
+
+    As in BLIP: the question is encoded with cross-attention to the image; the answer decoder starts
+    from ``bos_token_id`` and ends with ``sep_token_id``.
+    """
+
+    family = "vqa"
+
+    def vision_hidden(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.vision_model(pixel_values=self.normalize(pixels)).last_hidden_state
+
+    def image_embedding(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, C) mean of the vision model's output tokens, L2-normalised (as for the captioner)."""
+        return F.normalize(self.vision_hidden(pixels).mean(1), dim=-1)
+
+    def _questions(self, questions: list[str]) -> dict[str, torch.Tensor]:
+        max_len = int(self.model.config.text_config.max_position_embeddings)
+        enc = self.tokenizer(questions, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+
+    def _encode(self, pixels: torch.Tensor, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        image_embeds = self.vision_hidden(pixels)
+        q = self._questions(questions)
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+        question_embeds = self.model.text_encoder(
+            input_ids=q["input_ids"], attention_mask=q["attention_mask"],
+            encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
+        ).last_hidden_state
+        return question_embeds, q["attention_mask"]
+
+    def answer_nll(self, pixels: torch.Tensor, questions: str | Sequence[str],
+                   answers: str | Sequence[str]) -> torch.Tensor:
+        """(B,) mean token NLL of each answer (``answer [SEP]``) under teacher forcing."""
+        b = pixels.shape[0]
+        questions = as_text_list(questions, b, "questions")
+        answers = as_text_list(answers, b, "answers")
+        tcfg = self.model.config.text_config
+        seqs = [ids + [tcfg.sep_token_id] for ids in self.tokenizer(answers, add_special_tokens=False)["input_ids"]]
+        length = max(len(s) for s in seqs)
+        targets = torch.full((b, length), tcfg.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((b, length))
+        for i, s in enumerate(seqs):
+            targets[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        targets, mask = targets.to(self.device), mask.to(self.device)
+        start = torch.full((b, 1), tcfg.bos_token_id, dtype=torch.long, device=self.device)
+        decoder_input_ids = torch.cat([start, targets[:, :-1]], dim=1)
+        decoder_mask = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], 1).long()
+        question_embeds, question_mask = self._encode(pixels, questions)
+        out = self.model.text_decoder(
+            input_ids=decoder_input_ids, attention_mask=decoder_mask,
+            encoder_hidden_states=question_embeds, encoder_attention_mask=question_mask,
+        )
+        return _token_nll(out.logits, targets, mask)
+
+    @torch.no_grad()
+    def answer(self, pixels: torch.Tensor, questions: str | Sequence[str], max_new_tokens: int = 10) -> list[str]:
+        """Greedy answers, one per image."""
+        questions = as_text_list(questions, pixels.shape[0], "questions")
+        q = self._questions(questions)
+        ids = self.model.generate(input_ids=q["input_ids"], attention_mask=q["attention_mask"],
+                                  pixel_values=self.normalize(pixels), max_new_tokens=max_new_tokens,
+                                  num_beams=1, do_sample=False)
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def build_vqa(arch: dict[str, Any]) -> nn.Module:
+    """A BlipForQuestionAnswering with random weights from an architecture dict (HF config dict + stem)."""
+    from transformers import BlipConfig, BlipForQuestionAnswering
+
+    cfg = dict(arch)
+    stem = cfg.pop("stem", None)
+    model = BlipForQuestionAnswering(BlipConfig.from_dict(cfg))
+    install_vit_stem(model.vision_model.embeddings, "patch_embedding", stem)
+    return model
+
+
+def make_vqa_adapter(name: str, model: nn.Module, tokenizer: Any, spec: dict[str, Any]) -> VqaAdapter:
+    from .base import OPENAI_MEAN, OPENAI_STD
+
+    size = int(model.config.vision_config.image_size)
+    model.eval()
+    return VqaAdapter(name, model, tokenizer, size, tuple(spec.get("mean", OPENAI_MEAN)),
+                      tuple(spec.get("std", OPENAI_STD)), spec)

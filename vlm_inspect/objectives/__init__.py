@@ -1,0 +1,133 @@
+"""Per-sample losses that an untargeted attack ascends (DESIGN §3.3).
+
+An objective is a callable ``pixels (B,3,H,W) -> loss (B,)`` that also carries ``.model`` (the
+adapter), so attacks can put that model in eval mode and freeze its weights while they run.
+Fixed inputs (class-prompt embeddings, clean image features) are computed once, without a graph.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..models.base import Adapter, as_text_list
+from ..registry import Registry
+
+OBJECTIVES: Registry = Registry("objective")
+
+
+class Objective:
+    """Base: subclasses set ``model`` and implement ``__call__``."""
+
+    name = ""
+    model: Adapter
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _require(self, family: str) -> None:
+        if getattr(self.model, "family", None) != family:
+            raise ValueError(f"the {self.name} objective needs a {family} model, got "
+                             f"{getattr(self.model, 'name', self.model)!r} ({getattr(self.model, 'family', '?')})")
+
+
+@OBJECTIVES.register("zero-shot", family="clip")
+class ZeroShotCE(Objective):
+    """Cross-entropy of the zero-shot logits against ``labels`` (indices into ``class_texts``)."""
+
+    name = "zero-shot"
+
+    def __init__(self, model: Adapter, class_texts: Sequence[str], labels: int | Sequence[int] | torch.Tensor):
+        self.model = model
+        self._require("clip")
+        self.class_texts = as_text_list(class_texts, what="class texts")
+        if len(self.class_texts) < 2:
+            raise ValueError("zero-shot classification needs at least two class texts")
+        self.labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if ((self.labels < 0) | (self.labels >= len(self.class_texts))).any():
+            raise ValueError(f"labels must be class indices in [0, {len(self.class_texts) - 1}]")
+        with torch.no_grad():
+            self.text_features = model.encode_text(self.class_texts)
+
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(self.model.encode_image(pixels), self.text_features)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        labels = self.labels.to(pixels.device).expand(pixels.shape[0]) if self.labels.numel() == 1 else \
+            self.labels.to(pixels.device)
+        if labels.shape[0] != pixels.shape[0]:
+            raise ValueError(f"got {labels.shape[0]} labels for {pixels.shape[0]} images")
+        return F.cross_entropy(self.logits(pixels), labels, reduction="none")
+
+
+@OBJECTIVES.register("caption", family="captioner")
+class CaptionNLL(Objective):
+    """Mean token NLL of ``captions`` (the clean caption, or a target caption for targeted attacks)."""
+
+    name = "caption"
+
+    def __init__(self, model: Adapter, captions: str | Sequence[str]):
+        self.model = model
+        self._require("captioner")
+        self.captions = captions
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.caption_nll(pixels, self.captions)
+
+
+@OBJECTIVES.register("vqa", family="vqa")
+class AnswerNLL(Objective):
+    """Mean token NLL of ``answers`` to ``questions``."""
+
+    name = "vqa"
+
+    def __init__(self, model: Adapter, questions: str | Sequence[str], answers: str | Sequence[str]):
+        self.model = model
+        self._require("vqa")
+        self.questions, self.answers = questions, answers
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.answer_nll(pixels, self.questions, self.answers)
+
+
+@OBJECTIVES.register("embedding", family=None)
+class EmbeddingCosine(Objective):
+    """Task-agnostic feature attack: ``1 - cos(f(x'), f(x_clean))`` on the model's image embedding.
+    Works for every family (CLIP image embedding, captioner/VQA vision encoder).
+
+    The gradient is zero at the clean image itself (the cosine is maximal there), so attack it with
+    a random start (PGD): FGSM/BIM started from the clean image do not move."""
+
+    name = "embedding"
+
+    def __init__(self, model: Adapter, clean_pixels: torch.Tensor):
+        self.model = model
+        with torch.no_grad():
+            self.clean_features = model.image_embedding(clean_pixels)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        ref = self.clean_features
+        if ref.shape[0] == 1 and pixels.shape[0] > 1:
+            ref = ref.expand(pixels.shape[0], -1)
+        return 1.0 - F.cosine_similarity(self.model.image_embedding(pixels), ref, dim=-1)
+
+
+def zero_shot_ce(model: Adapter, class_texts: Sequence[str], labels) -> ZeroShotCE:
+    return ZeroShotCE(model, class_texts, labels)
+
+
+def caption_nll(model: Adapter, captions: str | Sequence[str]) -> CaptionNLL:
+    return CaptionNLL(model, captions)
+
+
+def answer_nll(model: Adapter, questions: str | Sequence[str], answers: str | Sequence[str]) -> AnswerNLL:
+    return AnswerNLL(model, questions, answers)
+
+
+def embedding_cosine(model: Adapter, clean_pixels: torch.Tensor) -> EmbeddingCosine:
+    return EmbeddingCosine(model, clean_pixels)
+
+
+__all__ = ["OBJECTIVES", "AnswerNLL", "CaptionNLL", "EmbeddingCosine", "Objective", "ZeroShotCE", "answer_nll",
+           "caption_nll", "embedding_cosine", "zero_shot_ce"]
