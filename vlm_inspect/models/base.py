@@ -56,12 +56,14 @@ def as_text_list(texts: str | Sequence[str], batch: int | None = None, what: str
 
 class ConvStem(nn.Module):
     """A small convolutional stem in place of a ViT's patchify convolution (Xiao et al. 2021,
-    "Early Convolutions Help Transformers See Better"): ``log2(patch_size)`` 3x3 stride-2 convolutions
-    with GELU between them, giving the same (B, width, H/p, W/p) grid as the patchify. No
-    BatchNorm: it would change statistics during attacks and collapse on the noisy style (DESIGN §5).
+    "Early Convolutions Help Transformers See Better"): ``log2(patch_size)`` 3x3 stride-2 convolutions,
+    each but the last followed by ``extra`` 3x3 stride-1 convolutions, GELU between them, giving the
+    same (B, width, H/p, W/p) grid as the patchify. No BatchNorm: it would change statistics during
+    attacks and collapse on the noisy style (DESIGN §5).
     """
 
-    def __init__(self, width: int, patch_size: int, channels: Sequence[int] = (32, 64)) -> None:
+    def __init__(self, width: int, patch_size: int, channels: Sequence[int] = (32, 64), extra: int = 0,
+                 norm: str = "none") -> None:
         super().__init__()
         n = patch_size.bit_length() - 1
         if 2**n != patch_size or n < 1:
@@ -70,11 +72,20 @@ class ConvStem(nn.Module):
         while len(chans) < n:
             chans.append(chans[-1])
         chans.append(width)
+        if norm not in ("none", "group"):
+            raise ValueError(f"conv stem norm must be 'none' or 'group', got {norm!r}")
+
+        def act(c: int) -> list[nn.Module]:
+            # GroupNorm normalises each image on its own: no running statistics to drift under attack
+            return ([nn.GroupNorm(min(8, c), c)] if norm == "group" else []) + [nn.GELU()]
+
         layers: list[nn.Module] = []
         for i in range(n):
             layers.append(nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1))
             if i < n - 1:
-                layers.append(nn.GELU())
+                layers += act(chans[i + 1])
+                for _ in range(extra):
+                    layers += [nn.Conv2d(chans[i + 1], chans[i + 1], 3, padding=1), *act(chans[i + 1])]
         self.convs = nn.Sequential(*layers)
 
     @property

@@ -16,6 +16,17 @@ def _token_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
     return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+def pad_targets(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id sequences: (B, L) targets and a (B, L) float mask of real tokens."""
+    length = max(len(s) for s in seqs)
+    targets = torch.full((len(seqs), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length))
+    for i, s in enumerate(seqs):
+        targets[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return targets.to(device), mask.to(device)
+
+
 class CaptionerAdapter(Adapter):
     """``generate(pixels) -> list[str]`` and ``caption_nll(pixels, captions) -> (B,)``.
 
@@ -40,14 +51,8 @@ class CaptionerAdapter(Adapter):
         seqs = [ids + [eos] for ids in tok(captions, add_special_tokens=False)["input_ids"]]
         max_len = int(getattr(self.model.config.decoder, "n_positions", 1024))
         seqs = [s[: max_len - 1] for s in seqs]
-        length = max(len(s) for s in seqs)
         pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else eos
-        targets = torch.full((len(seqs), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), length))
-        for i, s in enumerate(seqs):
-            targets[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        return targets.to(self.device), mask.to(self.device)
+        return pad_targets(seqs, pad, self.device)
 
     def caption_nll(self, pixels: torch.Tensor, captions: str | Sequence[str]) -> torch.Tensor:
         """(B,) mean token NLL of each caption (one per image, or one for all) under teacher forcing."""
@@ -79,7 +84,8 @@ def install_vit_stem(embeddings_owner: nn.Module, attr: str, stem: dict[str, Any
     if stem["type"] != "conv":
         raise ValueError(f"unknown stem type {stem['type']!r}; valid: patch, conv")
     old = getattr(embeddings_owner, attr)
-    setattr(embeddings_owner, attr, ConvStem(old.out_channels, old.stride[0], stem.get("channels", (32, 64))))
+    setattr(embeddings_owner, attr, ConvStem(old.out_channels, old.stride[0], stem.get("channels", (32, 64)),
+                     stem.get("extra", 0), stem.get("norm", "none")))
 
 
 def build_captioner(arch: dict[str, Any]) -> nn.Module:

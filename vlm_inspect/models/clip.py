@@ -105,7 +105,8 @@ def _install_stem(model: nn.Module, stem: dict[str, Any] | None) -> None:
         raise ValueError(f"unknown stem type {stem['type']!r}; valid: patch, conv")
     visual = model.visual
     old = visual.conv1
-    visual.conv1 = ConvStem(old.out_channels, old.stride[0], stem.get("channels", (32, 64)))
+    visual.conv1 = ConvStem(old.out_channels, old.stride[0], stem.get("channels", (32, 64)),
+                     stem.get("extra", 0), stem.get("norm", "none"))
 
 
 def build_shapes_clip(arch: dict[str, Any], tokenizer: Any) -> nn.Module:

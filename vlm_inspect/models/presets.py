@@ -40,7 +40,9 @@ class ModelUnavailableError(RuntimeError):
 # A ViT everywhere (TGA-ZSR needs patch tokens, CAPT/APD need deep prompts), with a small conv stem
 # in place of the 8x8 patchify: DESIGN §5 measured that a plain 8x8-patchify ViT learns shape slowly
 # on this world while convolutions learn it fast. 64 px input, 8x8 grid of tokens, width 128.
-_STEM = {"type": "conv", "channels": [32, 64]}
+# Measured here (docs/REPRODUCTION.md): a bare 3-conv stem left shape at chance after 300 steps;
+# one extra 3x3 conv per scale with GroupNorm started learning shape within 250 steps.
+_STEM = {"type": "conv", "channels": [32, 64], "extra": 1, "norm": "group"}
 
 
 def _shapes_vocab_size() -> int:
@@ -371,7 +373,12 @@ def load(name: str, device: str = "cpu", weights: str = "default") -> Adapter:
     architecture, random init, no network; or a path to a local checkpoint folder.
     """
     if weights not in ("default", "random"):
-        return load_folder(weights, name if name in PRESETS or name.startswith("hf-hub:") else None, device)
+        adapter = load_folder(weights, name if name in PRESETS or name.startswith("hf-hub:") else None, device)
+        want = PRESETS[name].family if name in PRESETS else None
+        if want is not None and adapter.family != want:
+            raise CheckpointError(f"{weights} holds a {adapter.family} checkpoint "
+                                  f"({adapter.spec.get('preset')}), not a {want} model like {name}")
+        return adapter
     if name.startswith("hf-hub:"):
         if weights == "random":
             raise ValueError(f"{name}: random weights need a known architecture; hub names only load real weights")

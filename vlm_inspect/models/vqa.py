@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Adapter, as_text_list
-from .captioner import _token_nll, install_vit_stem
+from .captioner import _token_nll, install_vit_stem, pad_targets
 
 
 class VqaAdapter(Adapter):
@@ -50,13 +50,7 @@ class VqaAdapter(Adapter):
         answers = as_text_list(answers, b, "answers")
         tcfg = self.model.config.text_config
         seqs = [ids + [tcfg.sep_token_id] for ids in self.tokenizer(answers, add_special_tokens=False)["input_ids"]]
-        length = max(len(s) for s in seqs)
-        targets = torch.full((b, length), tcfg.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((b, length))
-        for i, s in enumerate(seqs):
-            targets[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        targets, mask = targets.to(self.device), mask.to(self.device)
+        targets, mask = pad_targets(seqs, tcfg.pad_token_id, self.device)
         start = torch.full((b, 1), tcfg.bos_token_id, dtype=torch.long, device=self.device)
         decoder_input_ids = torch.cat([start, targets[:, :-1]], dim=1)
         decoder_mask = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], 1).long()

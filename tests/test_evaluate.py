@@ -1,0 +1,76 @@
+"""The evaluation module: metrics from the COCO toolkit, worst case per sample, the CLI's outputs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import embedded
+from vlm_inspect.evaluate import AttackSpec, caption_scores, evaluate_model, exact_match, parse_eps, vqa_accuracy
+
+
+def test_caption_metrics():
+    refs = [["a small red star on the left"], ["two large blue circles"]]
+    perfect = caption_scores(["a small red star on the left", "two large blue circles"], refs)
+    assert perfect["bleu4"] == pytest.approx(1.0, abs=1e-6) and perfect["rouge_l"] == pytest.approx(1.0)
+    wrong = caption_scores(["a large green cross in the middle", "three small white squares"], refs)
+    assert wrong["bleu4"] < 0.1 and wrong["cider"] < perfect["cider"]
+    assert len(wrong["cider_per_sample"]) == 2
+
+
+def test_exact_match_and_vqa_accuracy():
+    assert exact_match(["Red.", "two", "yes "], ["red", "three", "yes"]) == [True, False, True]
+    assert vqa_accuracy("white", ["white"] * 2 + ["gray"] * 8) == pytest.approx(2 / 3)
+    assert vqa_accuracy("white", ["white"] * 5) == 1.0
+
+
+def test_parse_eps():
+    assert parse_eps("4/255") == pytest.approx(4 / 255) and parse_eps("0.03") == 0.03
+    with pytest.raises(ValueError):
+        parse_eps("four")
+    with pytest.raises(ValueError):
+        parse_eps("-1/255")
+
+
+def test_zero_shot_rows_and_worst_case():
+    model = embedded("shapes-clip")
+    attacks = [AttackSpec("fgsm", 8 / 255), AttackSpec("pgd", 8 / 255, steps=3, restarts=2)]
+    rows = evaluate_model(model, "shapes:shapes-color", attacks, n=16, batch_size=8)
+    by = {(r["eps"], r["attack"]): r["value"] for r in rows}
+    assert set(by) == {("0", "none"), ("8/255", "fgsm"), ("8/255", "pgd"), ("8/255", "worst")}
+    assert by[("8/255", "worst")] <= min(by[("8/255", "fgsm")], by[("8/255", "pgd")])
+    assert all(r["n"] == 16 and r["metric"] == "top1" for r in rows)
+
+
+def test_caption_and_vqa_rows():
+    rows = evaluate_model(embedded("shapes-captioner"), "shapes:shapes-scenes", [AttackSpec("bim", 4 / 255, steps=2)],
+                          n=6, batch_size=6)
+    assert {r["metric"] for r in rows} == {"bleu4", "cider", "rouge_l"}
+    rows = evaluate_model(embedded("shapes-vqa"), "shapes:shapes-scenes", [AttackSpec("fgsm", 4 / 255)], n=6)
+    assert {(r["attack"], r["metric"]) for r in rows} == {("none", "exact_match"), ("fgsm", "exact_match")}
+
+
+def test_cli_writes_table_json_and_plot(tmp_path):
+    out = tmp_path / "res.md"
+    cmd = [sys.executable, "-m", "vlm_inspect.evaluate", "--models", "shapes-clip", "--data",
+           "shapes:shapes-color;shapes:shapes-size", "--attack", "fgsm,pgd", "--eps", "1/255,2/255", "--steps", "2",
+           "--samples", "8", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert "python -m vlm_inspect.evaluate --models shapes-clip" in text
+    assert "| shapes-clip | shapes-color |" in text and "**average**" in text and "worst 2/255" in text
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["rows"] and data["attacks"][0]["attack"] == "fgsm"
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_cli_errors_are_clear(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "vlm_inspect.evaluate", "--models", "shapes-clip", "--attack", "cw"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown attack 'cw'" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "vlm_inspect.evaluate", "--models", "nope"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown model 'nope'" in r.stderr

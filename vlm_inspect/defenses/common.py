@@ -1,0 +1,80 @@
+"""What every training objective provides to the training loop."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..registry import Registry
+
+DEFENSES: Registry = Registry("defense")
+
+
+def to_pixels(images: Iterable[Any], size: int) -> torch.Tensor:
+    """Stack HxWx3 uint8 arrays or PIL images into (B,3,size,size) pixels in [0,1]."""
+    from ..images import pil_to_pixels, resize_center_crop
+
+    out = []
+    for img in images:
+        if isinstance(img, np.ndarray) and img.shape[:2] == (size, size):
+            out.append(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)[None])
+        else:
+            from ..images import load_image
+
+            out.append(pil_to_pixels(resize_center_crop(load_image(img), size)))
+    return torch.cat(out)
+
+
+class Task:
+    """A training objective for one model.
+
+    Subclasses set ``families`` and ``Config`` (a dataclass whose field defaults come from the paper,
+    each with its source in a comment), and implement :meth:`collate` (records -> batch, runs in a
+    data-loading worker, no model) and :meth:`loss` (batch -> scalar loss and named parts).
+    """
+
+    families: tuple[str, ...] = ()
+    Config: type = dataclasses.make_dataclass("Config", [])
+    # training-loop defaults this objective prefers (steps, lr, batch size...), overridable on the CLI
+    loop_defaults: dict[str, Any] = {}
+
+    def __init__(self, model: nn.Module, config: Any, data: Any) -> None:
+        self.model = model
+        self.config = config
+        self.data = data
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def modules_to_save(self) -> nn.Module:
+        """The module whose weights make the checkpoint (the adapter's wrapped model by default)."""
+        return self.model.model
+
+    def collate(self, records: list[dict[str, Any]], step: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+
+def make_config(cls: type, overrides: dict[str, Any]) -> Any:
+    """``cls(**overrides)`` with unknown keys and wrongly typed values reported clearly."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for {cls.__qualname__}; "
+                         f"valid: {', '.join(fields) or '(none)'}")
+    values = {}
+    for k, v in overrides.items():
+        default = fields[k].default
+        if isinstance(v, str) and default is not dataclasses.MISSING and not isinstance(default, str):
+            try:
+                v = type(default)(float(v)) if isinstance(default, (int, float)) and not isinstance(default, bool) \
+                    else {"true": True, "false": False}[v.lower()] if isinstance(default, bool) else v
+            except (ValueError, KeyError):
+                raise ValueError(f"option {k}={v!r}: expected a {type(default).__name__}") from None
+        values[k] = v
+    return cls(**values)

@@ -1,0 +1,144 @@
+"""Command line of the evaluation module: JSON + markdown table (command shown above it) + plot."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from .run import AttackSpec, eps_label, parse_eps
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m vlm_inspect.evaluate",
+        description="Clean and robust metrics of models on data sets, under FGSM / BIM / PGD.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", required=True, help="comma-separated preset names or checkpoint folders")
+    p.add_argument("--data", default=None,
+                   help="comma-free list separated by ';' of data specs; default: every shapes data set of the family")
+    p.add_argument("--attack", default="pgd", help="comma-separated: none, fgsm, bim, pgd")
+    p.add_argument("--eps", default="1/255", help="comma-separated budgets, k/255 or decimals (pixel units)")
+    p.add_argument("--steps", type=int, default=10, help="iterations of BIM / PGD")
+    p.add_argument("--alpha", default=None, help="step size (k/255); default 2.5*eps/steps")
+    p.add_argument("--no-random-start", action="store_true", help="PGD starts at the clean image")
+    p.add_argument("--restarts", type=int, default=1, help="PGD restarts; worst case per sample")
+    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
+    p.add_argument("--samples", type=int, default=500, help="samples per data set (test split)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="data and random starts")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="markdown file to write (JSON and PNG plot beside it)")
+    p.add_argument("--title", default=None, help="heading above the table")
+    return p
+
+
+def attack_specs(args) -> list[AttackSpec]:
+    names = [a.strip().lower() for a in args.attack.split(",") if a.strip()]
+    eps = [parse_eps(e) for e in args.eps.split(",") if e.strip()]
+    from ..attacks import ATTACKS
+
+    for n in names:
+        if n != "none" and n not in ATTACKS:
+            raise ValueError(f"unknown attack {n!r}; valid: none, {', '.join(ATTACKS.list())}")
+    if args.steps < 1 or args.restarts < 1 or args.samples < 1:
+        raise ValueError("--steps, --restarts and --samples must be >= 1")
+    alpha = parse_eps(args.alpha) if args.alpha else None
+    return [AttackSpec(n, e, args.steps, alpha, not args.no_random_start, args.restarts, args.norm)
+            for e in eps if e > 0 for n in names if n != "none"]
+
+
+def markdown(rows: list[dict[str, Any]], command: str, specs: list[AttackSpec], title: str | None) -> str:
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    eps_cols = list(dict.fromkeys(r["eps"] for r in rows if r["eps"] != "0"))
+    lines = []
+    if title:
+        lines += [f"## {title}", ""]
+    lines += ["Produced by:", "", "```", command, "```", ""]
+    if specs:
+        desc = "; ".join(sorted({", ".join(f"{k}={v}" for k, v in s.describe().items() if k != "eps") for s in specs}))
+        lines += [f"Attacks: {desc}. Samples per data set: {rows[0]['n'] if rows else 0}. "
+                  "\"worst\" = worst case per sample over the attacks at that eps.", ""]
+    for metric in metrics:
+        mrows = [r for r in rows if r["metric"] == metric]
+        attacks = list(dict.fromkeys(r["attack"] for r in mrows if r["attack"] != "none"))
+        cols = ["clean"] + [f"{a} {e}" for e in eps_cols for a in attacks
+                            if any(r["attack"] == a and r["eps"] == e for r in mrows)]
+        lines += [f"**{metric}**", "", "| model | data | " + " | ".join(cols) + " |",
+                  "|---|---|" + "---|" * len(cols)]
+        keys = list(dict.fromkeys((r["model"], r["data"]) for r in mrows))
+        for model, data in keys:
+            cell = {("clean" if r["attack"] == "none" else f"{r['attack']} {r['eps']}"): r["value"]
+                    for r in mrows if r["model"] == model and r["data"] == data}
+            lines.append(f"| {model} | {data.removeprefix('shapes:')} | " +
+                         " | ".join(f"{cell[c]:.3f}" if c in cell else "–" for c in cols) + " |")
+        # average over data sets, per model
+        if len({d for _, d in keys}) > 1:
+            for model in dict.fromkeys(m for m, _ in keys):
+                vals = {c: [r["value"] for r in mrows if r["model"] == model and
+                            ("clean" if r["attack"] == "none" else f"{r['attack']} {r['eps']}") == c] for c in cols}
+                lines.append(f"| {model} | **average** | " +
+                             " | ".join(f"{sum(v) / len(v):.3f}" if v else "–" for v in vals.values()) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        mrows = [r for r in rows if r["metric"] == metric]
+        for model in dict.fromkeys(r["model"] for r in mrows):
+            pts: dict[float, list[float]] = {}
+            for r in mrows:
+                if r["model"] != model or r["attack"] not in ("none", "worst") and \
+                        any(o["attack"] == "worst" for o in mrows if o["eps"] == r["eps"]):
+                    continue
+                e = 0.0 if r["eps"] == "0" else parse_eps(r["eps"])
+                pts.setdefault(e * 255, []).append(r["value"])
+            xs = sorted(pts)
+            ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker="o", label=model)
+        ax.set_xlabel("eps (x/255)")
+        ax.set_ylabel(f"{metric} (mean over data sets)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    command = "python -m vlm_inspect.evaluate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    from ..checkpoints import CheckpointError
+    from ..data.sources import DataError
+    from .run import evaluate
+
+    try:
+        specs = attack_specs(args)
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        data = [d.strip() for d in args.data.split(";") if d.strip()] if args.data else None
+        rows = evaluate(models, data, specs, args.samples, args.batch_size, args.seed, args.device)
+    except (DataError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    table = markdown(rows, command, specs, args.title)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
+        out.with_suffix(".json").write_text(json.dumps({"command": command, "attacks": [s.describe() for s in specs],
+                                                        "rows": rows}, indent=1) + "\n")
+        plot(rows, out.with_suffix(".png"))
+        print(f"wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
+    return 0

@@ -1,0 +1,214 @@
+"""Clean and robust metrics of models x data sets x attacks (the tables in ``docs/``).
+
+For every model and data set: the clean metric, then for every eps the metric under each attack,
+and - when several attacks (or restarts) run - the worst case per sample. Zero-shot top-1 and VQA
+exact match take the worst case as "wrong under any attack"; for captions the worst case per sample
+is the attacked caption with the lowest CIDEr.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Sequence
+
+import torch
+
+from ..attacks import ATTACKS
+from ..data.sources import open_data
+from ..defenses.common import to_pixels
+from ..models import load
+from ..objectives import answer_nll, caption_nll, zero_shot_ce
+from .metrics import caption_scores, exact_match
+
+log = logging.getLogger("vlm_inspect.evaluate")
+
+METRIC = {"clip": "top1", "captioner": "bleu4", "vqa": "exact_match"}
+
+
+def parse_eps(text: str) -> float:
+    """'4/255' -> 0.01568..., '0.03' -> 0.03."""
+    try:
+        v = float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"cannot read eps {text!r}; write it as k/255 or a decimal") from None
+    if v < 0:
+        raise ValueError(f"eps must be >= 0, got {text}")
+    return v
+
+
+def eps_label(eps: float) -> str:
+    k = eps * 255
+    return f"{k:g}/255" if abs(k - round(k, 2)) < 1e-6 else f"{eps:g}"
+
+
+@dataclass
+class AttackSpec:
+    name: str
+    eps: float
+    steps: int = 10
+    alpha: float | None = None   # None: the attack's default (FGSM: eps; others 2.5*eps/steps)
+    random_start: bool = True
+    restarts: int = 1
+    norm: str = "linf"
+
+    def build(self):
+        cls = ATTACKS.get(self.name)
+        if self.name == "fgsm":
+            return cls(eps=self.eps, norm=self.norm)
+        if self.name == "bim":
+            return cls(eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm)
+        return cls(eps=self.eps, alpha=self.alpha, steps=self.steps, random_start=self.random_start, norm=self.norm)
+
+    def describe(self) -> dict[str, Any]:
+        a = self.build()
+        d = {"attack": self.name, "eps": eps_label(self.eps), "norm": self.norm, "steps": a.steps,
+             "alpha": eps_label(a.alpha)}
+        if self.name == "pgd":
+            d.update(random_start=self.random_start, restarts=self.restarts)
+        return d
+
+
+def default_data(family: str) -> list[str]:
+    if family == "clip":
+        return ["shapes:shapes-shape", "shapes:shapes-color", "shapes:shapes-combo", "shapes:shapes-size",
+                "shapes:shapes-count", "shapes:shapes-heldout", "shapes:shapes-combo@outline",
+                "shapes:shapes-combo@noisy"]
+    return ["shapes:shapes-scenes"]
+
+
+def _chunks(n: int, size: int):
+    for i in range(0, n, size):
+        yield list(range(i, min(n, i + size)))
+
+
+def evaluate_model(model, data_spec: str, attacks: Sequence[AttackSpec], n: int, batch_size: int = 100,
+                   seed: int = 0, split: str = "test") -> list[dict[str, Any]]:
+    """Rows ``{model, data, eps, attack, metric, value, n}`` for one model and data set."""
+    data = open_data(data_spec, split, seed=seed, length=n, image_size=model.image_size)
+    n = min(n, len(data))
+    fam = model.family
+    records = [data[i] for i in range(n)]
+    pixels = to_pixels([r["image"] for r in records], model.image_size)
+    rows: list[dict[str, Any]] = []
+
+    def row(eps_text: str, attack: str, metric: str, value: float) -> None:
+        rows.append({"model": model.name, "data": data_spec, "eps": eps_text, "attack": attack, "metric": metric,
+                     "value": round(float(value), 4), "n": n})
+
+    # ---- per-family: predict, score, build the objective ----
+    if fam == "clip":
+        prompts = data.prompts
+        labels = torch.tensor([r["label"] for r in records])
+        with torch.no_grad():
+            text = model.encode_text(prompts)
+
+        def predict(x):
+            with torch.no_grad():
+                return model.logits(model.encode_image(x.to(model.device)), text).argmax(-1).cpu()
+
+        def objective(idx):
+            return zero_shot_ce(model, prompts, labels[idx])
+
+        def score(preds):  # per-sample correctness
+            return (torch.cat(preds) == labels).tolist()
+    elif fam == "captioner":
+        refs = [r.get("captions") or [r["caption"]] for r in records]
+
+        def predict(x):
+            return model.generate(x.to(model.device))
+
+        def objective(idx):
+            return caption_nll(model, [refs[i][0] for i in idx])
+
+        def score(preds):
+            return caption_scores(sum(preds, []), refs)
+    else:
+        questions = [r["question"] for r in records]
+        answers = [r["answer"] for r in records]
+
+        def predict(x, idx=None):
+            return model.answer(x.to(model.device), [questions[i] for i in idx])
+
+        def objective(idx):
+            return answer_nll(model, [questions[i] for i in idx], [answers[i] for i in idx])
+
+        def score(preds):
+            return exact_match(sum(preds, []), answers)
+
+    def run_predict(x, idx):
+        return predict(x, idx) if fam == "vqa" else predict(x)
+
+    def summarize(result) -> dict[str, float]:
+        if fam == "captioner":
+            return {"bleu4": result["bleu4"], "cider": result["cider"], "rouge_l": result["rouge_l"]}
+        return {METRIC[fam]: sum(result) / len(result)}
+
+    clean = score([run_predict(pixels[idx], idx) for idx in _chunks(n, batch_size)])
+    for k, v in summarize(clean).items():
+        row("0", "none", k, v)
+
+    by_eps: dict[float, list[AttackSpec]] = {}
+    for a in attacks:
+        by_eps.setdefault(a.eps, []).append(a)
+    for eps, specs in by_eps.items():
+        worst_caps: list[str] | None = None
+        worst_cider: list[float] | None = None
+        worst_ok: list[bool] | None = None
+        for spec in specs:
+            atk = spec.build()
+            preds_all = None
+            for r in range(spec.restarts if spec.name == "pgd" else 1):
+                gen = torch.Generator(device=model.device).manual_seed(seed * 1000 + r)
+                preds = []
+                for idx in _chunks(n, batch_size):
+                    x = pixels[idx].to(model.device)
+                    adv = atk(x, objective(idx), generator=gen).adv
+                    preds.append(run_predict(adv, idx))
+                result = score(preds)
+                if fam == "captioner":
+                    caps = sum(preds, [])
+                    each = result["cider_per_sample"]
+                    if preds_all is None:
+                        preds_all, cid = caps, each
+                    else:
+                        pick = [c2 < c1 for c1, c2 in zip(cid, each)]
+                        preds_all = [b if p else a for a, b, p in zip(preds_all, caps, pick)]
+                        cid = [min(a, b) for a, b in zip(cid, each)]
+                else:
+                    preds_all = result if preds_all is None else [a and b for a, b in zip(preds_all, result)]
+            if fam == "captioner":
+                final = caption_scores(preds_all, refs)
+                if worst_caps is None:
+                    worst_caps, worst_cider = list(preds_all), list(final["cider_per_sample"])
+                else:
+                    pick = [c2 < c1 for c1, c2 in zip(worst_cider, final["cider_per_sample"])]
+                    worst_caps = [b if p else a for a, b, p in zip(worst_caps, preds_all, pick)]
+                    worst_cider = [min(a, b) for a, b in zip(worst_cider, final["cider_per_sample"])]
+            else:
+                final = preds_all
+                worst_ok = list(final) if worst_ok is None else [a and b for a, b in zip(worst_ok, final)]
+            for k, v in summarize(final).items():
+                row(eps_label(eps), spec.name, k, v)
+        if len(specs) > 1:
+            worst = caption_scores(worst_caps, refs) if fam == "captioner" else worst_ok
+            for k, v in summarize(worst).items():
+                row(eps_label(eps), "worst", k, v)
+    return rows
+
+
+def evaluate(models: Sequence[str], data: Sequence[str] | None, attacks: Sequence[AttackSpec], n: int,
+             batch_size: int = 100, seed: int = 0, device: str = "cpu", weights: dict[str, str] | None = None,
+             progress=None) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for name in models:
+        model = load(name, device=device, weights=(weights or {}).get(name, "default"))
+        model.eval()
+        for spec in (data or default_data(model.family)):
+            t = time.time()
+            rows += evaluate_model(model, spec, attacks, n, batch_size, seed)
+            log.info("%s on %s: %.1fs", name, spec, time.time() - t)
+            if progress:
+                progress(name, spec)
+    return rows

@@ -1,0 +1,281 @@
+"""The training loop shared by every defense: read it top to bottom.
+
+Optimiser and schedule from the config, gradient clipping, seeded, deterministic data order (the
+batch of step ``s`` on rank ``r`` is a pure function of (s, r, seed)), progress bar with loss and
+throughput, periodic evaluation, JSON-lines log, atomic snapshots every ``save_every`` steps and at
+the end, exact resume (``--resume OUT``), and data parallelism under torchrun.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..checkpoints import atomic_save_weights, atomic_write_json, CONFIG_FILE, FORMAT, WEIGHTS_FILE
+from ..data.sources import DataError, open_data
+from ..defenses import DEFENSES
+from ..defenses.common import make_config
+from ..models import load
+from . import dist as D
+from .state import latest_snapshot, read_trainer_json, restore_snapshot, save_snapshot
+
+log = logging.getLogger("vlm_inspect.train")
+
+
+@dataclass
+class TrainConfig:
+    """Every field has a default; defenses override some (``Task.loop_defaults``), the CLI overrides all."""
+
+    defense: str = "base"                 # key in vlm_inspect.defenses.DEFENSES
+    model: str = "shapes-clip"            # preset name, or a checkpoint folder
+    init: str = "auto"                    # start weights: random | default | <folder>; auto = random for base, else default
+    data: str = "shapes:shapes-scenes"    # data spec, see vlm_inspect.data.sources
+    out: str = "runs/run"                 # run folder (checkpoint + snapshots + log)
+    steps: int = 1000                     # optimiser steps
+    batch_size: int = 128                 # per rank
+    optimizer: str = "adamw"              # adamw | sgd
+    lr: float = 1e-3                      # peak learning rate
+    weight_decay: float = 0.05            # AdamW / SGD weight decay
+    momentum: float = 0.9                 # SGD momentum
+    warmup_steps: int = 50                # linear warm-up, then the schedule
+    schedule: str = "cosine"              # cosine (to 0) | constant
+    grad_clip: float = 1.0                # max global grad norm; 0 disables
+    seed: int = 0                         # model init, data order, attacks' random starts
+    precision: str = "fp32"               # fp32 | bf16 (autocast; convolutions stay fp32)
+    device: str = "cpu"                   # cpu | cuda | cuda:N
+    workers: int = 1                      # data-loading processes (render batches ahead)
+    eval_every: int = 250                 # steps between evaluations; 0 = only at the end
+    eval_samples: int = 240               # samples per evaluation set
+    save_every: int = 250                 # steps between snapshots
+    log_every: int = 10                   # steps between log lines
+    shots: int | None = None              # few-shot: K samples per class (class-balanced)
+    options: dict[str, Any] = field(default_factory=dict)   # the defense's own options (--set key=value)
+
+
+def _lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # biases, norms, logit scale, embeddings' 1-D bits
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: adamw, sgd")
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item ``s`` is the collated batch of step ``s`` on this rank (rendered in a worker)."""
+
+    def __init__(self, task, data, cfg: TrainConfig, info: D.DistInfo, start: int) -> None:
+        self.task, self.data, self.cfg, self.info, self.start = task, data, cfg, info, start
+        self.n = len(data)
+
+    def __len__(self) -> int:
+        return max(0, self.cfg.steps - self.start)
+
+    def indices(self, step: int) -> list[int]:
+        bs, world = self.cfg.batch_size, self.info.world
+        first = (step * world + self.info.rank) * bs
+        out = []
+        for g in range(first, first + bs):
+            epoch, pos = divmod(g, self.n)
+            if self.n <= 10**7:  # finite data: a fresh permutation each epoch
+                pos = self._permutation(epoch)[pos]
+            out.append(pos)
+        return out
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if getattr(self, "_perm_epoch", None) != epoch:
+            perm = list(range(self.n))
+            random.Random(f"{self.cfg.seed}:{epoch}").shuffle(perm)
+            self._perm_epoch, self._perm = epoch, perm
+        return self._perm
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        step = self.start + i
+        idx = self.indices(step)
+        records = []
+        for j in idx:
+            r = self.data[j]
+            r.setdefault("index", j)
+            records.append(r)
+        batch = self.task.collate(records, step)
+        batch["index"] = idx
+        return batch
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    if cfg.defense not in DEFENSES:
+        raise ValueError(f"unknown defense {cfg.defense!r}; valid: {', '.join(DEFENSES.list())}")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision {cfg.precision!r}; valid: fp32, bf16")
+    if cfg.init == "auto":
+        cfg.init = "random" if cfg.defense == "base" else "default"
+    for name, v in (("steps", cfg.steps), ("batch_size", cfg.batch_size)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    return cfg
+
+
+def _autocast(cfg: TrainConfig):
+    dev = "cuda" if cfg.device.startswith("cuda") else "cpu"
+    return torch.autocast(dev, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
+def train(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = True,
+          rank_report: bool = False) -> Path:
+    """Run (or resume) a training run; returns the run folder, whose model loads with ``load``."""
+    if resume is not None:
+        snap = latest_snapshot(Path(resume))
+        saved = read_trainer_json(snap)["config"]
+        cfg = TrainConfig(**saved)
+        cfg.out = str(resume)
+    cfg = resolve_config(cfg)
+    info = D.setup(cfg.device)
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    task_cls = DEFENSES.get(cfg.defense)
+    model = load(cfg.model, device=cfg.device, weights=cfg.init)
+    if model.family not in task_cls.families:
+        raise ValueError(f"defense {cfg.defense!r} applies to {', '.join(task_cls.families)} models, "
+                         f"not {model.name!r} ({model.family})")
+    data = open_data(cfg.data, "train", seed=cfg.seed, image_size=model.image_size, shots=cfg.shots)
+    options = make_config(task_cls.Config, cfg.options)
+    options.seed = cfg.seed
+    task = task_cls(model, options, data)
+    model.train()
+    params = task.trainable_parameters()
+    if not params:
+        raise ValueError(f"defense {cfg.defense!r} left nothing to train")
+    D.broadcast_parameters(task.modules_to_save(), info)
+    optimizer = make_optimizer(cfg, params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+
+    start, elapsed, metrics = 0, 0.0, {}
+    if resume is not None:
+        meta = restore_snapshot(snap, task.modules_to_save(), optimizer, scheduler)
+        start, elapsed, metrics = meta["step"], meta.get("elapsed", 0.0), meta.get("metrics", {})
+        log.info("resumed %s at step %d", out, start)
+    elif info.main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    batches = _Batches(task, data, cfg, info, start)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=cfg.workers,
+                                         prefetch_factor=4 if cfg.workers else None,
+                                         generator=torch.Generator(), persistent_workers=False)
+    bar = None
+    if progress and info.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.defense}:{model.name}", unit="step", dynamic_ncols=True)
+    seen: list[int] = []
+    logf = (out / "log.jsonl").open("a") if info.main else None
+    t_last, n_last = time.time(), 0
+    step = start
+    try:
+        for batch in loader:
+            t0 = time.time()
+            model.train()
+            pixels = batch["pixels"].to(cfg.device)
+            batch["pixels"] = pixels
+            seen += batch["index"]
+            with _autocast(cfg):
+                loss, parts = task.loss(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr or check the data")
+            loss.backward()
+            D.average_gradients(params, info)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed += time.time() - t0
+            n_last += pixels.shape[0] * info.world
+            if info.main and (step % cfg.log_every == 0 or step == cfg.steps):
+                rate = n_last / max(1e-9, time.time() - t_last)
+                t_last, n_last = time.time(), 0
+                rec = {"step": step, "loss": float(loss.detach()), **parts, "lr": scheduler.get_last_lr()[0],
+                       "samples_per_s": round(rate, 1)}
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}", samples_s=f"{rate:.0f}")
+            if bar is not None:
+                bar.update(1)
+            do_eval = cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps
+            if do_eval and info.main:
+                metrics = task_evaluate(task, model, cfg)
+                logf.write(json.dumps({"step": step, "eval": metrics}) + "\n")
+                logf.flush()
+                log.info("step %d eval %s", step, metrics)
+            if info.main and (step % cfg.save_every == 0 or step == cfg.steps):
+                _save(out, step, task, optimizer, scheduler, cfg, options, metrics, elapsed, model)
+    finally:
+        if bar is not None:
+            bar.close()
+        if logf is not None:
+            logf.close()
+    if rank_report:
+        digest = float(sum(p.detach().double().sum() for p in task.modules_to_save().parameters()))
+        atomic_write_json(out / f"rank-{info.rank}.json", {"rank": info.rank, "indices": seen, "weights_sum": digest})
+    D.teardown(info)
+    return out
+
+
+def task_evaluate(task, model, cfg: TrainConfig) -> dict[str, float]:
+    """The task's own quick evaluation (defaults to the evaluate module's per-family metric)."""
+    fn = getattr(task, "evaluate", None)
+    if fn is not None:
+        return fn(cfg.eval_samples)
+    from ..evaluate.quick import quick_eval
+
+    was = model.training
+    model.eval()
+    try:
+        return quick_eval(model, cfg.data, cfg.eval_samples)
+    finally:
+        model.train(was)
+
+
+def _save(out: Path, step: int, task, optimizer, scheduler, cfg: TrainConfig, options, metrics, elapsed, model):
+    module = task.modules_to_save()
+    hyper = {"loop": {k: v for k, v in asdict(cfg).items() if k not in ("options",)},
+             "defense": asdict(options) if dataclasses.is_dataclass(options) else dict(cfg.options)}
+    save_snapshot(out, step, module, optimizer, scheduler,
+                  {"config": asdict(cfg), "elapsed": elapsed, "metrics": metrics})
+    atomic_save_weights(module, out / WEIGHTS_FILE, metadata={"format": FORMAT, "step": str(step)})
+    base = None if cfg.init in ("random",) else (cfg.model if cfg.init == "default" else cfg.init)
+    atomic_write_json(out / CONFIG_FILE, {
+        "format": FORMAT, "version": __version__, "preset": _preset_name(cfg, model), "family": model.family,
+        "base": base, "model": model.spec, "defense": cfg.defense, "hyperparameters": hyper, "data": cfg.data,
+        "seed": cfg.seed, "steps": step, "train_seconds": round(elapsed, 1), "metrics": metrics,
+    })
+
+
+def _preset_name(cfg: TrainConfig, model) -> str:
+    base = model.name.split("+")[0]
+    return base if cfg.defense == "base" else f"{base}+{cfg.defense}"
