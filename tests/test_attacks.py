@@ -39,6 +39,7 @@ def test_attack_contract(attack, norm, family):
     pixels = torch.rand(2, 3, 64, 64)
     objective = make_objective(family, pixels)
     model = objective.model
+    model.zero_grad(set_to_none=True)  # the session-shared model may carry grads from other tests
     atk = build(attack, norm)
     res = atk(pixels, objective, generator=torch.Generator().manual_seed(1))
     eps = EPS[norm]

@@ -34,6 +34,7 @@ def check_forward_backward(model, batch: int = 2) -> None:
     loss.sum().backward()
     assert pixels.grad is not None and torch.isfinite(pixels.grad).all()
     assert pixels.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
 
 
 def check_family_outputs(model) -> None:
@@ -303,3 +304,31 @@ def test_shapes_vocabulary_covers_the_world():
 
     missing = sorted({w for t in texts for w in unknown_words(tok, t)})
     assert missing == []
+
+
+@pytest.mark.parametrize("name", ["openai/ViT-B-32", "hf-hub:timm/ViT-B-16-SigLIP", "nlpconnect/vit-gpt2-image-captioning"])
+def test_missing_download_is_one_clear_message(name):
+    """Offline, asking for hub weights says what is missing and how to fix it."""
+    from vlm_inspect.models import ModelUnavailableError
+
+    with pytest.raises(ModelUnavailableError) as e:
+        load(name)
+    msg = str(e.value)
+    assert name in msg and "weights=<folder>" in msg and "embedded suite" in msg
+
+
+def test_folder_of_another_family_is_refused(tmp_path):
+    folder = save_adapter(embedded("shapes-vqa"), tmp_path / "vqa")
+    with pytest.raises(CheckpointError, match="holds a vqa checkpoint"):
+        load("shapes-clip", weights=str(folder))
+
+
+def test_blip_vision_can_start_from_the_captioner_encoder():
+    """The VQA model's optional warm start computes the captioner encoder's features exactly."""
+    from vlm_inspect.models.vqa import copy_vit_encoder_into_blip
+
+    cap, vqa = load("shapes-captioner", weights="random"), load("shapes-vqa", weights="random")
+    copy_vit_encoder_into_blip(cap.model.encoder, vqa.model.vision_model)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(cap.encoder_hidden(x), vqa.vision_hidden(x), atol=5e-3)

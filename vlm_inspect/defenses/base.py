@@ -27,6 +27,8 @@ class BaseConfig:
     prefix_prob: float = 0.5     # P(prepend "a photo of" / "an image of" / "there is") - our choice
     count_prob: float = 0.2      # P(count-bearing variant "{n} shapes: <caption>") - our choice
     partial_prob: float = 0.5    # P(partial caption) for single-object scenes - our choice
+    vision_init: str = ""        # vqa only: a captioner checkpoint whose ViT encoder initialises BLIP's
+                                 # vision model (see docs/REPRODUCTION.md) - our choice
 
 
 def shapes_text(record: dict[str, Any], rng: random.Random, cfg: BaseConfig) -> str:
@@ -62,6 +64,17 @@ def sample_rng(step: int, records: list[dict[str, Any]], seed: int) -> random.Ra
 class BaseTask(Task):
     families = ("clip", "captioner", "vqa")
     Config = BaseConfig
+
+    def __init__(self, model, config, data) -> None:
+        super().__init__(model, config, data)
+        if config.vision_init:
+            if model.family != "vqa":
+                raise ValueError("the vision_init option applies to vqa models only")
+            from ..models import load
+            from ..models.vqa import copy_vit_encoder_into_blip
+
+            source = load("shapes-captioner", weights=config.vision_init)
+            copy_vit_encoder_into_blip(source.model.encoder, model.model.vision_model)
 
     def collate(self, records: list[dict[str, Any]], step: int) -> dict[str, Any]:
         family = self.model.family

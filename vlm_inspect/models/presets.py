@@ -80,8 +80,11 @@ def shapes_vqa_architecture() -> dict[str, Any]:
 
     tok = build_shapes_tokenizer()
     cfg = BlipConfig(
+        # BLIP's vision default initializer_range is 1e-10 (it is always fine-tuned from pretrained
+        # weights); from scratch that leaves every vision weight ~1e-10 and the model answers from the
+        # question alone (measured: exact match stuck at 0.38), so use the usual 0.02.
         vision_config={"image_size": 64, "patch_size": 8, "hidden_size": 128, "intermediate_size": 512,
-                       "num_hidden_layers": 4, "num_attention_heads": 4},
+                       "num_hidden_layers": 4, "num_attention_heads": 4, "initializer_range": 0.02},
         text_config={"vocab_size": len(tok), "hidden_size": 128, "encoder_hidden_size": 128,
                      "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 4,
                      "max_position_embeddings": 32, "bos_token_id": tok.bos_token_id,
@@ -278,7 +281,10 @@ def preset_spec(name: str) -> dict[str, Any]:
         tok = {"kind": "gpt2-byte-standin", "eos_id": 50256}
     else:
         tok = {"kind": "bert-char-standin", "vocab_size": 30524}
-    extra = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]} if p.builder == "vision-encoder-decoder" else {}
+    # ViT-GPT2's processor normalises with mean = std = 0.5; the shapes VQA model does the same, so that
+    # its vision model can start from the shapes captioner's encoder (docs/REPRODUCTION.md)
+    half = p.builder == "vision-encoder-decoder" or p.name == "shapes-vqa"
+    extra = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]} if half else {}
     return _spec(name, p.family, p.builder, arch, tok, **extra)
 
 

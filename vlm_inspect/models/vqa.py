@@ -90,3 +90,36 @@ def make_vqa_adapter(name: str, model: nn.Module, tokenizer: Any, spec: dict[str
     model.eval()
     return VqaAdapter(name, model, tokenizer, size, tuple(spec.get("mean", OPENAI_MEAN)),
                       tuple(spec.get("std", OPENAI_STD)), spec)
+
+
+@torch.no_grad()
+def copy_vit_encoder_into_blip(vit_encoder: nn.Module, blip_vision: nn.Module) -> None:
+    """Initialise a BLIP vision model from a transformers ViT encoder of the same size (e.g. the
+    shapes captioner's): stem, class and position embeddings, every layer (q/k/v fused into BLIP's
+    qkv) and the final norm. Both are pre-norm ViTs, so the copy computes the same features (up to
+    the LayerNorm epsilon)."""
+    src = dict(vit_encoder.named_parameters())
+    dst = dict(blip_vision.named_parameters())
+
+    def put(d: str, value: torch.Tensor) -> None:
+        if dst[d].shape != value.shape:
+            raise ValueError(f"cannot copy into {d}: shape {tuple(value.shape)} vs {tuple(dst[d].shape)}")
+        dst[d].copy_(value)
+
+    put("embeddings.class_embedding", src["embeddings.cls_token"])
+    put("embeddings.position_embedding", src["embeddings.position_embeddings"])
+    for k, v in src.items():
+        if k.startswith("embeddings.patch_embeddings.projection."):
+            put("embeddings.patch_embedding." + k.removeprefix("embeddings.patch_embeddings.projection."), v)
+    n_layers = len(blip_vision.encoder.layers)
+    for i in range(n_layers):
+        s, d = f"layers.{i}.", f"encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            put(d + f"self_attn.qkv.{kind}", torch.cat([src[s + f"attention.{p}_proj.{kind}"] for p in "qkv"]))
+            put(d + f"self_attn.projection.{kind}", src[s + f"attention.o_proj.{kind}"])
+            put(d + f"layer_norm1.{kind}", src[s + f"layernorm_before.{kind}"])
+            put(d + f"layer_norm2.{kind}", src[s + f"layernorm_after.{kind}"])
+            put(d + f"mlp.fc1.{kind}", src[s + f"mlp.fc1.{kind}"])
+            put(d + f"mlp.fc2.{kind}", src[s + f"mlp.fc2.{kind}"])
+        put("post_layernorm.weight", src["layernorm.weight"])
+        put("post_layernorm.bias", src["layernorm.bias"])
