@@ -9,7 +9,7 @@ from vlm_inspect.data.shapes import ShapesDataset
 
 data = ShapesDataset("shapes-combo", split="test", length=8)
 sample = data[0]
-clip = load("shapes-clip")  # the shipped checkpoint (random weights, with a warning, until one is trained)
+clip = load("shapes-clip")  # the trained checkpoint shipped in checkpoints/shapes-clip
 pixels = clip.preprocess(sample["image"])
 prompts, label = data.prompts, sample["label"]
 
