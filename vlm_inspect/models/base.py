@@ -101,6 +101,17 @@ class ConvStem(nn.Module):
         return self.convs(x)
 
 
+def install_vit_stem(embeddings_owner: nn.Module, attr: str, stem: dict[str, Any] | None) -> None:
+    """Replace the patchify conv ``getattr(embeddings_owner, attr)`` by a :class:`ConvStem`."""
+    if not stem or stem.get("type", "patch") == "patch":
+        return
+    if stem["type"] != "conv":
+        raise ValueError(f"unknown stem type {stem['type']!r}; valid: patch, conv")
+    old = getattr(embeddings_owner, attr)
+    setattr(embeddings_owner, attr, ConvStem(old.out_channels, old.stride[0], stem.get("channels", (32, 64)),
+                     stem.get("extra", 0), stem.get("norm", "none")))
+
+
 class Adapter(nn.Module):
     """Base of the family adapters. ``self.model`` is the wrapped open_clip / transformers module.
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, ConvStem, as_text_list
+from .base import Adapter, as_text_list, install_vit_stem
 
 
 def _token_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -75,17 +75,6 @@ class CaptionerAdapter(Adapter):
             eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
         )
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-
-
-def install_vit_stem(embeddings_owner: nn.Module, attr: str, stem: dict[str, Any] | None) -> None:
-    """Replace the patchify conv ``getattr(embeddings_owner, attr)`` by a :class:`ConvStem`."""
-    if not stem or stem.get("type", "patch") == "patch":
-        return
-    if stem["type"] != "conv":
-        raise ValueError(f"unknown stem type {stem['type']!r}; valid: patch, conv")
-    old = getattr(embeddings_owner, attr)
-    setattr(embeddings_owner, attr, ConvStem(old.out_channels, old.stride[0], stem.get("channels", (32, 64)),
-                     stem.get("extra", 0), stem.get("norm", "none")))
 
 
 def build_captioner(arch: dict[str, Any]) -> nn.Module:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import OPENAI_MEAN, OPENAI_STD, Adapter, ConvStem, as_text_list
+from .base import OPENAI_MEAN, OPENAI_STD, Adapter, as_text_list, install_vit_stem
 
 log = logging.getLogger(__name__)
 
@@ -98,24 +98,13 @@ class ClipAdapter(Adapter):
 
 # ---- building --------------------------------------------------------------------------------
 
-def _install_stem(model: nn.Module, stem: dict[str, Any] | None) -> None:
-    if not stem or stem.get("type", "patch") == "patch":
-        return
-    if stem["type"] != "conv":
-        raise ValueError(f"unknown stem type {stem['type']!r}; valid: patch, conv")
-    visual = model.visual
-    old = visual.conv1
-    visual.conv1 = ConvStem(old.out_channels, old.stride[0], stem.get("channels", (32, 64)),
-                     stem.get("extra", 0), stem.get("norm", "none"))
-
-
 def build_shapes_clip(arch: dict[str, Any], tokenizer: Any) -> nn.Module:
     """An open_clip ``CLIP`` from a custom architecture dict (embed_dim, vision_cfg, text_cfg, stem)."""
     cfg = copy.deepcopy(arch)
     stem = cfg.pop("stem", None)
     model = open_clip.model.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"],
                                  quick_gelu=cfg.get("quick_gelu", False))
-    _install_stem(model, stem)
+    install_vit_stem(model.visual, "conv1", stem)
     return model
 
 

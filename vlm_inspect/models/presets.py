@@ -248,8 +248,11 @@ def _build(spec: dict[str, Any], tokenizer: Any):
     raise CheckpointError(f"unknown model builder {builder!r}")
 
 
-def _adapt(name: str, model: Any, tokenizer: Any, spec: dict[str, Any]) -> Adapter:
-    return _make_adapter(name, model, tokenizer, spec).eval()
+def _adapt(name: str, model: Any, tokenizer: Any, spec: dict[str, Any], weights: str = "random") -> Adapter:
+    """Wrap ``model`` in its family's adapter, in eval mode, remembering where its weights came from."""
+    adapter = _make_adapter(name, model, tokenizer, spec).eval()
+    adapter.weights = weights
+    return adapter
 
 
 def _make_adapter(name: str, model: Any, tokenizer: Any, spec: dict[str, Any]) -> Adapter:
@@ -300,10 +303,8 @@ def load_folder(folder: str | Path, name: str | None = None, device: str = "cpu"
 
         model = open_clip.create_model(f"local-dir:{folder}")
         tok = open_clip.get_tokenizer(f"local-dir:{folder}")
-        adapter = _adapt(name, model, tok, _spec(name, "clip", "open_clip-local", {"folder": str(folder)},
-                                                 {"kind": "open_clip-local"}))
-        adapter.weights = str(folder)
-        return adapter.to(device)
+        return _adapt(name, model, tok, _spec(name, "clip", "open_clip-local", {"folder": str(folder)},
+                                              {"kind": "open_clip-local"}), str(folder)).to(device)
     config = read_config(folder)
     if config.get("format") is None and "model_type" in config:
         return _load_hf_folder(folder, name, config["model_type"]).to(device)
@@ -313,19 +314,12 @@ def load_folder(folder: str | Path, name: str | None = None, device: str = "cpu"
     tokenizer = _tokenizer_from_ref(spec.get("tokenizer", {}), folder)
     model = _build(spec, tokenizer)
     load_weights(model, folder / WEIGHTS_FILE)
-    adapter = _adapt(name, model, tokenizer, spec)
+    adapter = _adapt(name, model, tokenizer, spec, str(folder))
     adapter.checkpoint = config
-    adapter.weights = str(folder)
     return adapter.to(device)
 
 
 def _load_hf_folder(folder: Path, name: str, model_type: str) -> Adapter:
-    adapter = _load_hf_folder_inner(folder, name, model_type)
-    adapter.weights = str(folder)
-    return adapter
-
-
-def _load_hf_folder_inner(folder: Path, name: str, model_type: str) -> Adapter:
     if model_type == "vision-encoder-decoder":
         from transformers import VisionEncoderDecoderModel
 
@@ -341,7 +335,8 @@ def _load_hf_folder_inner(folder: Path, name: str, model_type: str) -> Adapter:
         raise CheckpointError(f"{folder}: unsupported transformers model_type {model_type!r} "
                               "(supported: vision-encoder-decoder, blip)")
     tok = _hf_tokenizer_from_folder(folder)
-    return _adapt(name, model, tok, _spec(name, family, builder, model.config.to_dict(), {"kind": "files"}, **extra))
+    return _adapt(name, model, tok, _spec(name, family, builder, model.config.to_dict(), {"kind": "files"}, **extra),
+                  str(folder))
 
 
 def _load_pretrained_default(p: Preset) -> Adapter:
@@ -354,9 +349,7 @@ def _load_pretrained_default(p: Preset) -> Adapter:
             model = open_clip.create_model(arch["open_clip_name"], pretrained=p.source)
             tok = open_clip.get_tokenizer(arch["open_clip_name"])
             spec = _spec(p.name, p.family, p.builder, arch, {"kind": "open_clip", "name": arch["open_clip_name"]})
-            adapter = _adapt(p.name, model, tok, spec)
-            adapter.weights = f"open_clip:{p.source}"
-            return adapter
+            return _adapt(p.name, model, tok, spec, f"open_clip:{p.source}")
         from huggingface_hub import snapshot_download
 
         folder = snapshot_download(p.source, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
@@ -397,10 +390,8 @@ def load(name: str, device: str = "cpu", weights: str = "default") -> Adapter:
             raise ModelUnavailableError(
                 f"could not load {name} ({type(e).__name__}). Download it on a machine with internet and pass "
                 "the folder as weights=<folder>, or use the embedded suite.") from e
-        adapter = _adapt(name, model, tok, _spec(name, "clip", "open_clip-hub", {"name": name},
-                                                 {"kind": "open_clip", "name": name}))
-        adapter.weights = name
-        return adapter.to(device)
+        return _adapt(name, model, tok, _spec(name, "clip", "open_clip-hub", {"name": name},
+                                              {"kind": "open_clip", "name": name}), name).to(device)
     if name in PRESETS:
         p = PRESETS[name]
         if weights == "default":
@@ -413,13 +404,13 @@ def load(name: str, device: str = "cpu", weights: str = "default") -> Adapter:
                 return _load_pretrained_default(p).to(device)
         spec = preset_spec(name)
         tokenizer = _tokenizer_from_ref(spec["tokenizer"], None)
-        return _adapt(name, _build(spec, tokenizer), tokenizer, spec).to(device)  # weights stays "random"
+        return _adapt(name, _build(spec, tokenizer), tokenizer, spec).to(device)
     ckpt = checkpoints_dir() / name
     if (ckpt / "config.json").is_file():
         if weights == "random":
             spec = read_config(ckpt)["model"]
             tokenizer = _tokenizer_from_ref(spec.get("tokenizer", {}), ckpt)
-            return _adapt(name, _build(spec, tokenizer), tokenizer, spec).to(device)  # weights stays "random"
+            return _adapt(name, _build(spec, tokenizer), tokenizer, spec).to(device)
         return load_folder(ckpt, name, device)
     if Path(name).is_dir():
         return load_folder(name, None, device)

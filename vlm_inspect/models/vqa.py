@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, as_text_list
-from .captioner import _token_nll, install_vit_stem, pad_targets
+from .base import Adapter, as_text_list, install_vit_stem
+from .captioner import _token_nll, pad_targets
 
 
 class VqaAdapter(Adapter):
