@@ -1,72 +1,43 @@
-"""Small, fast evaluations used during training (the full tables come from ``evaluate``)."""
+"""Small, fast evaluations used during training (the full tables come from ``evaluate``).
+
+Each is the clean part of :func:`vlm_inspect.evaluate.run.evaluate_data`, so training-time figures
+and the tables are computed by the same code."""
 from __future__ import annotations
 
-import torch
-
 from ..data.sources import open_data
-from .metrics import caption_scores, exact_match
+from .run import evaluate_data
 
 
-def _batches(n: int, size: int):
-    for i in range(0, n, size):
-        yield range(i, min(n, i + size))
+def _clean(model, data, n: int) -> dict[str, float]:
+    rows = evaluate_data(model, data, getattr(data, "name", ""), [], n)
+    return {r["metric"]: r["value"] for r in rows}
 
 
-@torch.no_grad()
-def zero_shot_accuracy(model, data, n: int | None = None, batch_size: int = 128) -> float:
-    from ..defenses.common import to_pixels
-
-    n = min(n or len(data), len(data))
-    text = model.encode_text(data.prompts)
-    correct = 0
-    for idx in _batches(n, batch_size):
-        recs = [data[i] for i in idx]
-        x = to_pixels([r["image"] for r in recs], model.image_size).to(model.device)
-        pred = model.logits(model.encode_image(x), text).argmax(-1).cpu()
-        correct += int((pred == torch.tensor([r["label"] for r in recs])).sum())
-    return correct / n
+def zero_shot_accuracy(model, data, n: int | None = None) -> float:
+    return _clean(model, data, n or len(data))["top1"]
 
 
-@torch.no_grad()
-def caption_bleu(model, data, n: int, batch_size: int = 128) -> dict[str, float]:
-    from ..defenses.common import to_pixels
-
-    n = min(n, len(data))
-    preds, refs = [], []
-    for idx in _batches(n, batch_size):
-        recs = [data[i] for i in idx]
-        preds += model.generate(to_pixels([r["image"] for r in recs], model.image_size).to(model.device))
-        refs += [r.get("captions") or [r["caption"]] for r in recs]
-    s = caption_scores(preds, refs)
-    return {"bleu4": round(s["bleu4"], 4), "cider": round(s["cider"], 4)}
+def caption_bleu(model, data, n: int) -> dict[str, float]:
+    m = _clean(model, data, n)
+    return {"bleu4": m["bleu4"], "cider": m["cider"]}
 
 
-@torch.no_grad()
-def answer_accuracy(model, data, n: int, batch_size: int = 128) -> float:
-    from ..defenses.common import to_pixels
-
-    n = min(n, len(data))
-    hits = []
-    for idx in _batches(n, batch_size):
-        recs = [data[i] for i in idx]
-        x = to_pixels([r["image"] for r in recs], model.image_size).to(model.device)
-        hits += exact_match(model.answer(x, [r["question"] for r in recs]), [r["answer"] for r in recs])
-    return sum(hits) / n
+def answer_accuracy(model, data, n: int) -> float:
+    return _clean(model, data, n)["exact_match"]
 
 
 def quick_eval(model, data_spec: str, n: int) -> dict[str, float]:
-    """Per-family headline metric on held-back data of the training spec."""
+    """Per-family headline metric on held-back (val) data of the training spec."""
     size = model.image_size
     if data_spec.startswith("shapes:"):
         if model.family == "clip":
-            return {name: round(zero_shot_accuracy(model, open_data(f"shapes:{name}", "val", length=n,
-                                                                    image_size=size)), 4)
+            return {name: zero_shot_accuracy(model, open_data(f"shapes:{name}", "val", length=n, image_size=size))
                     for name in ("shapes-shape", "shapes-color", "shapes-combo")}
         data = open_data("shapes:shapes-scenes", "val", length=n, image_size=size)
     else:
         data = open_data(data_spec, "val", length=n, image_size=size)
     if model.family == "clip":
-        return {"zero_shot_top1": round(zero_shot_accuracy(model, data, n), 4)}
+        return {"zero_shot_top1": zero_shot_accuracy(model, data, n)}
     if model.family == "captioner":
         return caption_bleu(model, data, n)
-    return {"exact_match": round(answer_accuracy(model, data, n), 4)}
+    return {"exact_match": answer_accuracy(model, data, n)}

@@ -87,6 +87,12 @@ def evaluate_model(model, data_spec: str, attacks: Sequence[AttackSpec], n: int,
                    seed: int = 0, split: str = "test") -> list[dict[str, Any]]:
     """Rows ``{model, data, eps, attack, metric, value, n}`` for one model and data set."""
     data = open_data(data_spec, split, seed=seed, length=n, image_size=model.image_size)
+    return evaluate_data(model, data, data_spec, attacks, n, batch_size, seed)
+
+
+def evaluate_data(model, data, data_spec: str, attacks: Sequence[AttackSpec], n: int, batch_size: int = 100,
+                  seed: int = 0) -> list[dict[str, Any]]:
+    """:func:`evaluate_model` on an opened data set (``attacks=[]``: clean metrics only)."""
     n = min(n, len(data))
     fam = model.family
     records = [data[i] for i in range(n)]
