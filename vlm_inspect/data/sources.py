@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -194,6 +195,7 @@ def vqav2(images_dir: str, questions_json: str, annotations_json: str) -> Datase
 # ---- the door ----------------------------------------------------------------------------------
 
 FORMATS = ("shapes", "imagefolder", "coco", "flickr8k", "vqav2")
+_MIXTURE_SPLIT = re.compile(r"\+(?=(?:" + "|".join(FORMATS) + r"):)")  # "a+b": split before each spec
 
 
 def shapes_kind(name: str) -> str:
@@ -222,10 +224,8 @@ def open_data(spec: str, split: str = "train", *, seed: int = 0, length: int | N
     """Open a data spec (see module docstring). ``shots`` keeps K samples per class (classification)
     or K samples in all (other kinds), chosen deterministically from ``seed``. ``a+b`` interleaves
     several specs (e.g. ``shapes:shapes-scenes+shapes:shapes-combo``)."""
-    if "+shapes:" in spec or "+imagefolder:" in spec or "+coco:" in spec or "+flickr8k:" in spec or "+vqav2:" in spec:
-        import re
-
-        parts = re.split(r"\+(?=(?:shapes|imagefolder|coco|flickr8k|vqav2):)", spec)
+    parts = _MIXTURE_SPLIT.split(spec)
+    if len(parts) > 1:
         return Mixture([open_data(p, split, seed=seed, length=length, image_size=image_size, shots=shots)
                         for p in parts])
     if ":" not in spec:
@@ -292,12 +292,12 @@ def few_shot(ds, shots: int, seed: int = 0, pool: int | None = None) -> Subset:
         idx = list(range(min(n, pool or n)))
         rng.shuffle(idx)
         return Subset(ds, sorted(idx[:shots]))
-    label_of = getattr(ds, "label", None)
-    per: dict[int, list[int]] = {}
+    # ShapesDataset knows a sample's label without rendering it; other sets read the record
+    label_of = ds.label if hasattr(ds, "label") else (lambda i: ds.records[i]["label"])
     limit = min(n, pool or (shots * len(ds.classes) * 4 if hasattr(ds, "label") else n))
+    per: dict[int, list[int]] = {}
     for i in range(limit):
-        y = label_of(i) if callable(label_of) else ds.records[i]["label"] if hasattr(ds, "records") else ds[i]["label"]
-        per.setdefault(int(y), []).append(i)
+        per.setdefault(int(label_of(i)), []).append(i)
     chosen: list[int] = []
     for y in sorted(per):
         idx = per[y]

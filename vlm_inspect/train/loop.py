@@ -200,7 +200,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = T
             model.train()
             pixels = batch["pixels"].to(cfg.device)
             batch["pixels"] = pixels
-            seen += batch["index"]
+            if rank_report:
+                seen += batch["index"]
             with _autocast(cfg):
                 loss, parts = task.loss(batch)
             if not torch.isfinite(loss):
