@@ -232,3 +232,22 @@ def test_objective_errors(shapes_clip, shapes_captioner):
     with pytest.raises(ValueError, match="two class texts"):
         zero_shot_ce(shapes_clip, ["a photo of a red star"], [0])
     assert set(OBJECTIVES.list()) == {"zero-shot", "caption", "vqa", "embedding"}
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_per_image_eps_equals_separate_runs(norm):
+    """One batched run with an eps per image (a robustness curve) gives what separate runs give."""
+    pixels = torch.rand(1, 3, 64, 64).repeat(3, 1, 1, 1)
+    objective = make_objective("clip", pixels[:1], target=False)
+    budgets = [0.0, EPS[norm] / 4, EPS[norm]]
+    batched = BIM(eps=budgets, steps=3, norm=norm)(pixels, zero_shot_ce(objective.model, PROMPTS, [0, 0, 0]))
+    assert batched.size(norm)[0] == 0
+    for i, eps in enumerate(budgets):
+        single = BIM(eps=eps, steps=3, norm=norm)(pixels[i:i + 1], zero_shot_ce(objective.model, PROMPTS, [0]))
+        assert torch.allclose(batched.delta[i], single.delta[0], atol=1e-5)
+        assert batched.size(norm)[i] <= eps + 1e-6
+    assert BIM(eps=budgets, steps=3).config()["eps"] == budgets
+    with pytest.raises(ValueError, match="per-image eps values for a batch of 2"):
+        BIM(eps=budgets, steps=3)(pixels[:2], zero_shot_ce(objective.model, PROMPTS, [0, 0]))
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        PGD(eps=[0.1, -1.0])

@@ -9,6 +9,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
+MAX_PIXELS = 40_000_000  # refuse larger images before decoding them (decompression bombs)
+
+
 class ImageError(ValueError):
     """An input image could not be read or understood; the message says why."""
 
@@ -22,17 +25,28 @@ def load_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.I
         return to_rgb(source)
     if isinstance(source, np.ndarray):
         return to_rgb(_array_to_pil(source))
+    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
         if isinstance(source, (bytes, bytearray)):
             img = Image.open(io.BytesIO(source))
         else:
             img = Image.open(Path(source))
-        img.load()  # decode now, so truncation shows up here and not later
+        if img.width * img.height > MAX_PIXELS:  # checked on the header, before any decoding
+            raise ImageError(f"{name} is {img.width}x{img.height} pixels; the limit is "
+                             f"{MAX_PIXELS / 1e6:g} megapixels: downscale it first")
+        img.load()  # decode now, so truncation shows up here and not later (first frame if animated)
     except FileNotFoundError as e:
         raise ImageError(f"image file not found: {source}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
-        raise ImageError(f"could not read image {name}: {e}") from e
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name} is too large to decode safely: {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, ImageError):
+            raise
+        if isinstance(source, (bytes, bytearray)) and not source or not isinstance(source, (bytes, bytearray)) \
+                and Path(source).is_file() and Path(source).stat().st_size == 0:
+            raise ImageError(f"{name} is an empty file (0 bytes), not an image") from e
+        raise ImageError(f"could not read image {name}: it is not an image file Pillow can read, or it is "
+                         f"corrupt or truncated ({type(e).__name__}: {e})") from e
     return to_rgb(img)
 
 

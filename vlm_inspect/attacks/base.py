@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -55,42 +55,69 @@ def model_guard(module: nn.Module | None) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def _as_tuple(value: float | tuple[float, ...]) -> tuple[float, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _budget(value, what: str, unit: str) -> float | tuple[float, ...]:
+    """A finite, non-negative number, or one per image (a sequence or 1-D tensor): a float or a tuple."""
+    many = isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.ndim == 1)
+    items = [float(v) for v in value] if many else None
+    try:
+        items = items if many else [float(value)]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number ({unit}), got {value!r}") from None
+    for v in items:
+        if not v >= 0 or v == float("inf"):
+            raise ValueError(f"{what} must be a finite number >= 0 ({unit}), got {v}")
+    if many and not items:
+        raise ValueError(f"{what}: an empty list of per-image values")
+    return tuple(items) if many else items[0]
+
+
 class Attack:
     """Gradient attack on any objective ``pixels -> (B,) loss``.
 
     Untargeted attacks ascend the objective, ``targeted=True`` descends it (e.g. the NLL of a target
-    caption). Subclasses only fix the start and the defaults.
+    caption). Subclasses only fix the start and the defaults. ``eps`` (and ``alpha``) may be one value
+    per image, so a whole robustness curve (one image at several budgets) is a single batched run.
     """
 
     name = ""
     uses_random_start = False
 
-    def __init__(self, eps: float, alpha: float | None = None, steps: int = 10, random_start: bool = False,
-                 norm: str = "linf") -> None:
-        try:
-            eps = float(eps)
-        except (TypeError, ValueError):
-            raise ValueError(f"eps must be a number (in pixel units, e.g. 4/255), got {eps!r}") from None
-        if not eps >= 0 or eps == float("inf"):
-            raise ValueError(f"eps must be a finite number >= 0 (in pixel units, e.g. 4/255), got {eps}")
+    def __init__(self, eps: float | Sequence[float], alpha: float | Sequence[float] | None = None, steps: int = 10,
+                 random_start: bool = False, norm: str = "linf") -> None:
+        self.eps = _budget(eps, "eps", "in pixel units, e.g. 4/255")
         if isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
         self.norm = P.check_norm(norm)
-        self.eps = eps
         self.steps = int(steps)
         # Madry et al.'s rule of thumb: step 2.5 * eps / steps, so the iterates can cross the ball.
-        self.alpha = float(alpha) if alpha is not None else 2.5 * eps / self.steps
-        if not self.alpha >= 0 or self.alpha == float("inf"):
-            raise ValueError(f"alpha (step size) must be a finite number >= 0, got {alpha!r}")
+        if alpha is None:
+            alpha = [2.5 * e / self.steps for e in self.eps] if isinstance(self.eps, tuple) else 2.5 * self.eps / self.steps
+        self.alpha = _budget(alpha, "alpha (step size)", "in pixel units")
+        if isinstance(self.eps, tuple) and isinstance(self.alpha, tuple) and len(self.alpha) != len(self.eps):
+            raise ValueError(f"got {len(self.eps)} eps values but {len(self.alpha)} step sizes")
         self.random_start = bool(random_start)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(eps={self.eps:.5g}, alpha={self.alpha:.5g}, steps={self.steps}, "
+        def fmt(v):
+            return f"{v:.5g}" if isinstance(v, float) else "[" + ", ".join(f"{x:.5g}" for x in v) + "]"
+        return (f"{type(self).__name__}(eps={fmt(self.eps)}, alpha={fmt(self.alpha)}, steps={self.steps}, "
                 f"random_start={self.random_start}, norm={self.norm!r})")
 
     def config(self) -> dict:
-        return {"name": self.name, "eps": self.eps, "alpha": self.alpha, "steps": self.steps,
+        listed = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 - JSON-friendly
+        return {"name": self.name, "eps": listed(self.eps), "alpha": listed(self.alpha), "steps": self.steps,
                 "random_start": self.random_start, "norm": self.norm}
+
+    def _per_image(self, value: float | tuple[float, ...], pixels: torch.Tensor) -> float | torch.Tensor:
+        if isinstance(value, float):
+            return value
+        if len(value) != pixels.shape[0]:
+            raise ValueError(f"{len(value)} per-image eps values for a batch of {pixels.shape[0]} images")
+        return torch.tensor(value, dtype=pixels.dtype, device=pixels.device).view(-1, *([1] * (pixels.ndim - 1)))
 
     def __call__(self, pixels: torch.Tensor, objective: Objective, targeted: bool = False,
                  generator: torch.Generator | None = None, callback: StepCallback | None = None) -> AttackResult:
@@ -98,9 +125,10 @@ class Attack:
         check_pixels(pixels)
         pixels = pixels.detach()
         sign = -1.0 if targeted else 1.0
+        eps, alpha = self._per_image(self.eps, pixels), self._per_image(self.alpha, pixels)
         with model_guard(getattr(objective, "model", None)):
-            if self.random_start and self.eps > 0:
-                delta = P.random_start(pixels, self.eps, self.norm, generator)
+            if self.random_start and max(_as_tuple(self.eps)) > 0:
+                delta = P.random_start(pixels, eps, self.norm, generator)
             else:
                 delta = torch.zeros_like(pixels)
             losses: list[float] = []
@@ -114,8 +142,8 @@ class Attack:
                     (grad,) = torch.autograd.grad(loss.sum(), delta)
                 losses.append(float(loss.detach().mean()))
                 with torch.no_grad():
-                    delta = delta.detach() + sign * self.alpha * P.ascent_direction(grad, self.norm)
-                    delta = P.clip_to_image(pixels, P.project(delta, self.eps, self.norm))
+                    delta = delta.detach() + sign * alpha * P.ascent_direction(grad, self.norm)
+                    delta = P.clip_to_image(pixels, P.project(delta, eps, self.norm))
                 if callback is not None:
                     callback(step + 1, self.steps, losses[-1])
         delta = delta.detach()

@@ -6,7 +6,10 @@
   augmentations SHAPES_WORLD.md allows: a prefix (``a photo of`` / ``an image of`` / ``there is``),
   the count-bearing ``{one|two|three} shapes: <caption>``, and partial captions for single objects.
 * captioner — teacher-forced cross-entropy of the canonical (or a reference) caption.
-* vqa — teacher-forced cross-entropy of the answer.
+* vqa — teacher-forced cross-entropy of the answer. On the shapes world each image contributes every
+  question of its scene (``all_questions``; the vision model runs once per image), and the vision model
+  can start from the trained captioner's ViT (``vision_init``) with a smaller learning rate
+  (``vision_lr_scale``). docs/REPRODUCTION.md has the measurements behind these choices.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +33,8 @@ class BaseConfig:
     partial_prob: float = 0.5    # P(partial caption) for single-object scenes - our choice
     vision_init: str = ""        # vqa only: a captioner checkpoint whose ViT encoder initialises BLIP's
                                  # vision model (see docs/REPRODUCTION.md) - our choice
+    vision_lr_scale: float = 1.0  # vqa only: learning-rate factor of the vision model - our choice
+    all_questions: bool = True   # vqa on the shapes world: every question of each scene per step - our choice
 
 
 def shapes_text(record: dict[str, Any], rng: random.Random, cfg: BaseConfig) -> str:
@@ -54,6 +60,18 @@ def record_text(record: dict[str, Any], data: Any, rng: random.Random, cfg: Base
         return data.prompts[record["label"]]
     refs = record.get("captions") or [record["caption"]]
     return rng.choice(refs)
+
+
+def scene_questions(record: dict[str, Any], step: int, seed: int) -> list[tuple[str, str]]:
+    """Every (question, answer) of a shapes-world record's scene, never naming a held-out pair (training
+    data); the yes/no question's pair is drawn afresh per step. Falls back to the record's own pair."""
+    from ..data.shapes import questions
+
+    rng = np.random.default_rng([seed, step, record.get("index", 0)])
+    try:
+        return questions(record["scene"], rng, allow_held_out=False)
+    except ValueError:  # the scene itself shows a held-out pair (not a training split)
+        return [(record["question"], record["answer"])]
 
 
 def sample_rng(step: int, records: list[dict[str, Any]], seed: int) -> random.Random:
@@ -85,10 +103,22 @@ class BaseTask(Task):
             batch["texts"] = [record_text(r, self.data, rng, self.config) for r in records]
         elif family == "captioner":
             batch["captions"] = [rng.choice(r.get("captions") or [r["caption"]]) for r in records]
+        elif self.config.all_questions and all("scene" in r for r in records):
+            batch["questions"], batch["answers"], batch["image_index"] = [], [], []
+            for j, r in enumerate(records):
+                for q, a in scene_questions(r, step, getattr(self.config, "seed", 0)):
+                    batch["questions"].append(q)
+                    batch["answers"].append(a)
+                    batch["image_index"].append(j)
         else:
             batch["questions"] = [r["question"] for r in records]
             batch["answers"] = [r["answer"] for r in records]
         return batch
+
+    def lr_scales(self) -> dict[int, float]:
+        if self.model.family != "vqa" or self.config.vision_lr_scale == 1.0:
+            return {}
+        return {id(p): self.config.vision_lr_scale for p in self.model.model.vision_model.parameters()}
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         m = self.model
@@ -98,7 +128,7 @@ class BaseTask(Task):
         if m.family == "captioner":
             loss = m.caption_nll(x, batch["captions"]).mean()
             return loss, {"caption_ce": float(loss.detach())}
-        loss = m.answer_nll(x, batch["questions"], batch["answers"]).mean()
+        loss = m.answer_nll(x, batch["questions"], batch["answers"], image_index=batch.get("image_index")).mean()
         return loss, {"answer_ce": float(loss.detach())}
 
 

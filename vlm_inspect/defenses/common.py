@@ -49,6 +49,11 @@ class Task:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def lr_scales(self) -> dict[int, float]:
+        """``id(param) -> factor`` on the loop's learning rate, for parameters that should move slower
+        or faster than the rest (none by default)."""
+        return {}
+
     def modules_to_save(self) -> nn.Module:
         """The module whose weights make the checkpoint (the adapter's wrapped model by default)."""
         return self.model.model

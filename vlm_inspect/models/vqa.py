@@ -32,8 +32,11 @@ class VqaAdapter(Adapter):
         enc = self.tokenizer(questions, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
         return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
 
-    def _encode(self, pixels: torch.Tensor, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, pixels: torch.Tensor, questions: list[str],
+                image_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         image_embeds = self.vision_hidden(pixels)
+        if image_index is not None:
+            image_embeds = image_embeds[image_index]
         q = self._questions(questions)
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
         question_embeds = self.model.text_encoder(
@@ -43,9 +46,18 @@ class VqaAdapter(Adapter):
         return question_embeds, q["attention_mask"]
 
     def answer_nll(self, pixels: torch.Tensor, questions: str | Sequence[str],
-                   answers: str | Sequence[str]) -> torch.Tensor:
-        """(B,) mean token NLL of each answer (``answer [SEP]``) under teacher forcing."""
+                   answers: str | Sequence[str], image_index: Sequence[int] | None = None) -> torch.Tensor:
+        """(N,) mean token NLL of each answer (``answer [SEP]``) under teacher forcing.
+
+        Without ``image_index`` there is one question per image (N = B). With it, question ``k`` is
+        about image ``image_index[k]``: several questions share one pass of the vision model.
+        """
         b = pixels.shape[0]
+        if image_index is not None:
+            image_index = torch.as_tensor(image_index, dtype=torch.long, device=self.device)
+            if image_index.ndim != 1 or (len(image_index) and not 0 <= int(image_index.min()) <= int(image_index.max()) < b):
+                raise ValueError(f"image_index must be a 1-D list of indices into the {b} images")
+            b = len(image_index)
         questions = as_text_list(questions, b, "questions")
         answers = as_text_list(answers, b, "answers")
         tcfg = self.model.config.text_config
@@ -54,7 +66,7 @@ class VqaAdapter(Adapter):
         start = torch.full((b, 1), tcfg.bos_token_id, dtype=torch.long, device=self.device)
         decoder_input_ids = torch.cat([start, targets[:, :-1]], dim=1)
         decoder_mask = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], 1).long()
-        question_embeds, question_mask = self._encode(pixels, questions)
+        question_embeds, question_mask = self._encode(pixels, questions, image_index)
         out = self.model.text_decoder(
             input_ids=decoder_input_ids, attention_mask=decoder_mask,
             encoder_hidden_states=question_embeds, encoder_attention_mask=question_mask,
@@ -111,8 +123,9 @@ def copy_vit_encoder_into_blip(vit_encoder: nn.Module, blip_vision: nn.Module) -
     for k, v in src.items():
         if k.startswith("embeddings.patch_embeddings.projection."):
             put("embeddings.patch_embedding." + k.removeprefix("embeddings.patch_embeddings.projection."), v)
-    n_layers = len(blip_vision.encoder.layers)
-    for i in range(n_layers):
+    put("post_layernorm.weight", src["layernorm.weight"])
+    put("post_layernorm.bias", src["layernorm.bias"])
+    for i in range(len(blip_vision.encoder.layers)):
         s, d = f"layers.{i}.", f"encoder.layers.{i}."
         for kind in ("weight", "bias"):
             put(d + f"self_attn.qkv.{kind}", torch.cat([src[s + f"attention.{p}_proj.{kind}"] for p in "qkv"]))
@@ -121,5 +134,3 @@ def copy_vit_encoder_into_blip(vit_encoder: nn.Module, blip_vision: nn.Module) -
             put(d + f"layer_norm2.{kind}", src[s + f"layernorm_after.{kind}"])
             put(d + f"mlp.fc1.{kind}", src[s + f"mlp.fc1.{kind}"])
             put(d + f"mlp.fc2.{kind}", src[s + f"mlp.fc2.{kind}"])
-        put("post_layernorm.weight", src["layernorm.weight"])
-        put("post_layernorm.bias", src["layernorm.bias"])

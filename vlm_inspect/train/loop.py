@@ -72,14 +72,20 @@ def _lr_lambda(cfg: TrainConfig):
     return f
 
 
-def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]  # biases, norms, logit scale, embeddings' 1-D bits
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter],
+                   lr_scales: dict[int, float] | None = None) -> torch.optim.Optimizer:
+    """AdamW/SGD with weight decay on matrices only; ``lr_scales`` (``id(param) -> factor``) gives some
+    parameters a smaller or larger learning rate than ``cfg.lr`` (the schedule scales all alike)."""
+    lr_scales = lr_scales or {}
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
+    for p in params:  # biases, norms, logit scale, embeddings' 1-D bits get no decay
+        groups.setdefault((p.ndim >= 2, float(lr_scales.get(id(p), 1.0))), []).append(p)
+    param_groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * scale}
+                    for (decay, scale), ps in groups.items()]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.AdamW(param_groups, lr=cfg.lr)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: adamw, sgd")
 
 
@@ -170,7 +176,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = T
     if not params:
         raise ValueError(f"defense {cfg.defense!r} left nothing to train")
     D.broadcast_parameters(task.modules_to_save(), info)
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, params, task.lr_scales())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
 
     start, elapsed, metrics = 0, 0.0, {}

@@ -1,0 +1,183 @@
+"""The page's API through gradio_client against a live server: answers, bad inputs, concurrency."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlm_inspect.data.shapes import ShapesDataset
+from vlm_inspect.images import load_image
+from vlm_inspect.service import InspectService, image_digest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    from vlm_inspect.ui import build_demo
+
+    demo = build_demo(InspectService(model_dirs=[]))
+    demo.queue(default_concurrency_limit=1)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False,
+                show_error=True, max_file_size="2mb", quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def client(url):
+    from gradio_client import Client
+
+    return Client(url, verbose=False, download_files=False)
+
+
+def call(c, path, **kw):
+    from gradio_client import handle_file
+
+    kw.setdefault("steps", 2)
+    return c.predict(handle_file(str(path)), api_name="/inspect", **kw)
+
+
+def test_api_returns_the_report(server):
+    rep = call(client(server), ROOT / "assets" / "shapes_plain_3.png", eps=8.0)
+    assert rep["attack"]["eps"] == pytest.approx(8 / 255)
+    assert rep["models"]["shapes-clip"]["clean"]["zero_shot"]["labels"][0] == "purple triangle"
+    assert rep["models"]["shapes-vqa"]["clean"]["answer"] == "two"
+    json.dumps(rep)
+
+
+def _bad_files(tmp: Path) -> dict[str, Path]:
+    good = (ROOT / "assets" / "shapes_plain_3.png").read_bytes()
+    files = {"corrupt.png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "truncated.png": good[: len(good) // 3],
+             "empty.png": b"", "notes.txt": b"this is not an image\n"}
+    out = {}
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+        out[name] = tmp / name
+    Image.new("1", (7000, 7000)).save(tmp / "huge.png")  # 49 megapixels in a few kB
+    out["huge.png"] = tmp / "huge.png"
+    (tmp / "big.bin.png").write_bytes(np.random.default_rng(0).bytes(3 * 1024 * 1024))  # over the upload cap
+    out["big.bin.png"] = tmp / "big.bin.png"
+    return out
+
+
+BAD = [  # (file, extra arguments, words the message must contain)
+    ("corrupt.png", {}, "could not read image 'corrupt.png'"),
+    ("truncated.png", {}, "truncated"),
+    ("empty.png", {}, "empty file"),
+    ("notes.txt", {}, "could not read image 'notes.txt'"),
+    ("huge.png", {}, "megapixels"),
+    ("big.bin.png", {}, "size"),
+    (None, {"eps": 99.0}, "epsilon (k/255) must be from 0 to 32"),
+    (None, {"steps": 0}, "steps must be from 1 to 100"),
+    (None, {"classes": "red circle"}, "at least two class names"),
+    (None, {"baseline_vqa": "none", "question": "what shape is it?"}, "no VQA model is selected"),
+    (None, {"baseline_clip": "no-such-model"}, "unknown model 'no-such-model'"),
+    (None, {"attack": "cw"}, "unknown attack 'cw'"),
+    (None, {"target": "caption", "baseline_captioner": "none"}, "no captioner model is selected"),
+]
+
+
+def test_bad_inputs_get_a_message_and_the_server_keeps_serving(server, tmp_path):
+    files = _bad_files(tmp_path)
+    c = client(server)
+    good = ROOT / "assets" / "shapes_plain_11.png"
+    for name, extra, words in BAD:
+        with pytest.raises(Exception) as info:
+            call(c, files[name] if name else good, **extra)
+        assert words.lower() in str(info.value).lower(), (name, extra, str(info.value))
+        assert "Traceback" not in str(info.value)
+        rep = call(c, good, steps=1)  # still answering
+        assert rep["models"]["shapes-clip"]["clean"]["zero_shot"]["labels"]
+
+
+def test_concurrent_clients_get_their_own_answers(server, tmp_path):
+    ds = ShapesDataset("shapes-scenes", split="test", length=200, image_size=96)
+    paths = []
+    for i in range(40):
+        p = tmp_path / f"scene_{i}.png"
+        Image.fromarray(ds.image(i)).save(p)
+        paths.append(p)
+    expected = {str(p): image_digest(load_image(p)) for p in paths}
+    results: dict[str, dict] = {}
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        c = client(server)
+        for j in range(5):
+            p = paths[k * 5 + j]
+            try:
+                results[str(p)] = call(c, p, steps=1, eps=float(k))
+            except BaseException as e:  # noqa: BLE001 - collected and reported below
+                errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors[:3]
+    assert len(results) == 40
+    for path, rep in results.items():
+        k = int(Path(path).stem.split("_")[1]) // 5
+        assert rep["image"]["sha256_16"] == expected[path]
+        assert rep["attack"]["eps_k255"] == k
+
+
+def test_readme_api_example_runs_against_the_app(server):
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "gradio_client" in b)
+    assert "http://127.0.0.1:7860/" in block
+    scope: dict = {}
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        exec(compile(block.replace("http://127.0.0.1:7860/", server), "README.md", "exec"), scope)
+    finally:
+        os.chdir(cwd)
+    assert scope["report"]["attack"]["eps_k255"] == 8
+
+
+def test_app_py_launches_on_localhost_only(tmp_path):
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                    assert r.status == 200 and "vlm_inspect" in r.read().decode()
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(1)
+        else:
+            pytest.fail("app.py did not answer within 180 s")
+        with socket.socket() as s:  # bound to 127.0.0.1, not to every interface
+            s.settimeout(2)
+            other = socket.gethostbyname(socket.gethostname())
+            if not other.startswith("127."):
+                assert s.connect_ex((other, port)) != 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -1,0 +1,128 @@
+"""The page in a real browser: Debian's Chromium driven by playwright (never `playwright install`).
+
+Uploads an image, runs an inspection, drags the epsilon slider, waits for the new results and checks
+that the adversarial heatmap and predictions changed and that no error is shown. The screenshot goes
+to ``docs/screenshot.png`` (the one in the README) when ``VLM_INSPECT_SCREENSHOT=1``, else to a
+temporary folder.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+
+
+def ensure_chromium() -> str:
+    """Debian's chromium, installed with apt-get if missing (CI starts from a clean machine)."""
+    if not Path(CHROMIUM).exists():
+        apt = shutil.which("apt-get")
+        if apt is None:
+            pytest.fail("the browser test needs Debian's chromium (apt-get install chromium); no apt-get here")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+        subprocess.run([*sudo, apt, "update", "-qq"], check=False, env=env, capture_output=True)
+        r = subprocess.run([*sudo, apt, "install", "-y", "-qq", "--no-install-recommends", "chromium"],
+                           env=env, capture_output=True, text=True)
+        if r.returncode != 0 or not Path(CHROMIUM).exists():
+            pytest.fail(f"could not install chromium with apt-get: {r.stderr[-500:]}")
+    return CHROMIUM
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    from vlm_inspect.service import InspectService
+    from vlm_inspect.ui import build_demo
+
+    demo = build_demo(InspectService(model_dirs=[]))
+    demo.queue(default_concurrency_limit=1)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False,
+                show_error=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def _results(page) -> dict[str, str]:
+    return {
+        "heat_adv": page.locator("#heat-baseline-adversarial img").first.get_attribute("src") or "",
+        "label_adv": page.locator("#label-baseline-adversarial").inner_text(),
+        "text": page.locator("#text-baseline").inner_text(),
+        "sizes": page.locator("#sizes").inner_text(),
+    }
+
+
+def test_upload_slide_epsilon_and_see_results_change(app_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    shot = ROOT / "docs" / "screenshot.png" if os.environ.get("VLM_INSPECT_SCREENSHOT") == "1" \
+        else tmp_path / "screenshot.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=ensure_chromium(), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1300})
+        page.goto(app_url, wait_until="domcontentloaded")  # not networkidle: the page keeps a live connection
+        expect(page.locator("#run")).to_be_visible(timeout=60_000)
+        page.locator("#input-image input[type=file]").set_input_files(str(ROOT / "assets" / "shapes_plain_3.png"))
+        expect(page.locator("#input-image img").first).to_be_visible(timeout=30_000)
+        page.locator("#run").click()
+        expect(page.locator("#sizes")).to_contain_text("eps 4/255", timeout=120_000)
+        expect(page.locator("#heat-baseline-adversarial img").first).to_be_visible(timeout=30_000)
+        first = _results(page)
+        assert "purple triangle" in page.locator("#label-baseline-clean").inner_text()
+
+        # drag the epsilon slider from 4/255 to about 16/255 and release it: the page re-runs by itself
+        slider = page.locator("#eps input[type=range]")
+        box = slider.bounding_box()
+        y = box["y"] + box["height"] / 2
+        page.mouse.move(box["x"] + box["width"] * 4 / 32, y)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 16 / 32, y, steps=8)
+        page.mouse.up()
+        expect(page.locator("#sizes")).not_to_contain_text("eps 4/255", timeout=120_000)
+        page.wait_for_function(
+            "(old) => { const i = document.querySelector('#heat-baseline-adversarial img');"
+            " return i && i.getAttribute('src') !== old; }", arg=first["heat_adv"], timeout=60_000)
+        second = _results(page)
+        assert second["heat_adv"] != first["heat_adv"], "the adversarial heatmap did not change"
+        assert second["label_adv"] != first["label_adv"], "the adversarial predictions did not change"
+        assert page.locator(".toast-body.error, .toast-wrap .error").count() == 0, "the page shows an error"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert shot.stat().st_size > 50_000
+
+
+def test_a_corrupt_upload_shows_a_message_and_the_page_still_works(app_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    bad = tmp_path / "broken.png"
+    good = (ROOT / "assets" / "shapes_plain_11.png").read_bytes()
+    bad.write_bytes(good[: len(good) // 4])  # a truncated PNG: the browser may still preview part of it
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=ensure_chromium(), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1500, "height": 1200})
+        page.goto(app_url, wait_until="domcontentloaded")  # not networkidle: the page keeps a live connection
+        expect(page.locator("#run")).to_be_visible(timeout=60_000)
+        page.locator("#input-image input[type=file]").set_input_files(str(bad))
+        page.wait_for_timeout(1000)
+        page.locator("#run").click()
+        expect(page.get_by_text("truncated").first).to_be_visible(timeout=60_000)
+        # the server keeps serving: a good image goes through afterwards
+        page.reload(wait_until="domcontentloaded")
+        expect(page.locator("#run")).to_be_visible(timeout=60_000)
+        page.locator("#input-image input[type=file]").set_input_files(str(ROOT / "assets" / "shapes_plain_11.png"))
+        expect(page.locator("#input-image img").first).to_be_visible(timeout=30_000)
+        page.locator("#run").click()
+        expect(page.locator("#label-baseline-clean")).to_contain_text("orange circle", timeout=120_000)
+        browser.close()

@@ -1,0 +1,218 @@
+"""The inspection service (what the page and `python -m vlm_inspect.inspect` show), on the shipped
+embedded models, and the page's handlers without a browser."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlm_inspect.data.shapes import ShapesDataset
+from vlm_inspect.service import InputError, InspectRequest, InspectService, label_sets
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINES = {"clip": "shapes-clip", "captioner": "shapes-captioner", "vqa": "shapes-vqa"}
+COMBO, TEMPLATE = label_sets()["shapes: colour + shape (48)"]
+
+
+@pytest.fixture(scope="module")
+def service():
+    return InspectService(model_dirs=[])
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """A single large green square: every embedded model gets it right on the clean image."""
+    ds = ShapesDataset("shapes-combo", split="test", length=1000, image_size=128)
+    i = next(i for i in range(7, 1000, 48) if ds.scene(i).objects[0].pair == ("green", "square")
+             and ds.scene(i).objects[0].size == "large")
+    return ds.image(i)
+
+
+def request(**kw) -> InspectRequest:
+    base = dict(baseline=dict(BASELINES), defended=dict(BASELINES), classes=COMBO, template=TEMPLATE,
+                question="what shape is the green object?", eps_k=8, steps=5)
+    base.update(kw)
+    return InspectRequest(**base)
+
+
+def test_report_has_the_design_keys(service, scene):
+    ins = service.inspect(scene, request())
+    rep = json.loads(json.dumps(ins.report))  # JSON-able
+    assert {"name", "eps", "steps", "alpha", "norm"} <= set(rep["attack"])
+    assert rep["attack"]["eps"] == pytest.approx(8 / 255)
+    assert {"linf", "l2"} <= set(rep["perturbation"])
+    assert rep["perturbation"]["linf"] <= 8 / 255 + 1e-6
+    clip = rep["models"]["shapes-clip"]
+    assert clip["clean"]["zero_shot"]["labels"][0] == "green square"
+    assert len(clip["clean"]["zero_shot"]["probs"]) == 5
+    assert "attention_shift" in clip["adversarial"]
+    assert rep["models"]["shapes-captioner"]["clean"]["caption"].startswith("a large green square")
+    assert rep["models"]["shapes-vqa"]["clean"]["answer"] == "square"
+    assert "answer" in rep["models"]["shapes-vqa"]["adversarial"]
+    # the same models on both sides: the defended side is reported under its own key
+    assert rep["models"]["shapes-clip (defended)"]["role"] == "defended"
+    for key in ("clean", "adversarial/baseline", "perturbation/baseline", "heatmap/baseline/clean",
+                "heatmap/baseline/adversarial", "adversarial/defended", "heatmap/defended/adversarial"):
+        assert ins.images[key].dtype == np.uint8 and ins.images[key].shape[-1] == 3, key
+
+
+def test_pgd_hurts_the_baseline_and_eps_zero_changes_nothing(service, scene):
+    hit = service.inspect(scene, request(eps_k=8)).report["models"]["shapes-clip"]["adversarial"]
+    assert hit["confidence_change"] < -0.2 and hit["attention_shift"] > 0
+    same = service.inspect(scene, request(eps_k=0)).report
+    assert same["perturbation"]["linf"] == 0
+    for entry in same["models"].values():
+        for task in ("zero_shot", "caption", "answer"):
+            if task in entry["clean"]:
+                assert entry["adversarial"][task] == entry["clean"][task]
+
+
+def test_each_side_is_attacked_white_box(service, scene):
+    """Defended side = another model: it gets its own adversarial image, crafted against it."""
+    rep = service.inspect(scene, request(defended={"clip": "shapes-clip", "captioner": None, "vqa": None},
+                                         target="caption", eps_k=4)).report
+    assert rep["models"]["shapes-captioner"]["attacked"] is True
+    assert "baseline" in rep["perturbation"]["sides"]
+    assert "defended" not in rep["perturbation"]["sides"]  # no captioner on the defended side: no attack
+    assert "adversarial" not in rep["models"]["shapes-clip (defended)"]
+
+
+def test_targeted_zero_shot_pulls_towards_the_target(service, scene):
+    rep = service.inspect(scene, request(target_text="red circle", eps_k=16, steps=10)).report
+    adv = rep["models"]["shapes-clip"]["adversarial"]["zero_shot"]
+    assert rep["attack"]["targeted"] and adv["labels"][0] == "red circle"
+
+
+def test_clean_results_are_cached(service, scene, monkeypatch):
+    cap = service.model("shapes-captioner")
+    calls = []
+    real = type(cap).generate
+    monkeypatch.setattr(type(cap), "generate", lambda self, px, **kw: calls.append(1) or real(self, px, **kw))
+    service.inspect(scene, request(defended={}, top_k=4))  # top_k=4: a clean-cache key no other test uses
+    n_first = len(calls)
+    service.inspect(scene, request(defended={}, top_k=4, eps_k=2))  # only the adversarial side again
+    assert n_first == 2 and len(calls) == 3
+
+
+def test_every_heatmap_and_attack_runs(service, scene):
+    for attack, norm, heatmap, target in (("fgsm", "linf", "gradcam", "vqa"), ("bim", "l2", "attention", "caption"),
+                                          ("pgd", "l2", "gradcam", "embedding")):
+        rep = service.inspect(scene, request(attack=attack, norm=norm, heatmap=heatmap, target=target, eps_k=4)).report
+        side = rep["perturbation"]["sides"]["baseline"]
+        radius = 4 / 255 * (1 if norm == "linf" else (3 * 64 * 64) ** 0.5)  # L2: same RMS change as L-inf
+        assert side["budget"] == pytest.approx(radius) and 0 < side[norm] <= radius + 1e-5, (attack, norm)
+        assert rep["heatmap"] == heatmap
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"eps_k": 99}, "epsilon (k/255) must be from 0 to 32"),
+    ({"eps_k": None}, "epsilon (k/255) is missing"),
+    ({"steps": 0}, "steps must be from 1 to 100"),
+    ({"steps": 2.5}, "steps must be a whole number"),
+    ({"seed": -1}, "seed must be from 0"),
+    ({"attack": "cw"}, "unknown attack 'cw'"),
+    ({"classes": ""}, "needs at least two class names"),
+    ({"classes": "red circle"}, "needs at least two class names"),
+    ({"question": ""}, "the VQA model needs a question"),
+    ({"baseline": {"clip": "shapes-clip"}, "defended": {}}, "no VQA model is selected"),
+    ({"target_text": "purple unicorn"}, "is not among the classes"),
+    ({"target": "embedding", "target_text": "x"}, "the embedding attack has no target"),
+    ({"baseline": {}, "defended": {}, "question": ""}, "no model is selected"),
+    ({"template": "a photo"}, "must contain {} exactly once"),
+    ({"target": "caption", "baseline": {"clip": "shapes-clip"}, "defended": {}, "question": ""},
+     "no captioner model is selected"),
+])
+def test_bad_requests_say_what_is_wrong(service, scene, change, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        service.inspect(scene, request(**change))
+
+
+def test_unknown_words_are_flagged(service, scene):
+    ins = service.inspect(scene, request(classes="green square, unicorn", question="what color is the zebra?",
+                                         eps_k=1, steps=1))
+    text = " ".join(ins.warnings)
+    assert "'unicorn'" in text and "'zebra'" in text
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "I;16", "CMYK", "gif-animated", "exif-rotated"])
+def test_odd_images_are_inspected(service, scene, mode):
+    img = Image.fromarray(scene)
+    buf = io.BytesIO()
+    if mode == "gif-animated":
+        img.save(buf, "GIF", save_all=True, append_images=[Image.new("RGB", img.size, "red")], duration=100)
+    elif mode == "exif-rotated":
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotate 90° on display
+        img.save(buf, "JPEG", exif=exif)
+    elif mode == "I;16":
+        Image.fromarray((np.asarray(img.convert("L"), dtype=np.uint16) * 257)).save(buf, "PNG")
+    else:
+        img.convert(mode).save(buf, "TIFF" if mode == "CMYK" else "PNG")
+    rep = service.inspect(buf.getvalue(), request(eps_k=1, steps=1)).report
+    assert rep["models"]["shapes-clip"]["clean"]["zero_shot"]["labels"]
+
+
+def test_curve_is_one_batched_run_per_side(service, scene):
+    curve = service.curve(scene, request(defended={"clip": "shapes-clip"}, steps=5))
+    assert curve["eps_k255"] == [0, 1, 2, 4, 8, 16]
+    base = curve["series"]["baseline"]["values"]
+    clean_p = service.inspect(scene, request(eps_k=0, steps=1)).report["models"]["shapes-clip"]["clean"]["zero_shot"]
+    assert base[0] == pytest.approx(clean_p["probs"][0], abs=1e-4)
+    assert base[-1] < base[0] - 0.3
+    assert curve["series"]["defended"]["values"] == pytest.approx(base, abs=1e-4)  # same model, same seed
+
+
+def test_models_appear_and_reload_when_their_checkpoint_changes(tmp_path, scene):
+    runs = tmp_path / "runs"
+    (runs / "mine").mkdir(parents=True)
+    for f in ("model.safetensors", "config.json"):
+        shutil.copy(ROOT / "checkpoints" / "shapes-clip" / f, runs / "mine" / f)
+    svc = InspectService(model_dirs=[runs])
+    name = str(runs / "mine")
+    assert name in svc.models("clip") and name not in svc.models("vqa")
+    first = svc.model(name)
+    assert svc.model(name) is first
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(runs / "mine" / "model.safetensors")
+    save_file({k: v * 0.5 if v.is_floating_point() else v for k, v in weights.items()},
+              str(runs / "mine" / "model.safetensors"), metadata={"format": "pt"})
+    second = svc.model(name)
+    assert second is not first
+    assert not torch.equal(next(second.parameters()), next(first.parameters()))
+
+
+def test_defaults_pick_a_defended_checkpoint_when_one_exists(tmp_path, monkeypatch):
+    for name in ("shapes-clip", "shapes-captioner", "shapes-vqa"):
+        (tmp_path / name).symlink_to(ROOT / "checkpoints" / name)
+    (tmp_path / "shapes-clip+tecoa").symlink_to(ROOT / "checkpoints" / "shapes-clip")
+    monkeypatch.setenv("VLM_INSPECT_CHECKPOINTS", str(tmp_path))
+    d = InspectService(model_dirs=[]).defaults()
+    assert d["baseline"] == BASELINES
+    assert d["defended"] == {"clip": "shapes-clip+tecoa", "captioner": None, "vqa": None}
+
+
+def test_report_png_and_headless_twin(tmp_path):
+    from vlm_inspect.inspect import main
+
+    img = ROOT / "assets" / "shapes_plain_3.png"
+    assert main([str(img), "--out", str(tmp_path / "one"), "--eps", "8/255", "--steps", "3", "--curve"]) == 0
+    rep = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert rep["attack"]["name"] == "pgd" and rep["attack"]["eps"] == pytest.approx(8 / 255)
+    assert rep["models"]["shapes-clip"]["clean"]["zero_shot"]["labels"][0] == "purple triangle"
+    for f in ("report.png", "curve.png"):
+        assert (tmp_path / "one" / f).stat().st_size > 10_000
+    assert json.loads((tmp_path / "one" / "curve.json").read_text())["series"]["baseline"]["values"][0] > 0.5
+    assert Image.open(tmp_path / "one" / "report.png").size[0] > 1000
+    # two images: a folder each; a bad option is one line on stderr and exit status 2
+    assert main([str(img), str(ROOT / "assets" / "photo_coffee.jpg"), "--out", str(tmp_path / "two"),
+                 "--steps", "1", "--baseline", "vqa=none", "--question", ""]) == 0
+    assert (tmp_path / "two" / "photo_coffee" / "report.json").is_file()
+    assert main([str(img), "--out", str(tmp_path / "bad"), "--eps", "64/255"]) == 2
+    assert main([str(tmp_path / "missing.png"), "--out", str(tmp_path / "bad")]) == 2

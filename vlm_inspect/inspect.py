@@ -1,0 +1,109 @@
+"""``python -m vlm_inspect.inspect IMAGE [IMAGE ...] --out DIR``: the app's inspection without a browser.
+
+Runs the same :class:`~vlm_inspect.service.InspectService` inspection the page runs and writes
+``report.png`` (the panel a person sees) and ``report.json`` (DESIGN §3.6). With several images, each
+gets its own sub-folder of DIR named after the file. ``--curve`` adds ``curve.png`` and ``curve.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .evaluate.run import parse_eps
+from .models.presets import FAMILIES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .service import CURVE_EPS_K, HEATMAPS, TARGETS, label_sets
+
+    ap = argparse.ArgumentParser(prog="python -m vlm_inspect.inspect", description=__doc__,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--suite", choices=["embedded", "pretrained"], default="embedded", help="model suite")
+    ap.add_argument("--baseline", default="", metavar="FAMILY=NAME,...",
+                    help="baseline models, e.g. 'clip=shapes-clip,vqa=none'; unnamed families use the suite default")
+    ap.add_argument("--defended", default="", metavar="FAMILY=NAME,...",
+                    help="defended models, e.g. 'clip=shapes-clip+tga-zsr'; default: the first <baseline>+<defense> "
+                         "checkpoint, if any")
+    ap.add_argument("--attack", choices=["fgsm", "bim", "pgd"], default="pgd",
+                    help="FGSM (Goodfellow et al. 2015), BIM (Kurakin et al. 2017) or PGD (Madry et al. 2018)")
+    ap.add_argument("--norm", choices=["linf", "l2"], default="linf", help="threat model")
+    ap.add_argument("--eps", default="4/255", help="budget in pixel units, as k/255 or a decimal (at most 32/255)")
+    ap.add_argument("--steps", type=int, default=10, help="iterations (BIM, PGD)")
+    ap.add_argument("--alpha", default="0", help="step size as k/255 or a decimal; 0 = 2.5*eps/steps (Madry et al.)")
+    ap.add_argument("--no-random-start", action="store_true", help="PGD without its random start")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random start")
+    ap.add_argument("--target", choices=list(TARGETS), default="zero-shot", help="the task whose loss is attacked")
+    ap.add_argument("--target-text", default="", help="a class, caption or answer: makes the attack targeted")
+    ap.add_argument("--label-set", choices=list(label_sets()), default=None,
+                    help="class list and prompt template (default: the suite's)")
+    ap.add_argument("--classes", default="", help="comma-separated class names (overrides --label-set)")
+    ap.add_argument("--template", default="", help="prompt template with {} for the class")
+    ap.add_argument("--question", default=None, help="VQA question (default: the suite's)")
+    ap.add_argument("--heatmap", choices=list(HEATMAPS), default="attention",
+                    help="text-guided attention (TGA-ZSR, Yu et al. 2024) or Grad-CAM (Selvaraju et al. 2017)")
+    ap.add_argument("--curve", action="store_true",
+                    help=f"also write the robustness curve at eps {', '.join(map(str, CURVE_EPS_K))} /255")
+    ap.add_argument("--device", default="cpu", help="torch device")
+    return ap
+
+
+def parse_models(text: str, what: str) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        fam, sep, name = item.partition("=")
+        if not sep or fam.strip() not in FAMILIES:
+            raise ValueError(f"--{what}: expected FAMILY=NAME with FAMILY one of {', '.join(FAMILIES)}, got {item!r}")
+        out[fam.strip()] = None if name.strip().lower() == "none" else name.strip()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from .images import ImageError
+    from .report import curve_figure, render_png, write_json
+    from .service import DEFAULT_LABEL_SET, DEFAULT_QUESTION, InputError, InspectRequest, InspectService, label_sets
+    from .checkpoints import CheckpointError, atomic_write_json
+    from .models.presets import ModelUnavailableError
+
+    try:
+        service = InspectService(suite=args.suite, device=args.device)
+        chosen = service.defaults()
+        chosen["baseline"].update(parse_models(args.baseline, "baseline"))
+        chosen["defended"].update(parse_models(args.defended, "defended"))
+        labels, template = label_sets()[args.label_set or DEFAULT_LABEL_SET[args.suite]]
+        has_vqa = any(chosen[s]["vqa"] for s in chosen)
+        question = args.question if args.question is not None else (DEFAULT_QUESTION[args.suite] if has_vqa else "")
+        req = InspectRequest(
+            baseline=chosen["baseline"], defended=chosen["defended"], attack=args.attack, norm=args.norm,
+            eps_k=parse_eps(args.eps) * 255, steps=args.steps, alpha_k=parse_eps(args.alpha) * 255,
+            random_start=not args.no_random_start, seed=args.seed, target=args.target,
+            classes=args.classes or labels, template=args.template or template, question=question,
+            target_text=args.target_text, heatmap=args.heatmap).validate()
+        out = Path(args.out)
+        for path in args.images:
+            folder = out if len(args.images) == 1 else out / Path(path).stem
+            ins = service.inspect(path, req)
+            render_png(ins, folder / "report.png")
+            write_json(ins, folder / "report.json")
+            print(f"{path}: wrote {folder / 'report.png'} and {folder / 'report.json'} ({ins.report['seconds']:.2f} s)")
+            for w in ins.warnings:
+                print(f"  warning: {w}")
+            if args.curve:
+                curve = service.curve(path, req)
+                fig = curve_figure(curve)
+                fig.savefig(folder / "curve.png", dpi=100)
+                atomic_write_json(folder / "curve.json", curve)
+                print(f"  wrote {folder / 'curve.png'}")
+    except (InputError, ImageError, ModelUnavailableError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

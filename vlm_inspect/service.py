@@ -1,0 +1,586 @@
+"""InspectService: the model cache and every computation the app and ``vlm_inspect.inspect`` show.
+
+No gradio here (DESIGN §2): the UI and the headless twin call :meth:`InspectService.inspect` and
+:meth:`InspectService.curve` and only lay out what comes back.
+
+One inspection, for each *side* (baseline, defended):
+
+1. the clean image goes through every selected model of the side (CLIP zero-shot top-k and its
+   text-guided attention map, captioner caption, VQA answer); these clean results are cached, so
+   moving the epsilon slider only recomputes the adversarial half;
+2. the model of the side that the attack targets (CLIP for zero-shot and the embedding attack, the
+   captioner for captions, the VQA model for answers) is attacked **white-box**: each side gets its
+   own adversarial image, crafted against its own model, so a defended model is never judged on a
+   perturbation made for another model;
+3. every model of the side then sees that side's adversarial image (the other tasks show how the
+   attack transfers across tasks of one side).
+
+Untargeted attacks push the model away from its own clean output (its top-1 class, its clean caption,
+its clean answer); with a target they pull it towards the target class, caption or answer.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .attacks import ATTACKS
+from .checkpoints import is_vlm_checkpoint, read_config
+from .explain import attention_shift, grad_cam, overlay, text_guided_attention
+from .images import ImageError, load_image, pil_to_pixels, pixels_to_uint8, resize_center_crop
+from .models import list_presets, load
+from .models.presets import FAMILIES, PRESETS, SUITES, checkpoints_dir
+from .objectives import answer_nll, caption_nll, embedding_cosine, zero_shot_ce
+
+log = logging.getLogger(__name__)
+
+SIDES = ("baseline", "defended")
+TARGETS = ("zero-shot", "caption", "vqa", "embedding")
+TARGET_FAMILY = {"zero-shot": "clip", "caption": "captioner", "vqa": "vqa", "embedding": "clip"}
+HEATMAPS = ("attention", "gradcam")
+# Ranges the page's controls offer; the API and the headless twin check the same ones.
+EPS_MAX_K = 32        # epsilon slider, in k/255
+STEPS_MAX = 100
+TOP_K_MAX = 10
+CURVE_EPS_K = (0, 1, 2, 4, 8, 16)
+DISPLAY_SIZE = 256    # the embedded models see 64 px; images are shown enlarged (nearest) to this
+
+
+FIELD_LABELS = {"eps_k": "epsilon (k/255)", "alpha_k": "step size (k/255)", "steps": "steps", "seed": "seed",
+                "top_k": "top-k"}
+
+
+class InputError(ValueError):
+    """Something a person asked for cannot be done; the message says what and how to fix it."""
+
+
+# ---- label sets --------------------------------------------------------------------------------
+
+def label_sets() -> dict[str, tuple[list[str], str]]:
+    """Named class lists with their prompt template (``{}`` is the label): the shapes datasets' label
+    sets (SHAPES_WORLD.md) and a few everyday objects for real photos."""
+    from .data.shapes import COLOURS, COUNTS, PAIRS, SHAPES, SIZES
+
+    return {
+        "shapes: colour + shape (48)": ([f"{c} {s}" for c, s in PAIRS], "a photo of a {}"),
+        "shapes: shape (6)": (list(SHAPES), "a photo of a {}"),
+        "shapes: colour (8)": (list(COLOURS), "a photo of a {} object"),
+        "shapes: size (2)": (list(SIZES), "a photo of a {} object"),
+        "shapes: count (3)": (list(COUNTS), "a photo of {} shapes"),
+        "everyday objects (10)": (["person", "astronaut", "cat", "dog", "cup of coffee", "motorcycle", "car",
+                                   "bird", "flower", "building"], "a photo of a {}"),
+    }
+
+
+DEFAULT_LABEL_SET = {"embedded": "shapes: colour + shape (48)", "pretrained": "everyday objects (10)"}
+DEFAULT_QUESTION = {"embedded": "how many shapes are there?", "pretrained": "what is in the picture?"}
+
+
+def parse_classes(text: str | Sequence[str]) -> list[str]:
+    """Comma-separated (or a list of) class labels -> stripped, de-duplicated, in order."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    return list(dict.fromkeys(str(t).strip() for t in items if str(t).strip()))
+
+
+# ---- the request -------------------------------------------------------------------------------
+
+@dataclass
+class InspectRequest:
+    """Everything one inspection needs besides the image. ``eps_k`` and ``alpha_k`` are in k/255."""
+
+    baseline: dict[str, str | None] = field(default_factory=dict)   # family -> model name (or None)
+    defended: dict[str, str | None] = field(default_factory=dict)
+    attack: str = "pgd"
+    norm: str = "linf"
+    eps_k: float = 4.0
+    steps: int = 10
+    alpha_k: float = 0.0          # 0 = the default step size 2.5 * eps / steps (Madry et al.)
+    random_start: bool = True     # PGD only (FGSM and BIM start at the clean image by definition)
+    seed: int = 0
+    target: str = "zero-shot"     # which task's loss the attack ascends (or descends, with a target)
+    classes: list[str] = field(default_factory=list)
+    template: str = "a photo of a {}"
+    question: str = ""
+    target_text: str = ""         # a class, caption or answer: makes the attack targeted
+    heatmap: str = "attention"
+    top_k: int = 5
+
+    def validate(self) -> "InspectRequest":
+        """Check every field; raise :class:`InputError` with one clear sentence for the first problem."""
+        def number(name: str, lo: float, hi: float, whole: bool = False) -> None:
+            v = getattr(self, name)
+            label = FIELD_LABELS.get(name, name)
+            if v is None or isinstance(v, bool):
+                raise InputError(f"{label} is missing: give a number from {lo:g} to {hi:g}")
+            try:
+                f = float(v)
+            except (TypeError, ValueError):
+                raise InputError(f"{label} must be a number from {lo:g} to {hi:g}, got {v!r}") from None
+            if not lo <= f <= hi:
+                raise InputError(f"{label} must be from {lo:g} to {hi:g}, got {f:g}")
+            if whole and f != int(f):
+                raise InputError(f"{label} must be a whole number, got {f:g}")
+            setattr(self, name, int(f) if whole else f)
+
+        self.attack = str(self.attack or "").lower()
+        if self.attack not in ATTACKS.list():
+            raise InputError(f"unknown attack {self.attack!r}; choose one of {', '.join(ATTACKS.list())}")
+        self.norm = str(self.norm or "").lower().replace("-", "")
+        if self.norm not in ("linf", "l2"):
+            raise InputError(f"unknown norm {self.norm!r}; choose linf or l2")
+        number("eps_k", 0, EPS_MAX_K)
+        number("steps", 1, STEPS_MAX, whole=True)
+        number("alpha_k", 0, EPS_MAX_K)
+        number("seed", 0, 2**31 - 1, whole=True)
+        number("top_k", 1, TOP_K_MAX, whole=True)
+        if self.target not in TARGETS:
+            raise InputError(f"unknown attack target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        if self.heatmap not in HEATMAPS:
+            raise InputError(f"unknown heatmap {self.heatmap!r}; choose one of {', '.join(HEATMAPS)}")
+        self.classes = parse_classes(self.classes)
+        self.template = str(self.template or "{}")
+        if self.template.count("{}") != 1:
+            raise InputError(f"the prompt template must contain {{}} exactly once (where the class goes), "
+                             f"got {self.template!r}")
+        self.question = str(self.question or "").strip()
+        self.target_text = str(self.target_text or "").strip()
+        for side in SIDES:
+            chosen = getattr(self, side)
+            unknown = set(chosen) - set(FAMILIES)
+            if unknown:
+                raise InputError(f"unknown model family {sorted(unknown)[0]!r}; valid: {', '.join(FAMILIES)}")
+            setattr(self, side, {f: (chosen.get(f) or None) for f in FAMILIES})
+        if not any(self.baseline.values()) and not any(self.defended.values()):
+            raise InputError("no model is selected: pick at least one baseline or defended model")
+        if any(m.get("clip") for m in (self.baseline, self.defended)) and len(self.classes) < 2:
+            raise InputError("zero-shot classification needs at least two class names (comma-separated)")
+        if any(m.get("vqa") for m in (self.baseline, self.defended)) and not self.question:
+            raise InputError("the VQA model needs a question: type one, or set the VQA models to none")
+        if self.question and not any(m.get("vqa") for m in (self.baseline, self.defended)):
+            raise InputError("a question was given but no VQA model is selected: pick a VQA model "
+                             "or clear the question")
+        family = TARGET_FAMILY[self.target]
+        if not any(m.get(family) for m in (self.baseline, self.defended)):
+            raise InputError(f"the attack targets {self.target} but no {family} model is selected on either side")
+        if self.target_text:
+            if self.target == "embedding":
+                raise InputError("the embedding attack has no target: clear the target or choose another task")
+            if self.target == "zero-shot" and self.target_text not in self.classes:
+                raise InputError(f"the target class {self.target_text!r} is not among the classes: "
+                                 f"{', '.join(self.classes)}")
+        return self
+
+    @property
+    def eps(self) -> float:
+        return self.eps_k / 255.0
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.template.replace("{}", c) for c in self.classes]
+
+    def attack_config(self) -> dict[str, Any]:
+        """The attack as a person set it. ``eps`` and ``alpha`` are in pixel units for L-inf; for L2
+        the radius each model was attacked with is in the report's ``perturbation.sides`` (``budget``)."""
+        return {"name": self.attack, "eps": self.eps, "eps_k255": self.eps_k,
+                "alpha": self.alpha_k / 255.0 if self.alpha_k > 0 else None, "alpha_rule":
+                "2.5*eps/steps" if not self.alpha_k and self.attack != "fgsm" else None, "norm": self.norm,
+                "steps": 1 if self.attack == "fgsm" else self.steps,
+                "random_start": self.random_start and self.attack == "pgd", "seed": self.seed,
+                "target": self.target, "targeted": bool(self.target_text), "target_text": self.target_text or None}
+
+
+def make_attack(req: InspectRequest, dim: int, eps_k: float | Sequence[float] | None = None):
+    """The attack a request describes, for a model whose input has ``dim`` pixel values. ``eps_k`` may
+    be one budget per image (robustness curves).
+
+    Budgets are given in k/255. For L-inf that is the radius; for L2 the radius is
+    ``k/255 * sqrt(dim)``: the L2 ball that allows the same root-mean-square change per pixel value as
+    the L-inf ball of the same k (so the slider means the same visible strength for both norms).
+    """
+    cls = ATTACKS.get(req.attack)
+    scale = math.sqrt(dim) / 255.0 if req.norm == "l2" else 1 / 255.0
+    many = isinstance(eps_k, (list, tuple))
+    eps = [e * scale for e in eps_k] if many else (req.eps_k if eps_k is None else eps_k) * scale
+    if req.attack == "fgsm":
+        return cls(eps=eps, norm=req.norm)
+    alpha = req.alpha_k * scale if req.alpha_k > 0 and not many else None
+    if req.attack == "bim":
+        return cls(eps=eps, alpha=alpha, steps=req.steps, norm=req.norm)
+    return cls(eps=eps, alpha=alpha, steps=req.steps, random_start=req.random_start, norm=req.norm)
+
+
+# ---- results -----------------------------------------------------------------------------------
+
+@dataclass
+class Inspection:
+    """What one inspection produced: a JSON-able ``report`` (DESIGN §3.6) and the images to show.
+
+    ``images`` keys: ``clean``; ``adversarial/<side>``, ``perturbation/<side>``; and for CLIP models
+    ``heatmap/<side>/clean``, ``heatmap/<side>/adversarial``; all HxWx3 uint8 at display size.
+    """
+
+    report: dict[str, Any]
+    images: dict[str, np.ndarray]
+    warnings: list[str]
+
+
+def _display(arr: np.ndarray, size: int = DISPLAY_SIZE) -> np.ndarray:
+    """Enlarge a small model-input image with nearest neighbours (pixels stay visible as pixels)."""
+    from PIL import Image
+
+    if arr.shape[0] >= size:
+        return arr
+    return np.asarray(Image.fromarray(arr).resize((size, size), Image.Resampling.NEAREST))
+
+
+def amplify(delta: torch.Tensor) -> np.ndarray:
+    """A perturbation made visible: mid-grey is zero, scaled so its largest entry reaches black/white."""
+    d = delta.detach().float()
+    scale = d.abs().max().clamp_min(1e-12)
+    return pixels_to_uint8((0.5 + 0.5 * d / scale).clamp(0, 1))
+
+
+def image_digest(img) -> str:
+    return hashlib.sha256(np.asarray(img).tobytes() + repr(img.size).encode()).hexdigest()[:16]
+
+
+# ---- the service -------------------------------------------------------------------------------
+
+class InspectService:
+    """Holds the models (loaded on first use, reloaded when their checkpoint changes on disk) and runs
+    inspections. Thread-safe: one model computation at a time (the UI queues its listeners too).
+
+    Args:
+        suite: default suite for :meth:`defaults` (``embedded`` or ``pretrained``).
+        device: torch device for every model.
+        model_dirs: extra folders whose sub-folders holding a vlm_inspect checkpoint are offered as
+            models (e.g. ``runs/`` where ``python -m vlm_inspect.train --out runs/NAME`` writes).
+        max_models: how many models stay loaded (least recently used are dropped).
+    """
+
+    def __init__(self, suite: str = "embedded", device: str = "cpu",
+                 model_dirs: Sequence[str | Path] = ("runs",), max_models: int = 8) -> None:
+        if suite not in SUITES:
+            raise ValueError(f"unknown suite {suite!r}; valid: {', '.join(SUITES)}")
+        self.suite, self.device = suite, device
+        self.model_dirs = [Path(d) for d in model_dirs]
+        self.max_models = max_models
+        self._models: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+        self._clean: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+        self._lock = threading.RLock()
+
+    # -- which models exist --
+    def run_folders(self, family: str | None = None) -> list[str]:
+        """Checkpoint folders under ``model_dirs`` (training outputs), as paths."""
+        found = []
+        for root in self.model_dirs:
+            if not root.is_dir():
+                continue
+            for d in sorted(root.iterdir()):
+                if d.is_dir() and is_vlm_checkpoint(d):
+                    if family is None or read_config(d).get("family") == family:
+                        found.append(str(d))
+        return found
+
+    def models(self, family: str, suite: str | None = None) -> list[str]:
+        """Model names offered for ``family`` in ``suite``: presets, checkpoints in ``checkpoints/``,
+        and (embedded suite) training outputs under ``model_dirs``. Re-read from disk on every call."""
+        suite = suite or self.suite
+        names = list_presets(suite=suite, family=family)
+        if suite == "embedded":
+            names += [d for d in self.run_folders(family) if d not in names]
+        return names
+
+    def defaults(self, suite: str | None = None) -> dict[str, dict[str, str | None]]:
+        """``{"baseline": {family: name}, "defended": {family: name or None}}``: the suite's preset
+        baselines, and for each the first defended checkpoint of it (``<baseline>+<defense>``)."""
+        suite = suite or self.suite
+        out: dict[str, dict[str, str | None]] = {"baseline": {}, "defended": {}}
+        for fam in FAMILIES:
+            names = self.models(fam, suite)
+            base = next((n for n in names if n in PRESETS and "+" not in n), names[0] if names else None)
+            out["baseline"][fam] = base
+            out["defended"][fam] = next((n for n in names if base and n.startswith(base + "+")), None)
+        return out
+
+    # -- loading --
+    def _stamp(self, name: str) -> Any:
+        """Changes when the weights behind ``name`` change on disk (so retrained models reload)."""
+        for folder in (Path(name), checkpoints_dir() / name):
+            f = folder / "model.safetensors"
+            if f.is_file():
+                st = f.stat()
+                return (str(f), st.st_mtime_ns, st.st_size)
+        return None
+
+    def model(self, name: str):
+        """The adapter for ``name``, loaded once and kept (LRU)."""
+        with self._lock:
+            stamp = self._stamp(name)
+            hit = self._models.get(name)
+            if hit is not None and hit[1] == stamp:
+                self._models.move_to_end(name)
+                return hit[0]
+            try:
+                adapter = load(name, device=self.device)
+            except FileNotFoundError as e:
+                raise InputError(f"model {name!r}: {e}") from None
+            except ValueError as e:  # unknown name, checkpoint of another architecture, truncated file...
+                raise InputError(str(e)) from None
+            adapter.eval()
+            for p in adapter.parameters():  # the app never trains: no weight graphs (a third faster)
+                p.requires_grad_(False)
+            self._models[name] = (adapter, stamp)
+            self._models.move_to_end(name)
+            while len(self._models) > self.max_models:
+                self._models.popitem(last=False)
+            return adapter
+
+    def _model_key(self, name: str) -> tuple:
+        return (name, self._stamp(name))
+
+    # -- one inspection --
+    def inspect(self, image: Any, request: InspectRequest,
+                progress: Callable[[float, str], None] | None = None) -> Inspection:
+        """Run one inspection of ``image`` (path, bytes, PIL image or array). Raises
+        :class:`InputError` (or :class:`~vlm_inspect.images.ImageError`) for a person's mistake."""
+        req = dataclasses.replace(request).validate()
+        img = load_image(image)
+        t0 = time.perf_counter()
+        with self._lock:
+            sides = {s: {f: (self.model(n) if n else None) for f, n in getattr(req, s).items()} for s in SIDES}
+            warnings = self._vocabulary_warnings(req, sides)
+            if req.target == "embedding" and not (req.attack == "pgd" and req.random_start):
+                warnings.append("the embedding attack needs PGD with a random start: at the clean image its "
+                                "gradient is zero, so FGSM and BIM leave the image unchanged")
+            digest = image_digest(img)
+            n_attacks = sum(1 for s in SIDES if sides[s][TARGET_FAMILY[req.target]] is not None)
+            done = [0]
+
+            def step_progress(step: int, steps: int, loss: float) -> None:
+                if progress is not None:
+                    progress((done[0] * steps + step) / max(1, n_attacks * steps),
+                             f"attack step {step}/{steps}")
+
+            report_models: dict[str, Any] = {}
+            images: dict[str, np.ndarray] = {}
+            perturbation: dict[str, dict[str, float]] = {}
+            clean_display = None
+            for side in SIDES:
+                side_models = sides[side]
+                clean = {f: self._clean_outputs(m, img, digest, req) for f, m in side_models.items() if m is not None}
+                attacked = side_models[TARGET_FAMILY[req.target]]
+                adv_px = None
+                if attacked is not None:
+                    px = self._pixels(attacked, img)
+                    if clean_display is None:
+                        clean_display = pixels_to_uint8(px)
+                    atk = make_attack(req, px[0].numel())
+                    res = atk(px, self._objective(attacked, req, clean[attacked.family], px),
+                              targeted=bool(req.target_text), generator=torch.Generator().manual_seed(req.seed),
+                              callback=step_progress)
+                    done[0] += 1
+                    adv_px = res.adv
+                    perturbation[side] = {"linf": float(res.delta.abs().max()),
+                                          "l2": float(res.delta.flatten().norm()),
+                                          "budget": atk.eps, "step_size": atk.alpha, "model": attacked.name}
+                    images[f"adversarial/{side}"] = _display(pixels_to_uint8(res.adv))
+                    images[f"perturbation/{side}"] = _display(amplify(res.delta))
+                for fam, m in side_models.items():
+                    if m is None:
+                        continue
+                    if clean_display is None:
+                        clean_display = pixels_to_uint8(self._pixels(m, img))
+                    key = m.name if m.name not in report_models else f"{m.name} ({side})"
+                    entry = {"role": side, "family": fam, "attacked": m is attacked,
+                             "clean": {k: v for k, v in clean[fam].items() if not k.startswith("_")}}
+                    if adv_px is not None:
+                        entry["adversarial"] = self._adv_outputs(m, _resize(adv_px, m.image_size), clean[fam], req)
+                        if fam == "clip":
+                            images[f"heatmap/{side}/clean"] = clean[fam]["_overlay"]
+                            images[f"heatmap/{side}/adversarial"] = entry["adversarial"].pop("_overlay")
+                    elif fam == "clip":
+                        images[f"heatmap/{side}/clean"] = clean[fam]["_overlay"]
+                    report_models[key] = entry
+            images["clean"] = _display(clean_display)
+            report = {
+                "version": __version__,
+                "image": {"sha256_16": digest, "width": img.width, "height": img.height},
+                "attack": req.attack_config(),
+                "perturbation": {"linf": max((p["linf"] for p in perturbation.values()), default=0.0),
+                                 "l2": max((p["l2"] for p in perturbation.values()), default=0.0),
+                                 "sides": perturbation},
+                "classes": req.classes, "template": req.template, "question": req.question or None,
+                "heatmap": req.heatmap,
+                "selection": {s: getattr(req, s) for s in SIDES},
+                "models": report_models,
+                "warnings": warnings,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            return Inspection(report=report, images=images, warnings=warnings)
+
+    def _pixels(self, model, img) -> torch.Tensor:
+        return pil_to_pixels(resize_center_crop(img, model.image_size)).to(self.device)
+
+    def _vocabulary_warnings(self, req: InspectRequest, sides) -> list[str]:
+        out: list[str] = []
+        for side in SIDES:
+            for fam, texts in (("clip", req.prompts + ([req.target_text] if req.target == "zero-shot" else [])),
+                               ("captioner", [req.target_text] if req.target == "caption" else []),
+                               ("vqa", [req.question] + ([req.target_text] if req.target == "vqa" else []))):
+                m = sides[side].get(fam)
+                if m is None or not texts:
+                    continue
+                words = sorted({w for t in texts if t for w in m.unknown_words(t)})
+                if words:
+                    msg = f"{m.name} does not know the word(s) {', '.join(repr(w) for w in words)}: its answers about them mean little"
+                    if msg not in out:
+                        out.append(msg)
+        return out
+
+    def _map(self, model, px: torch.Tensor, text: str, kind: str) -> torch.Tensor:
+        with torch.no_grad() if kind == "attention" else contextlib.nullcontext():
+            if kind == "gradcam":
+                return grad_cam(model, px, text)[0]
+            return text_guided_attention(model, px, text)[0]
+
+    def _clean_outputs(self, model, img, digest: str, req: InspectRequest) -> dict[str, Any]:
+        key = (self._model_key(model.name), digest, model.family, tuple(req.prompts) if model.family == "clip" else (),
+               req.question if model.family == "vqa" else "", req.heatmap if model.family == "clip" else "", req.top_k)
+        hit = self._clean.get(key)
+        if hit is not None:
+            self._clean.move_to_end(key)
+            return hit
+        px = self._pixels(model, img)
+        out: dict[str, Any] = {}
+        with torch.no_grad():
+            if model.family == "clip":
+                probs = model.zero_shot_logits(px, req.prompts).softmax(-1)[0]
+                out["zero_shot"] = _top_k(probs, req.classes, req.top_k)
+                top = int(probs.argmax())
+                out["attention_text"] = req.prompts[top]
+                out["_probs"], out["_top"] = probs, top
+            elif model.family == "captioner":
+                out["caption"] = model.generate(px)[0]
+            else:
+                out["question"] = req.question
+                out["answer"] = model.answer(px, [req.question])[0]
+        if model.family == "clip":
+            out["_map"] = self._map(model, px, out["attention_text"], req.heatmap)
+            out["_overlay"] = overlay(_display(pixels_to_uint8(px)), out["_map"])
+        self._clean[key] = out
+        while len(self._clean) > 64:
+            self._clean.popitem(last=False)
+        return out
+
+    def _objective(self, model, req: InspectRequest, clean: dict[str, Any], px: torch.Tensor):
+        t = req.target_text
+        if req.target == "zero-shot":
+            label = req.classes.index(t) if t else clean["_top"]
+            return zero_shot_ce(model, req.prompts, [label])
+        if req.target == "caption":
+            return caption_nll(model, [t or clean["caption"]])
+        if req.target == "vqa":
+            return answer_nll(model, [req.question], [t or clean["answer"]])
+        return embedding_cosine(model, px)
+
+    def _adv_outputs(self, model, adv: torch.Tensor, clean: dict[str, Any], req: InspectRequest) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        with torch.no_grad():
+            if model.family == "clip":
+                probs = model.zero_shot_logits(adv, req.prompts).softmax(-1)[0]
+                out["zero_shot"] = _top_k(probs, req.classes, req.top_k)
+                top = clean["_top"]
+                out["confidence_change"] = round(float(probs[top] - clean["_probs"][top]), 6)
+                out["top1_changed"] = int(probs.argmax()) != top
+            elif model.family == "captioner":
+                out["caption"] = model.generate(adv)[0]
+            else:
+                out["answer"] = model.answer(adv, [req.question])[0]
+        if model.family == "clip":
+            adv_map = self._map(model, adv, clean["attention_text"], req.heatmap)
+            out["attention_shift"] = round(float(attention_shift(clean["_map"][None], adv_map[None])[0]), 6)
+            out["_overlay"] = overlay(_display(pixels_to_uint8(adv)), adv_map)
+        return out
+
+    # -- robustness curve --
+    def curve(self, image: Any, request: InspectRequest, eps_k: Sequence[float] = CURVE_EPS_K,
+              progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
+        """The target task's metric against epsilon for the baseline and the defended model, one
+        batched attack per side (the image repeated once per epsilon, each with its own budget; the
+        step size follows the default rule 2.5 * eps / steps for every budget).
+
+        Metric: probability of the clean top-1 (or target) class for zero-shot; per-token probability
+        of the clean caption / answer (exp of minus the mean token NLL) for caption and VQA; cosine
+        similarity to the clean image embedding for the embedding attack.
+        """
+        req = dataclasses.replace(request).validate()
+        eps_k = [float(e) for e in eps_k]
+        if not eps_k or any(not 0 <= e <= EPS_MAX_K for e in eps_k):
+            raise InputError(f"curve budgets must be from 0 to {EPS_MAX_K} (k/255), got {eps_k}")
+        img = load_image(image)
+        digest = image_digest(img)
+        family = TARGET_FAMILY[req.target]
+        metric = {"zero-shot": "p(clean top-1 class)" if not req.target_text else "p(target class)",
+                  "caption": "per-token p(clean caption)" if not req.target_text else "per-token p(target caption)",
+                  "vqa": "per-token p(clean answer)" if not req.target_text else "per-token p(target answer)",
+                  "embedding": "cos(adversarial, clean embedding)"}[req.target]
+        out: dict[str, Any] = {"eps_k255": eps_k, "metric": metric, "target": req.target, "attack": req.attack_config(),
+                               "series": {}}
+        with self._lock:
+            names = [(s, getattr(req, s).get(family)) for s in SIDES]
+            names = [(s, n) for s, n in names if n]
+            for i, (side, name) in enumerate(names):
+                m = self.model(name)
+                clean = self._clean_outputs(m, img, digest, req)
+                px = self._pixels(m, img).repeat(len(eps_k), 1, 1, 1)
+                objective = self._objective(m, req, clean, px[:1])
+                if req.target == "zero-shot":
+                    objective = zero_shot_ce(m, req.prompts, objective.labels.repeat(len(eps_k)))
+
+                def cb(step, steps, loss, i=i):
+                    if progress is not None:
+                        progress((i * steps + step) / (len(names) * steps), f"{side}: step {step}/{steps}")
+
+                res = make_attack(req, px[0].numel(), eps_k=eps_k)(
+                    px, objective, targeted=bool(req.target_text),
+                    generator=torch.Generator().manual_seed(req.seed), callback=cb)
+                with torch.no_grad():
+                    loss = objective(res.adv)
+                if req.target == "zero-shot":
+                    values = torch.exp(-loss)  # CE of one label = -log p(label)
+                elif req.target == "embedding":
+                    values = 1.0 - loss
+                else:
+                    values = torch.exp(-loss)
+                out["series"][side] = {"model": name, "values": [round(float(v), 6) for v in values]}
+        return out
+
+
+def _resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    if pixels.shape[-1] == size and pixels.shape[-2] == size:
+        return pixels
+    return F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=True).clamp(0, 1)
+
+
+def _top_k(probs: torch.Tensor, labels: list[str], k: int) -> dict[str, list]:
+    vals, idx = probs.topk(min(k, len(labels)))
+    return {"labels": [labels[int(i)] for i in idx], "probs": [round(float(v), 6) for v in vals]}
+
+
+__all__ = ["InputError", "ImageError", "InspectRequest", "InspectService", "Inspection", "label_sets",
+           "parse_classes", "make_attack", "TARGETS", "HEATMAPS", "SIDES"]

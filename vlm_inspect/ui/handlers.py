@@ -1,0 +1,199 @@
+"""The page's listeners as plain functions: widget values in, widget values out. No torch math here:
+everything goes through :class:`~vlm_inspect.service.InspectService`."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+
+from ..checkpoints import CheckpointError
+from ..images import ImageError
+from ..models.presets import FAMILIES, ModelUnavailableError
+from ..report import curve_figure, render_png, side_entries, write_json
+from ..service import (DEFAULT_LABEL_SET, DEFAULT_QUESTION, SIDES, InputError, InspectRequest, InspectService,
+                       Inspection, label_sets)
+
+NONE = "(none)"
+PERSON_ERRORS = (InputError, ImageError, ModelUnavailableError, CheckpointError)
+
+
+def person_error(e: Exception) -> gr.Error:
+    """A message for the page (a modal), never a stack trace."""
+    return gr.Error(str(e), title="Cannot run this inspection")
+
+
+def guarded(fn: Callable[..., Any], what: str = "inspection") -> Callable[..., Any]:
+    """Turn a person's mistake into a message; an unexpected failure gets a short message too, and is
+    logged in full on the server, which keeps serving."""
+    import functools
+    import logging
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except PERSON_ERRORS as e:
+            raise person_error(e) from None
+        except Exception as e:  # noqa: BLE001 - the server must keep serving
+            logging.getLogger(__name__).exception("%s failed", what)
+            raise gr.Error(f"the {what} failed unexpectedly ({type(e).__name__}: {e}); see the server log",
+                           title="Internal error") from None
+    return wrapper
+
+
+def model_value(name: str | None) -> str | None:
+    return None if not name or name == NONE else name
+
+
+def build_request(service: InspectService, suite: str, models: dict[str, dict[str, str | None]], attack: str,
+                  norm: str, eps_k: Any, steps: Any, alpha_k: Any, random_start: bool, seed: Any, target: str,
+                  classes: str, template: str, question: str, target_text: str, heatmap: str) -> InspectRequest:
+    """An :class:`InspectRequest` from the page's (or the API's) values; empty prompt fields fall back to
+    the suite's defaults only for the API (the page always shows what it sends)."""
+    return InspectRequest(
+        baseline={f: model_value(models["baseline"].get(f)) for f in FAMILIES},
+        defended={f: model_value(models["defended"].get(f)) for f in FAMILIES},
+        attack=attack, norm=norm, eps_k=eps_k, steps=steps, alpha_k=alpha_k if alpha_k is not None else 0,
+        random_start=bool(random_start), seed=seed if seed is not None else 0, target=target,
+        classes=classes or "", template=template or "{}", question=question or "", target_text=target_text or "",
+        heatmap=heatmap,
+    ).validate()
+
+
+def side_markdown(report: dict[str, Any], side: str) -> str:
+    entries = side_entries(report, side)
+    if not entries:
+        if side == "defended":
+            return ("*No defended model selected.* Defended checkpoints (`<baseline>+<defense>`) appear under "
+                    "**Models** once `python -m vlm_inspect.train --defense ...` has written them (press ↻ "
+                    "Refresh); any model can also be compared against the baseline.")
+        return f"*No {side} model selected.*"
+    rows = []
+    for fam, (name, e) in entries.items():
+        adv = e.get("adversarial")
+        mark = " (attacked)" if e.get("attacked") else ""
+        if fam == "clip":
+            zs = e["clean"]["zero_shot"]
+            rows.append(f"**{name}**{mark}: top-1 **{zs['labels'][0]}** ({zs['probs'][0]:.2f})"
+                        + (f" → **{adv['zero_shot']['labels'][0]}** ({adv['zero_shot']['probs'][0]:.2f}); "
+                           f"confidence in the clean top-1 {adv['confidence_change']:+.3f}, "
+                           f"attention shift {adv['attention_shift']:.3f}" if adv else ""))
+        elif fam == "captioner":
+            rows.append(f"**{name}**{mark}: caption “{e['clean']['caption']}”"
+                        + (f" → “{adv['caption']}”" if adv else ""))
+        else:
+            rows.append(f"**{name}**{mark}: “{e['clean']['question']}” → **{e['clean']['answer']}**"
+                        + (f" → **{adv['answer']}**" if adv else ""))
+    return "\n\n".join(rows)
+
+
+def label_value(report: dict[str, Any], side: str, which: str) -> dict[str, float] | None:
+    clip = side_entries(report, side).get("clip")
+    zs = clip[1].get(which, {}).get("zero_shot") if clip else None
+    return dict(zip(zs["labels"], zs["probs"])) if zs else None
+
+
+def perturbation_markdown(report: dict[str, Any]) -> str:
+    a = report["attack"]
+    parts = [f"**{a['name'].upper()}** {a['norm']}, eps {a['eps_k255']:g}/255, {a['steps']} step(s), "
+             f"objective: {a['target']}" + (f", target “{a['target_text']}”" if a["targeted"] else " (untargeted)")]
+    for side, p in report["perturbation"]["sides"].items():
+        parts.append(f"{side}: ‖δ‖∞ = {p['linf'] * 255:.2f}/255, ‖δ‖₂ = {p['l2']:.3f}")
+    parts.append(f"{report['seconds']:.2f} s")
+    return " · ".join(parts)
+
+
+def warnings_markdown(inspection_or_warnings) -> str:
+    warnings = getattr(inspection_or_warnings, "warnings", inspection_or_warnings) or []
+    return "\n".join(f"⚠️ {w}" for w in warnings)
+
+
+OUTPUT_IMAGES = ["clean"] + [f"{k}/{s}" for s in SIDES for k in ("adversarial", "perturbation")] + \
+    [f"heatmap/{s}/{w}" for s in SIDES for w in ("clean", "adversarial")]
+
+
+def inspection_outputs(ins: Inspection) -> list[Any]:
+    """Values for the page's result widgets, in the order :func:`layout.build_demo` lists them."""
+    rep = ins.report
+    out: list[Any] = [ins.images.get(k) for k in OUTPUT_IMAGES]
+    out.append(perturbation_markdown(rep))
+    for side in SIDES:
+        out += [label_value(rep, side, "clean"), label_value(rep, side, "adversarial"), side_markdown(rep, side)]
+    out.append(warnings_markdown(ins))
+    return out
+
+
+def export(ins: Inspection | None) -> tuple[str, str]:
+    """Write the current inspection as report.png + report.json in a fresh temporary folder."""
+    if ins is None:
+        raise gr.Error("nothing to export yet: run an inspection first")
+    folder = Path(tempfile.mkdtemp(prefix="vlm_inspect_"))
+    return str(render_png(ins, folder / "report.png")), str(write_json(ins, folder / "report.json"))
+
+
+def models_from_widgets(values: list[str | None]) -> dict[str, dict[str, str | None]]:
+    """``[b_clip, b_cap, b_vqa, d_clip, d_cap, d_vqa]`` -> ``{"baseline": {...}, "defended": {...}}``."""
+    n = len(FAMILIES)
+    return {"baseline": dict(zip(FAMILIES, values[:n])), "defended": dict(zip(FAMILIES, values[n:2 * n]))}
+
+
+def model_choices(service: InspectService, suite: str, family: str) -> list[str]:
+    return [NONE] + service.models(family, suite)
+
+
+def dropdown_updates(service: InspectService, suite: str, current: list[str | None] | None = None) -> list[dict]:
+    """Choices (re-read from disk) and values for the six model dropdowns; a current value that still
+    exists is kept, otherwise the suite's default is used."""
+    d = service.defaults(suite)
+    ups = []
+    for i, (side, fam) in enumerate((s, f) for s in SIDES for f in FAMILIES):
+        choices = model_choices(service, suite, fam)
+        keep = current[i] if current and current[i] in choices else None
+        ups.append(gr.update(choices=choices, value=keep or d[side][fam] or NONE))
+    return ups
+
+
+def label_set_values(name: str) -> tuple[str, str]:
+    sets = label_sets()
+    if name not in sets:
+        raise gr.Error(f"unknown class preset {name!r}")
+    labels, template = sets[name]
+    return ", ".join(labels), template
+
+
+def suite_defaults(suite: str) -> tuple[str, str, str, str]:
+    """Class preset, classes, template and question for a suite."""
+    name = DEFAULT_LABEL_SET[suite]
+    return (name, *label_set_values(name), DEFAULT_QUESTION[suite])
+
+
+def api_inspect(service: InspectService, image: Any, args: dict[str, Any]) -> dict[str, Any]:
+    """The ``/inspect`` API: arguments as :func:`layout.build_demo`'s ``inspect_api`` documents them."""
+    path = image.get("path") if isinstance(image, dict) else getattr(image, "path", image)
+    if not path:
+        raise InputError("no image was sent")
+    suite = args.get("suite") or "embedded"
+    if suite not in ("embedded", "pretrained"):
+        raise InputError(f"unknown suite {suite!r}; valid: embedded, pretrained")
+    preset, classes, template, question = suite_defaults(suite)
+    d = service.defaults(suite)
+    models: dict[str, dict[str, str | None]] = {"baseline": {}, "defended": {}}
+    for side in SIDES:
+        for fam in FAMILIES:
+            v = str(args.get(f"{side}_{fam}") or "default")
+            models[side][fam] = d[side][fam] if v == "default" else (None if v.lower() == "none" else v)
+    has_vqa = any(models[s]["vqa"] for s in SIDES)
+    req = build_request(service, suite, models, args["attack"], args["norm"], args["eps"], args["steps"],
+                        args["step_size"], args["random_start"], args["seed"], args["target"],
+                        args["classes"] or classes, args["template"] or template,
+                        (args["question"] or question) if has_vqa else args["question"], args["target_text"],
+                        args["heatmap"])
+    try:
+        return service.inspect(path, req).report
+    except ImageError as e:  # name the file as the client sent it, not the server's temporary copy
+        orig = image.get("orig_name") if isinstance(image, dict) else getattr(image, "orig_name", None)
+        raise ImageError(str(e).replace(str(path), repr(orig) if orig else "the uploaded file")) from None

@@ -1,0 +1,173 @@
+"""The page: one Gradio Blocks layout, its listeners wired to :mod:`handlers`, and the ``/inspect`` API."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from gradio import FileData
+
+from ..models.presets import FAMILIES
+from ..service import (CURVE_EPS_K, EPS_MAX_K, HEATMAPS, SIDES, STEPS_MAX, TARGETS, InspectService, label_sets)
+from . import handlers as H
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+FAMILY_TITLES = {"clip": "CLIP (zero-shot)", "captioner": "Captioner", "vqa": "VQA"}
+CONCURRENCY = {"concurrency_id": "models", "concurrency_limit": 1}  # one model computation at a time
+
+INTRO = """# vlm_inspect
+Upload an image (or pick a sample), choose an attack and slide **epsilon**: each side's model is
+attacked white-box on the chosen task, and every model of that side is shown the result. Release the
+slider to re-run; clean results are cached. Budgets are in k/255 of the pixel range; for L2 the
+radius is k/255·√(pixel values), the same root-mean-square change per pixel as L∞ at the same k.
+"""
+
+
+def sample_images() -> list[str]:
+    return [str(p) for p in sorted(ASSETS.glob("shapes_*.png")) + sorted(ASSETS.glob("photo_*.jpg"))]
+
+
+def build_demo(service: InspectService) -> gr.Blocks:
+    """The inspection page for ``service`` (models live in the service, never in ``gr.State``)."""
+    suite0 = service.suite
+    preset0, classes0, template0, question0 = H.suite_defaults(suite0)
+    defaults = service.defaults(suite0)
+
+    with gr.Blocks(title="vlm_inspect", analytics_enabled=False) as demo:
+        gr.Markdown(INTRO)
+        last = gr.State(None)  # the last Inspection (data only: images and report), for export
+        with gr.Row():
+            with gr.Column(scale=1, min_width=340):
+                image = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                 height=240, elem_id="input-image")
+                samples = sample_images()
+                if samples:
+                    gr.Examples(examples=[[p] for p in samples], inputs=[image], label="Samples",
+                                examples_per_page=len(samples))
+                with gr.Accordion("Models", open=False):
+                    suite = gr.Radio(["embedded", "pretrained"], value=suite0, label="Model suite")
+                    dropdowns = []
+                    for side in SIDES:
+                        gr.Markdown(f"**{side.capitalize()}**")
+                        for fam in FAMILIES:
+                            dropdowns.append(gr.Dropdown(H.model_choices(service, suite0, fam),
+                                                         value=defaults[side][fam] or H.NONE,
+                                                         label=f"{side} {FAMILY_TITLES[fam]}",
+                                                         elem_id=f"model-{side}-{fam}"))
+                    refresh = gr.Button("↻ Refresh model lists", size="sm", elem_id="refresh-models")
+                attack = gr.Radio(["fgsm", "bim", "pgd"], value="pgd", label="Attack")
+                eps = gr.Slider(0, EPS_MAX_K, value=4, step=0.5, label="Epsilon (k/255)", elem_id="eps")
+                with gr.Accordion("Attack settings", open=False):
+                    norm = gr.Radio(["linf", "l2"], value="linf", label="Norm")
+                    steps = gr.Slider(1, STEPS_MAX, value=10, step=1, label="Steps (BIM, PGD)")
+                    alpha = gr.Slider(0, EPS_MAX_K, value=0, step=0.25,
+                                      label="Step size (k/255; 0 = 2.5·eps/steps)")
+                    with gr.Row():
+                        random_start = gr.Checkbox(True, label="Random start (PGD)")
+                        seed = gr.Number(0, precision=0, minimum=0, label="Seed")
+                target = gr.Radio(list(TARGETS), value="zero-shot", label="Attack objective (task)")
+                target_text = gr.Textbox(label="Target (optional): a class, caption or answer for a targeted attack",
+                                         placeholder="empty = untargeted")
+                with gr.Accordion("Prompts and question", open=True):
+                    label_set = gr.Dropdown(list(label_sets()), value=preset0, label="Class presets")
+                    classes = gr.Textbox(classes0, lines=2, max_lines=6, label="Classes (comma-separated)",
+                                         elem_id="classes")
+                    template = gr.Textbox(template0, label="Prompt template ({} = class)")
+                    question = gr.Textbox(question0, label="VQA question", elem_id="question")
+                    heatmap = gr.Radio(list(HEATMAPS), value="attention",
+                                       label="Heatmap (text-guided attention, or Grad-CAM)")
+                run = gr.Button("Inspect", variant="primary", elem_id="run")
+            with gr.Column(scale=3):
+                warnings = gr.Markdown(elem_id="warnings")
+                with gr.Row():
+                    img_kw: dict[str, Any] = {"format": "png", "height": 200, "interactive": False}
+                    clean_img = gr.Image(label="Clean (model input)", elem_id="clean", **img_kw)
+                    adv_b = gr.Image(label="Adversarial: baseline", elem_id="adv-baseline", **img_kw)
+                    pert_b = gr.Image(label="Perturbation: baseline (amplified)", **img_kw)
+                    adv_d = gr.Image(label="Adversarial: defended", elem_id="adv-defended", **img_kw)
+                    pert_d = gr.Image(label="Perturbation: defended (amplified)", **img_kw)
+                sizes = gr.Markdown(elem_id="sizes")
+                heat, labels, texts = {}, {}, {}
+                with gr.Row():
+                    for side in SIDES:
+                        with gr.Column():
+                            gr.Markdown(f"### {side.capitalize()}")
+                            with gr.Row():
+                                for w in ("clean", "adversarial"):
+                                    heat[side, w] = gr.Image(label=f"Heatmap ({w})", elem_id=f"heat-{side}-{w}",
+                                                             **{**img_kw, "height": 220})
+                            with gr.Row():
+                                for w in ("clean", "adversarial"):
+                                    labels[side, w] = gr.Label(num_top_classes=5, label=f"Zero-shot top-5 ({w})",
+                                                               elem_id=f"label-{side}-{w}")
+                            texts[side] = gr.Markdown(elem_id=f"text-{side}")
+                with gr.Row():
+                    export_btn = gr.Button("Export PNG + JSON", size="sm")
+                    png_file = gr.File(label="report.png", interactive=False)
+                    json_file = gr.File(label="report.json", interactive=False)
+                with gr.Row():
+                    curve_btn = gr.Button(f"Robustness curve (eps {', '.join(f'{e:g}' for e in CURVE_EPS_K)} /255)",
+                                          size="sm", elem_id="curve-btn")
+                curve_plot = gr.Plot(label="Robustness curve", elem_id="curve")
+
+        settings = [attack, norm, eps, steps, alpha, random_start, seed, target, classes, template, question,
+                    target_text, heatmap]
+        result_widgets = ([clean_img, adv_b, pert_b, adv_d, pert_d,
+                           heat["baseline", "clean"], heat["baseline", "adversarial"],
+                           heat["defended", "clean"], heat["defended", "adversarial"], sizes]
+                          + [w for s in SIDES for w in (labels[s, "clean"], labels[s, "adversarial"], texts[s])]
+                          + [warnings])
+        # the image order inside result_widgets must follow handlers.OUTPUT_IMAGES
+        assert len(result_widgets) == len(H.OUTPUT_IMAGES) + 1 + 3 * len(SIDES) + 1
+
+        def request_from(values: list[Any]):
+            suite_v, *rest = values
+            models = H.models_from_widgets(rest[:6])
+            return H.build_request(service, suite_v, models, *rest[6:])
+
+        def on_inspect(img, suite_v, *rest, progress=gr.Progress()):
+            if not img:
+                raise gr.Error("upload an image or pick a sample first", title="No image")
+            req = request_from([suite_v, *rest])
+            ins = service.inspect(img, req, progress=lambda f, d: progress(f, desc=d))
+            return [*H.inspection_outputs(ins), ins]
+
+        def on_curve(img, suite_v, *rest, progress=gr.Progress()):
+            if not img:
+                raise gr.Error("upload an image or pick a sample first", title="No image")
+            from ..report import curve_figure
+
+            req = request_from([suite_v, *rest])
+            return curve_figure(service.curve(img, req, progress=lambda f, d: progress(f, desc=d)))
+
+        inputs = [image, suite, *dropdowns, *settings]
+        run_fn = H.guarded(on_inspect)
+        run.click(run_fn, inputs, [*result_widgets, last], api_visibility="private", **CONCURRENCY)
+        eps.release(run_fn, inputs, [*result_widgets, last], api_visibility="private", trigger_mode="always_last",
+                    **CONCURRENCY)
+        curve_btn.click(H.guarded(on_curve, "robustness curve"), inputs, [curve_plot], api_visibility="private",
+                        **CONCURRENCY)
+        export_btn.click(H.guarded(H.export, "export"), [last], [png_file, json_file], api_visibility="private")
+        label_set.change(H.label_set_values, [label_set], [classes, template], api_visibility="private")
+
+        def on_suite(suite_v):
+            return [*H.dropdown_updates(service, suite_v), *H.suite_defaults(suite_v)]
+
+        suite.change(on_suite, [suite], [*dropdowns, label_set, classes, template, question], api_visibility="private")
+        refresh.click(lambda s, *cur: H.dropdown_updates(service, s, list(cur)), [suite, *dropdowns], dropdowns,
+                      api_visibility="private")
+
+        def inspect_api(image: FileData, attack: str = "pgd", eps: float = 4.0, steps: int = 10, norm: str = "linf",
+                        step_size: float = 0.0, random_start: bool = True, seed: int = 0, target: str = "zero-shot",
+                        classes: str = "", template: str = "", question: str = "", target_text: str = "",
+                        heatmap: str = "attention", suite: str = "embedded",
+                        baseline_clip: str = "default", baseline_captioner: str = "default",
+                        baseline_vqa: str = "default", defended_clip: str = "default",
+                        defended_captioner: str = "default", defended_vqa: str = "default") -> dict:
+            """One inspection; returns the JSON report (DESIGN §3.6). eps and step_size are in k/255.
+            Model arguments: a model name, "default" (the suite's default) or "none". Empty classes,
+            template or question use the suite's defaults."""
+            return H.api_inspect(service, image, locals())
+
+        gr.api(H.guarded(inspect_api), api_name="inspect", **CONCURRENCY)
+    return demo
