@@ -69,3 +69,29 @@ def vit_b32():
     from vlm_inspect.models import load
 
     return load("openai/ViT-B-32", weights="random")
+
+
+def free_port() -> int:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="session")
+def app_url():
+    """The page, served in this process on a free local port, as `python app.py` builds it (with a 2 MB
+    upload cap so the over-size upload test stays small)."""
+    from vlm_inspect.service import InspectService
+    from vlm_inspect.ui import build_demo
+    from vlm_inspect.ui.launch import theme
+
+    demo = build_demo(InspectService(model_dirs=[]))
+    demo.queue(default_concurrency_limit=1)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False,
+                show_error=True, quiet=True, max_file_size="2mb", theme=theme())
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()

@@ -11,30 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import free_port
 from vlm_inspect.data.shapes import ShapesDataset
 from vlm_inspect.images import load_image
-from vlm_inspect.service import InspectService, image_digest
+from vlm_inspect.service import image_digest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server():
-    from vlm_inspect.ui import build_demo
-
-    demo = build_demo(InspectService(model_dirs=[]))
-    demo.queue(default_concurrency_limit=1)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False,
-                show_error=True, max_file_size="2mb", quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
 
 
 def client(url):
@@ -50,8 +32,8 @@ def call(c, path, **kw):
     return c.predict(handle_file(str(path)), api_name="/inspect", **kw)
 
 
-def test_api_returns_the_report(server):
-    rep = call(client(server), ROOT / "assets" / "shapes_plain_3.png", eps=8.0)
+def test_api_returns_the_report(app_url):
+    rep = call(client(app_url), ROOT / "assets" / "shapes_plain_3.png", eps=8.0)
     assert rep["attack"]["eps"] == pytest.approx(8 / 255)
     assert rep["models"]["shapes-clip"]["clean"]["zero_shot"]["labels"][0] == "purple triangle"
     assert rep["models"]["shapes-vqa"]["clean"]["answer"] == "two"
@@ -90,9 +72,9 @@ BAD = [  # (file, extra arguments, words the message must contain)
 ]
 
 
-def test_bad_inputs_get_a_message_and_the_server_keeps_serving(server, tmp_path):
+def test_bad_inputs_get_a_message_and_the_server_keeps_serving(app_url, tmp_path):
     files = _bad_files(tmp_path)
-    c = client(server)
+    c = client(app_url)
     good = ROOT / "assets" / "shapes_plain_11.png"
     for name, extra, words in BAD:
         with pytest.raises(Exception) as info:
@@ -103,7 +85,7 @@ def test_bad_inputs_get_a_message_and_the_server_keeps_serving(server, tmp_path)
         assert rep["models"]["shapes-clip"]["clean"]["zero_shot"]["labels"]
 
 
-def test_concurrent_clients_get_their_own_answers(server, tmp_path):
+def test_concurrent_clients_get_their_own_answers(app_url, tmp_path):
     ds = ShapesDataset("shapes-scenes", split="test", length=200, image_size=96)
     paths = []
     for i in range(40):
@@ -115,7 +97,7 @@ def test_concurrent_clients_get_their_own_answers(server, tmp_path):
     errors: list[BaseException] = []
 
     def worker(k: int) -> None:
-        c = client(server)
+        c = client(app_url)
         for j in range(5):
             p = paths[k * 5 + j]
             try:
@@ -136,7 +118,7 @@ def test_concurrent_clients_get_their_own_answers(server, tmp_path):
         assert rep["attack"]["eps_k255"] == k
 
 
-def test_readme_api_example_runs_against_the_app(server):
+def test_readme_api_example_runs_against_the_app(app_url):
     import re
 
     text = (ROOT / "README.md").read_text()
@@ -146,7 +128,7 @@ def test_readme_api_example_runs_against_the_app(server):
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        exec(compile(block.replace("http://127.0.0.1:7860/", server), "README.md", "exec"), scope)
+        exec(compile(block.replace("http://127.0.0.1:7860/", app_url), "README.md", "exec"), scope)
     finally:
         os.chdir(cwd)
     assert scope["report"]["attack"]["eps_k255"] == 8

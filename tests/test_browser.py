@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -35,26 +34,6 @@ def ensure_chromium() -> str:
     return CHROMIUM
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def app_url():
-    from vlm_inspect.service import InspectService
-    from vlm_inspect.ui import build_demo
-
-    demo = build_demo(InspectService(model_dirs=[]))
-    demo.queue(default_concurrency_limit=1)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False,
-                show_error=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
-
-
 def _results(page) -> dict[str, str]:
     return {
         "heat_adv": page.locator("#heat-baseline-adversarial img").first.get_attribute("src") or "",
@@ -72,6 +51,8 @@ def test_upload_slide_epsilon_and_see_results_change(app_url, tmp_path):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=ensure_chromium(), args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1600, "height": 1300})
+        requests: list[str] = []  # nothing may leave the machine, not even web fonts
+        page.on("request", lambda r: requests.append(r.url))
         page.goto(app_url, wait_until="domcontentloaded")  # not networkidle: the page keeps a live connection
         expect(page.locator("#run")).to_be_visible(timeout=60_000)
         page.locator("#input-image input[type=file]").set_input_files(str(ROOT / "assets" / "shapes_plain_3.png"))
@@ -101,6 +82,8 @@ def test_upload_slide_epsilon_and_see_results_change(app_url, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert shot.stat().st_size > 50_000
+    outside = [u for u in requests if not u.startswith((app_url, "data:", "blob:"))]
+    assert len(requests) > len(outside) and not outside, f"the page requested outside URLs: {outside[:5]}"
 
 
 def test_a_corrupt_upload_shows_a_message_and_the_page_still_works(app_url, tmp_path):

@@ -216,3 +216,40 @@ def test_report_png_and_headless_twin(tmp_path):
     assert (tmp_path / "two" / "photo_coffee" / "report.json").is_file()
     assert main([str(img), "--out", str(tmp_path / "bad"), "--eps", "64/255"]) == 2
     assert main([str(tmp_path / "missing.png"), "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_handlers_lay_out_an_inspection_and_export_it(service, scene):
+    import gradio as gr
+
+    from vlm_inspect.ui import handlers as H
+
+    ins = service.inspect(scene, request(defended={}, eps_k=4, steps=2))
+    out = H.inspection_outputs(ins)
+    assert len(out) == len(H.OUTPUT_IMAGES) + 1 + 3 * 2 + 1
+    assert out[0].shape == (256, 256, 3)                       # clean
+    assert out[H.OUTPUT_IMAGES.index("adversarial/defended")] is None
+    base_clean = out[len(H.OUTPUT_IMAGES) + 1]
+    assert max(base_clean, key=base_clean.get) == "green square"
+    assert "No defended model selected" in out[-2]
+    png, js = H.export(ins)
+    assert Path(png).stat().st_size > 10_000 and json.loads(Path(js).read_text())["attack"]["name"] == "pgd"
+    with pytest.raises(gr.Error, match="run an inspection first"):
+        H.export(None)
+    assert H.label_set_values("shapes: count (3)") == ("one, two, three", "a photo of {} shapes")
+    ups = H.dropdown_updates(service, "embedded", ["shapes-clip", "gone", None, None, None, None])
+    assert ups[0]["value"] == "shapes-clip" and ups[1]["value"] == "shapes-captioner"  # unknown -> default
+    assert ups[3]["value"] == H.NONE and H.NONE in ups[3]["choices"]
+
+
+def test_guarded_handlers_turn_mistakes_into_messages():
+    import gradio as gr
+
+    from vlm_inspect.ui.handlers import guarded
+
+    def boom(kind):
+        raise {"input": InputError("epsilon (k/255) must be from 0 to 32"), "bug": KeyError("x")}[kind]
+
+    with pytest.raises(gr.Error, match="epsilon"):
+        guarded(boom)("input")
+    with pytest.raises(gr.Error, match="failed unexpectedly"):
+        guarded(boom)("bug")

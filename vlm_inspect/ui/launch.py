@@ -8,6 +8,15 @@ import sys
 MAX_FILE_SIZE = "25mb"  # uploads above this are refused before they reach the image decoder
 
 
+def theme():
+    """Gradio's default look with system fonts: the default theme fetches web fonts from Google, and on
+    the embedded suite nothing may leave the machine, not even from the browser."""
+    import gradio as gr
+
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                             font_mono=["ui-monospace", "Consolas", "monospace"])
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python app.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -38,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     for attempt in range(20):
         try:
             demo.launch(server_name=args.host, server_port=port + attempt, max_file_size=args.max_file_size,
-                        show_error=True, ssr_mode=False, footer_links=["api"])
+                        show_error=True, ssr_mode=False, footer_links=["api"], theme=theme())
             return
         except OSError as e:
             if "port" not in str(e).lower() and "address" not in str(e).lower():
