@@ -43,21 +43,29 @@ def text_guided_attention(model, pixels: torch.Tensor, texts: str | Sequence[str
     ``text_features`` (B or 1, D), if given, skip encoding ``texts`` (reuse across calls).
     Differentiable with respect to ``pixels`` and the model's weights.
     """
-    if token_norm not in ("feature", "authors-code"):
-        raise ValueError(f"token_norm must be 'feature' or 'authors-code', got {token_norm!r}")
     b = pixels.shape[0]
     if text_features is None:
         texts = as_text_list(texts, b, "texts")
         text_features = model.encode_text(texts)
+    return attention_from_tokens(model.projected_tokens(pixels), text_features, model.grid,
+                                 tuple(pixels.shape[-2:]), token_norm)
+
+
+def attention_from_tokens(tokens: torch.Tensor, text_features: torch.Tensor, grid: int, size: tuple[int, int],
+                          token_norm: str = "feature") -> torch.Tensor:
+    """The map of :func:`text_guided_attention` from the (B, 1+N, D) projected tokens of
+    ``ClipAdapter.projected_tokens`` (so one forward pass can serve both the logits and the map)."""
+    if token_norm not in ("feature", "authors-code"):
+        raise ValueError(f"token_norm must be 'feature' or 'authors-code', got {token_norm!r}")
+    b = tokens.shape[0]
     if text_features.shape[0] not in (1, b):
         raise ValueError(f"expected 1 or {b} text features, got {text_features.shape[0]}")
     if token_norm == "feature":
-        patches = model.patch_embeddings(pixels)
+        patches = F.normalize(tokens[:, 1:], dim=-1)
     else:
-        tokens = model.projected_tokens(pixels)
         patches = (tokens / tokens.norm(dim=1, keepdim=True).clamp_min(1e-12))[:, 1:]
-    scores = torch.einsum("bnd,bd->bn", patches, text_features.expand(b, -1))
-    return upsample_grid(minmax_over_patches(scores), model.grid, tuple(pixels.shape[-2:]))
+    scores = torch.einsum("bnd,bd->bn", patches, text_features.expand(b, -1).to(patches.dtype))
+    return upsample_grid(minmax_over_patches(scores), grid, size)
 
 
 def attention_shift(clean_map: torch.Tensor, adv_map: torch.Tensor) -> torch.Tensor:

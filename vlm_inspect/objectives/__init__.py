@@ -38,7 +38,8 @@ class ZeroShotCE(Objective):
 
     name = "zero-shot"
 
-    def __init__(self, model: Adapter, class_texts: Sequence[str], labels: int | Sequence[int] | torch.Tensor):
+    def __init__(self, model: Adapter, class_texts: Sequence[str], labels: int | Sequence[int] | torch.Tensor,
+                 text_features: torch.Tensor | None = None):
         self.model = model
         self._require("clip")
         self.class_texts = as_text_list(class_texts, what="class texts")
@@ -47,8 +48,11 @@ class ZeroShotCE(Objective):
         self.labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         if ((self.labels < 0) | (self.labels >= len(self.class_texts))).any():
             raise ValueError(f"labels must be class indices in [0, {len(self.class_texts) - 1}]")
-        with torch.no_grad():
-            self.text_features = model.encode_text(self.class_texts)
+        if text_features is not None:  # already encoded (a training loop reuses them every step)
+            self.text_features = text_features.detach()
+        else:
+            with torch.no_grad():
+                self.text_features = model.encode_text(self.class_texts)
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.logits(self.model.encode_image(pixels), self.text_features)
