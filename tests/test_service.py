@@ -196,6 +196,8 @@ def test_defaults_pick_a_defended_checkpoint_when_one_exists(tmp_path, monkeypat
     d = InspectService(model_dirs=[]).defaults()
     assert d["baseline"] == BASELINES
     assert d["defended"] == {"clip": "shapes-clip+tecoa", "captioner": None, "vqa": None}
+    (tmp_path / "shapes-clip+tga-zsr").symlink_to(ROOT / "checkpoints" / "shapes-clip")
+    assert InspectService(model_dirs=[]).defaults()["defended"]["clip"] == "shapes-clip+tga-zsr"  # a paper first
 
 
 def test_report_png_and_headless_twin(tmp_path):

@@ -139,3 +139,33 @@ def test_help_lists_every_option_with_default():
                 "--precision", "--save-every", "torchrun"):
         assert opt in r.stdout
     assert "(default: base)" in r.stdout and "(default: 1000)" in r.stdout
+
+
+def test_vqa_batches_carry_every_question_of_each_scene():
+    from vlm_inspect.data.shapes import HELD_OUT_PAIRS, ShapesDataset
+    from vlm_inspect.defenses import DEFENSES
+    from vlm_inspect.defenses.common import make_config
+    from vlm_inspect.models import load
+
+    model = load("shapes-vqa", weights="random")
+    data = ShapesDataset("shapes-scenes", split="train", length=16)
+    task = DEFENSES.get("base")(model, make_config(DEFENSES.get("base").Config, {}), data)
+    records = [data[i] for i in range(4)]
+    batch = task.collate(records, step=3)
+    assert batch["pixels"].shape[0] == 4 and len(batch["questions"]) == len(batch["image_index"]) > 8
+    assert sorted(set(batch["image_index"])) == [0, 1, 2, 3]
+    held = {f"{c} {s}" for c, s in HELD_OUT_PAIRS}
+    assert not any(h in q for q in batch["questions"] for h in held)
+    loss, parts = task.loss(batch)
+    assert torch.isfinite(loss) and "answer_ce" in parts
+    single = DEFENSES.get("base")(model, make_config(DEFENSES.get("base").Config, {"all_questions": "false"}), data)
+    assert single.collate(records, 3)["questions"] == [r["question"] for r in records]
+
+
+def test_per_parameter_learning_rates():
+    from vlm_inspect.train.loop import TrainConfig, make_optimizer
+
+    a, b = torch.nn.Parameter(torch.zeros(3, 3)), torch.nn.Parameter(torch.zeros(3))
+    opt = make_optimizer(TrainConfig(lr=1e-3, weight_decay=0.1), [a, b], {id(a): 0.2})
+    groups = sorted((round(g["lr"], 9), g["weight_decay"], len(g["params"])) for g in opt.param_groups)
+    assert groups == [(2e-4, 0.1, 1), (1e-3, 0.0, 1)]

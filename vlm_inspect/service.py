@@ -306,14 +306,18 @@ class InspectService:
 
     def defaults(self, suite: str | None = None) -> dict[str, dict[str, str | None]]:
         """``{"baseline": {family: name}, "defended": {family: name or None}}``: the suite's preset
-        baselines, and for each the first defended checkpoint of it (``<baseline>+<defense>``)."""
+        baselines, and for each a defended checkpoint of it (``<baseline>+<defense>``), preferring a
+        paper's defense over the TeCoA reference baseline."""
         suite = suite or self.suite
         out: dict[str, dict[str, str | None]] = {"baseline": {}, "defended": {}}
         for fam in FAMILIES:
             names = self.models(fam, suite)
             base = next((n for n in names if n in PRESETS and "+" not in n), names[0] if names else None)
             out["baseline"][fam] = base
-            out["defended"][fam] = next((n for n in names if base and n.startswith(base + "+")), None)
+            # a paper's defense first; TeCoA (the reference baseline of the CLIP defenses) after it
+            defended = sorted((n for n in names if base and n.startswith(base + "+")),
+                              key=lambda n: (n.endswith("+tecoa"), n))
+            out["defended"][fam] = defended[0] if defended else None
         return out
 
     # -- loading --

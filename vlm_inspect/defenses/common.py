@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from fractions import Fraction
 from typing import Any, Iterable
 
 import numpy as np
@@ -77,9 +78,9 @@ def make_config(cls: type, overrides: dict[str, Any]) -> Any:
         default = fields[k].default
         if isinstance(v, str) and default is not dataclasses.MISSING and not isinstance(default, str):
             try:
-                v = type(default)(float(v)) if isinstance(default, (int, float)) and not isinstance(default, bool) \
+                v = type(default)(float(Fraction(v))) if isinstance(default, (int, float)) and not isinstance(default, bool) \
                     else {"true": True, "false": False}[v.lower()] if isinstance(default, bool) else v
-            except (ValueError, KeyError):
+            except (ValueError, KeyError, ZeroDivisionError):
                 raise ValueError(f"option {k}={v!r}: expected a {type(default).__name__}") from None
         values[k] = v
     return cls(**values)
