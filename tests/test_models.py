@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from conftest import embedded
-from vlm_inspect.checkpoints import CheckpointError, save_adapter
-from vlm_inspect.models import PRESETS, list_presets, load
+from vlm_inspect.checkpoints import CheckpointError, read_config, save_adapter
+from vlm_inspect.models import PRESETS, checkpoints_dir, list_presets, load
 from vlm_inspect.models.tokenizers import build_shapes_tokenizer, shapes_vocabulary
 
 EMBEDDED = list_presets(suite="embedded")
@@ -67,7 +67,8 @@ def check_family_outputs(model) -> None:
 @pytest.mark.parametrize("name", EMBEDDED)
 def test_embedded_preset(name):
     model = embedded(name)
-    assert model.family == PRESETS[name].family and model.image_size == 64 and model.name == name
+    family = PRESETS[name].family if name in PRESETS else read_config(checkpoints_dir() / name)["family"]
+    assert model.family == family and model.image_size == 64 and model.name == name
     check_forward_backward(model)
     check_family_outputs(model)
 

@@ -240,7 +240,7 @@ def test_handlers_lay_out_an_inspection_and_export_it(service, scene):
     assert H.label_set_values("shapes: count (3)") == ("one, two, three", "a photo of {} shapes")
     ups = H.dropdown_updates(service, "embedded", ["shapes-clip", "gone", None, None, None, None])
     assert ups[0]["value"] == "shapes-clip" and ups[1]["value"] == "shapes-captioner"  # unknown -> default
-    assert ups[3]["value"] == H.NONE and H.NONE in ups[3]["choices"]
+    assert ups[3]["value"] == (service.defaults()["defended"]["clip"] or H.NONE) and H.NONE in ups[3]["choices"]
 
 
 def test_guarded_handlers_turn_mistakes_into_messages():
