@@ -20,7 +20,6 @@ its clean answer); with a target they pull it towards the target class, caption 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import math
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 from . import __version__
 from .attacks import ATTACKS
 from .checkpoints import is_vlm_checkpoint, read_config
-from .explain import attention_shift, grad_cam, overlay, text_guided_attention
+from .explain import attention_from_tokens, attention_shift, grad_cam, overlay
 from .images import ImageError, load_image, pil_to_pixels, pixels_to_uint8, resize_center_crop
 from .models import list_presets, load
 from .models.presets import FAMILIES, PRESETS, SUITES, checkpoints_dir
@@ -280,6 +279,7 @@ class InspectService:
         self.max_models = max_models
         self._models: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
         self._clean: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+        self._text: dict[tuple, torch.Tensor] = {}
         self._lock = threading.RLock()
 
     # -- which models exist --
@@ -455,11 +455,28 @@ class InspectService:
                         out.append(msg)
         return out
 
-    def _map(self, model, px: torch.Tensor, text: str, kind: str) -> torch.Tensor:
-        with torch.no_grad() if kind == "attention" else contextlib.nullcontext():
-            if kind == "gradcam":
-                return grad_cam(model, px, text)[0]
-            return text_guided_attention(model, px, text)[0]
+    def _class_features(self, model, prompts: list[str]) -> torch.Tensor:
+        """(C, D) text features of the class prompts, encoded once per model and prompt list."""
+        key = (self._model_key(model.name), tuple(prompts))
+        hit = self._text.get(key)
+        if hit is None:
+            with torch.no_grad():
+                hit = self._text[key] = model.encode_text(prompts)
+            while len(self._text) > 32:
+                self._text.pop(next(iter(self._text)))
+        return hit
+
+    def _clip_view(self, model, px: torch.Tensor, req: InspectRequest, top: int | None = None):
+        """Zero-shot probabilities (C,) and the heatmap (H, W) for class ``top`` (default: the top-1).
+        The text-guided attention map comes from the same forward pass as the probabilities."""
+        text = self._class_features(model, req.prompts)
+        with torch.no_grad():
+            tokens = model.projected_tokens(px)
+            probs = model.logits(F.normalize(tokens[:, 0], dim=-1), text).softmax(-1)[0]
+            top = int(probs.argmax()) if top is None else top
+            if req.heatmap == "attention":
+                return probs, top, attention_from_tokens(tokens, text[top:top + 1], model.grid, tuple(px.shape[-2:]))[0]
+        return probs, top, grad_cam(model, px, req.prompts[top])[0]
 
     def _clean_outputs(self, model, img, digest: str, req: InspectRequest) -> dict[str, Any]:
         key = (self._model_key(model.name), digest, model.family, tuple(req.prompts) if model.family == "clip" else (),
@@ -470,21 +487,19 @@ class InspectService:
             return hit
         px = self._pixels(model, img)
         out: dict[str, Any] = {}
-        with torch.no_grad():
-            if model.family == "clip":
-                probs = model.zero_shot_logits(px, req.prompts).softmax(-1)[0]
-                out["zero_shot"] = _top_k(probs, req.classes, req.top_k)
-                top = int(probs.argmax())
-                out["attention_text"] = req.prompts[top]
-                out["_probs"], out["_top"] = probs, top
-            elif model.family == "captioner":
-                out["caption"] = model.generate(px)[0]
-            else:
-                out["question"] = req.question
-                out["answer"] = model.answer(px, [req.question])[0]
         if model.family == "clip":
-            out["_map"] = self._map(model, px, out["attention_text"], req.heatmap)
-            out["_overlay"] = overlay(_display(pixels_to_uint8(px)), out["_map"])
+            probs, top, heat = self._clip_view(model, px, req)
+            out["zero_shot"] = _top_k(probs, req.classes, req.top_k)
+            out["attention_text"] = req.prompts[top]
+            out["_probs"], out["_top"], out["_map"] = probs, top, heat
+            out["_overlay"] = overlay(_display(pixels_to_uint8(px)), heat)
+        else:
+            with torch.no_grad():
+                if model.family == "captioner":
+                    out["caption"] = model.generate(px)[0]
+                else:
+                    out["question"] = req.question
+                    out["answer"] = model.answer(px, [req.question])[0]
         self._clean[key] = out
         while len(self._clean) > 64:
             self._clean.popitem(last=False)
@@ -494,7 +509,7 @@ class InspectService:
         t = req.target_text
         if req.target == "zero-shot":
             label = req.classes.index(t) if t else clean["_top"]
-            return zero_shot_ce(model, req.prompts, [label])
+            return zero_shot_ce(model, req.prompts, [label], text_features=self._class_features(model, req.prompts))
         if req.target == "caption":
             return caption_nll(model, [t or clean["caption"]])
         if req.target == "vqa":
@@ -503,21 +518,20 @@ class InspectService:
 
     def _adv_outputs(self, model, adv: torch.Tensor, clean: dict[str, Any], req: InspectRequest) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        with torch.no_grad():
-            if model.family == "clip":
-                probs = model.zero_shot_logits(adv, req.prompts).softmax(-1)[0]
-                out["zero_shot"] = _top_k(probs, req.classes, req.top_k)
-                top = clean["_top"]
-                out["confidence_change"] = round(float(probs[top] - clean["_probs"][top]), 6)
-                out["top1_changed"] = int(probs.argmax()) != top
-            elif model.family == "captioner":
-                out["caption"] = model.generate(adv)[0]
-            else:
-                out["answer"] = model.answer(adv, [req.question])[0]
         if model.family == "clip":
-            adv_map = self._map(model, adv, clean["attention_text"], req.heatmap)
+            top = clean["_top"]
+            probs, _, adv_map = self._clip_view(model, adv, req, top=top)  # the map for the clean top-1's text
+            out["zero_shot"] = _top_k(probs, req.classes, req.top_k)
+            out["confidence_change"] = round(float(probs[top] - clean["_probs"][top]), 6)
+            out["top1_changed"] = int(probs.argmax()) != top
             out["attention_shift"] = round(float(attention_shift(clean["_map"][None], adv_map[None])[0]), 6)
             out["_overlay"] = overlay(_display(pixels_to_uint8(adv)), adv_map)
+        else:
+            with torch.no_grad():
+                if model.family == "captioner":
+                    out["caption"] = model.generate(adv)[0]
+                else:
+                    out["answer"] = model.answer(adv, [req.question])[0]
         return out
 
     # -- robustness curve --
@@ -553,7 +567,8 @@ class InspectService:
                 px = self._pixels(m, img).repeat(len(eps_k), 1, 1, 1)
                 objective = self._objective(m, req, clean, px[:1])
                 if req.target == "zero-shot":
-                    objective = zero_shot_ce(m, req.prompts, objective.labels.repeat(len(eps_k)))
+                    objective = zero_shot_ce(m, req.prompts, objective.labels.repeat(len(eps_k)),
+                                             text_features=objective.text_features)
 
                 def cb(step, steps, loss, i=i):
                     if progress is not None:

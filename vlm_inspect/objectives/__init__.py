@@ -117,8 +117,9 @@ class EmbeddingCosine(Objective):
         return 1.0 - F.cosine_similarity(self.model.image_embedding(pixels), ref, dim=-1)
 
 
-def zero_shot_ce(model: Adapter, class_texts: Sequence[str], labels) -> ZeroShotCE:
-    return ZeroShotCE(model, class_texts, labels)
+def zero_shot_ce(model: Adapter, class_texts: Sequence[str], labels,
+                 text_features: torch.Tensor | None = None) -> ZeroShotCE:
+    return ZeroShotCE(model, class_texts, labels, text_features=text_features)
 
 
 def caption_nll(model: Adapter, captions: str | Sequence[str]) -> CaptionNLL:
