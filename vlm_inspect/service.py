@@ -494,12 +494,8 @@ class InspectService:
             out["_probs"], out["_top"], out["_map"] = probs, top, heat
             out["_overlay"] = overlay(_display(pixels_to_uint8(px)), heat)
         else:
-            with torch.no_grad():
-                if model.family == "captioner":
-                    out["caption"] = model.generate(px)[0]
-                else:
-                    out["question"] = req.question
-                    out["answer"] = model.answer(px, [req.question])[0]
+            out.update({"question": req.question} if model.family == "vqa" else {})
+            out.update(self._text_outputs(model, px, req))
         self._clean[key] = out
         while len(self._clean) > 64:
             self._clean.popitem(last=False)
@@ -527,12 +523,16 @@ class InspectService:
             out["attention_shift"] = round(float(attention_shift(clean["_map"][None], adv_map[None])[0]), 6)
             out["_overlay"] = overlay(_display(pixels_to_uint8(adv)), adv_map)
         else:
-            with torch.no_grad():
-                if model.family == "captioner":
-                    out["caption"] = model.generate(adv)[0]
-                else:
-                    out["answer"] = model.answer(adv, [req.question])[0]
+            out.update(self._text_outputs(model, adv, req))
         return out
+
+    @staticmethod
+    def _text_outputs(model, px: torch.Tensor, req: InspectRequest) -> dict[str, str]:
+        """The captioner's caption or the VQA model's answer for one image."""
+        with torch.no_grad():
+            if model.family == "captioner":
+                return {"caption": model.generate(px)[0]}
+            return {"answer": model.answer(px, [req.question])[0]}
 
     # -- robustness curve --
     def curve(self, image: Any, request: InspectRequest, eps_k: Sequence[float] = CURVE_EPS_K,
