@@ -42,8 +42,8 @@ def load_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.I
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         if isinstance(e, ImageError):
             raise
-        if isinstance(source, (bytes, bytearray)) and not source or not isinstance(source, (bytes, bytearray)) \
-                and Path(source).is_file() and Path(source).stat().st_size == 0:
+        size = len(source) if isinstance(source, (bytes, bytearray)) else Path(source).stat().st_size
+        if size == 0:
             raise ImageError(f"{name} is an empty file (0 bytes), not an image") from e
         raise ImageError(f"could not read image {name}: it is not an image file Pillow can read, or it is "
                          f"corrupt or truncated ({type(e).__name__}: {e})") from e

@@ -66,24 +66,20 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from .images import ImageError
     from .report import curve_figure, render_png, write_json
-    from .service import DEFAULT_LABEL_SET, DEFAULT_QUESTION, InputError, InspectRequest, InspectService, label_sets
+    from .service import InputError, InspectRequest, InspectService
     from .checkpoints import CheckpointError, atomic_write_json
     from .models.presets import ModelUnavailableError
 
     try:
         service = InspectService(suite=args.suite, device=args.device)
-        chosen = service.defaults()
-        chosen["baseline"].update(parse_models(args.baseline, "baseline"))
-        chosen["defended"].update(parse_models(args.defended, "defended"))
-        labels, template = label_sets()[args.label_set or DEFAULT_LABEL_SET[args.suite]]
-        has_vqa = any(chosen[s]["vqa"] for s in chosen)
-        question = args.question if args.question is not None else (DEFAULT_QUESTION[args.suite] if has_vqa else "")
+        fields = service.suite_fields(
+            args.suite, {"baseline": parse_models(args.baseline, "baseline"),
+                         "defended": parse_models(args.defended, "defended")},
+            args.classes, args.template, args.question, args.label_set)
         req = InspectRequest(
-            baseline=chosen["baseline"], defended=chosen["defended"], attack=args.attack, norm=args.norm,
-            eps_k=parse_eps(args.eps) * 255, steps=args.steps, alpha_k=parse_eps(args.alpha) * 255,
-            random_start=not args.no_random_start, seed=args.seed, target=args.target,
-            classes=args.classes or labels, template=args.template or template, question=question,
-            target_text=args.target_text, heatmap=args.heatmap).validate()
+            **fields, attack=args.attack, norm=args.norm, eps_k=parse_eps(args.eps) * 255, steps=args.steps,
+            alpha_k=parse_eps(args.alpha) * 255, random_start=not args.no_random_start, seed=args.seed,
+            target=args.target, target_text=args.target_text, heatmap=args.heatmap).validate()
         out = Path(args.out)
         for path in args.images:
             folder = out if len(args.images) == 1 else out / Path(path).stem

@@ -2,7 +2,6 @@
 ``python -m vlm_inspect.inspect`` writes."""
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -127,7 +126,3 @@ def curve_figure(curve: dict[str, Any]):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def dumps(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2)

@@ -320,6 +320,25 @@ class InspectService:
             out["defended"][fam] = defended[0] if defended else None
         return out
 
+    def suite_fields(self, suite: str | None = None, models: dict[str, dict[str, str | None]] | None = None,
+                     classes: str | Sequence[str] = "", template: str = "", question: str | None = None,
+                     label_set: str | None = None) -> dict[str, Any]:
+        """Request fields for ``suite`` where unset ones take the suite's defaults: models not named in
+        ``models`` (``{side: {family: name or None}}``), the class list and template of ``label_set``
+        (default: the suite's) when ``classes`` / ``template`` are empty, and the suite's question when
+        ``question`` is None and a VQA model is selected."""
+        suite = suite or self.suite
+        if suite not in SUITES:
+            raise InputError(f"unknown suite {suite!r}; valid: {', '.join(SUITES)}")
+        chosen = self.defaults(suite)
+        for side, names in (models or {}).items():
+            chosen[side].update(names)
+        labels, default_template = label_sets()[label_set or DEFAULT_LABEL_SET[suite]]
+        if question is None:
+            question = DEFAULT_QUESTION[suite] if any(chosen[s]["vqa"] for s in SIDES) else ""
+        return {"baseline": chosen["baseline"], "defended": chosen["defended"], "classes": classes or labels,
+                "template": template or default_template, "question": question}
+
     # -- loading --
     def _stamp(self, name: str) -> Any:
         """Changes when the weights behind ``name`` change on disk (so retrained models reload)."""
@@ -579,12 +598,8 @@ class InspectService:
                     generator=torch.Generator().manual_seed(req.seed), callback=cb)
                 with torch.no_grad():
                     loss = objective(res.adv)
-                if req.target == "zero-shot":
-                    values = torch.exp(-loss)  # CE of one label = -log p(label)
-                elif req.target == "embedding":
-                    values = 1.0 - loss
-                else:
-                    values = torch.exp(-loss)
+                # CE of one label = -log p(label); mean token NLL -> per-token probability; 1 - cos -> cos
+                values = 1.0 - loss if req.target == "embedding" else torch.exp(-loss)
                 out["series"][side] = {"model": name, "values": [round(float(v), 6) for v in values]}
         return out
 

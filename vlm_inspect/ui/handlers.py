@@ -2,6 +2,8 @@
 everything goes through :class:`~vlm_inspect.service.InspectService`."""
 from __future__ import annotations
 
+import functools
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -11,7 +13,7 @@ import gradio as gr
 from ..checkpoints import CheckpointError
 from ..images import ImageError
 from ..models.presets import FAMILIES, ModelUnavailableError
-from ..report import curve_figure, render_png, side_entries, write_json
+from ..report import render_png, side_entries, write_json
 from ..service import (DEFAULT_LABEL_SET, DEFAULT_QUESTION, SIDES, InputError, InspectRequest, InspectService,
                        Inspection, label_sets)
 
@@ -27,9 +29,6 @@ def person_error(e: Exception) -> gr.Error:
 def guarded(fn: Callable[..., Any], what: str = "inspection") -> Callable[..., Any]:
     """Turn a person's mistake into a message; an unexpected failure gets a short message too, and is
     logged in full on the server, which keeps serving."""
-    import functools
-    import logging
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -49,11 +48,11 @@ def model_value(name: str | None) -> str | None:
     return None if not name or name == NONE else name
 
 
-def build_request(service: InspectService, suite: str, models: dict[str, dict[str, str | None]], attack: str,
-                  norm: str, eps_k: Any, steps: Any, alpha_k: Any, random_start: bool, seed: Any, target: str,
-                  classes: str, template: str, question: str, target_text: str, heatmap: str) -> InspectRequest:
-    """An :class:`InspectRequest` from the page's (or the API's) values; empty prompt fields fall back to
-    the suite's defaults only for the API (the page always shows what it sends)."""
+def build_request(models: dict[str, dict[str, str | None]], attack: str, norm: str, eps_k: Any, steps: Any,
+                  alpha_k: Any, random_start: bool, seed: Any, target: str, classes: str | list[str], template: str,
+                  question: str, target_text: str, heatmap: str) -> InspectRequest:
+    """A validated :class:`InspectRequest` from the page's (or the API's) values, taken as they are (the
+    page always shows what it sends; the API fills empty fields with :meth:`InspectService.suite_fields`)."""
     return InspectRequest(
         baseline={f: model_value(models["baseline"].get(f)) for f in FAMILIES},
         defended={f: model_value(models["defended"].get(f)) for f in FAMILIES},
@@ -176,21 +175,17 @@ def api_inspect(service: InspectService, image: Any, args: dict[str, Any]) -> di
     path = image.get("path") if isinstance(image, dict) else getattr(image, "path", image)
     if not path:
         raise InputError("no image was sent")
-    suite = args.get("suite") or "embedded"
-    if suite not in ("embedded", "pretrained"):
-        raise InputError(f"unknown suite {suite!r}; valid: embedded, pretrained")
-    preset, classes, template, question = suite_defaults(suite)
-    d = service.defaults(suite)
     models: dict[str, dict[str, str | None]] = {"baseline": {}, "defended": {}}
     for side in SIDES:
         for fam in FAMILIES:
             v = str(args.get(f"{side}_{fam}") or "default")
-            models[side][fam] = d[side][fam] if v == "default" else (None if v.lower() == "none" else v)
-    has_vqa = any(models[s]["vqa"] for s in SIDES)
-    req = build_request(service, suite, models, args["attack"], args["norm"], args["eps"], args["steps"],
-                        args["step_size"], args["random_start"], args["seed"], args["target"],
-                        args["classes"] or classes, args["template"] or template,
-                        (args["question"] or question) if has_vqa else args["question"], args["target_text"],
+            if v != "default":
+                models[side][fam] = None if v.lower() == "none" else v
+    f = service.suite_fields(args.get("suite") or "embedded", models, args["classes"], args["template"],
+                             args["question"] or None)
+    req = build_request({"baseline": f["baseline"], "defended": f["defended"]}, args["attack"], args["norm"],
+                        args["eps"], args["steps"], args["step_size"], args["random_start"], args["seed"],
+                        args["target"], f["classes"], f["template"], f["question"], args["target_text"],
                         args["heatmap"])
     try:
         return service.inspect(path, req).report

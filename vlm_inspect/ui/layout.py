@@ -8,6 +8,7 @@ import gradio as gr
 from gradio import FileData
 
 from ..models.presets import FAMILIES
+from ..report import curve_figure
 from ..service import (CURVE_EPS_K, EPS_MAX_K, HEATMAPS, SIDES, STEPS_MAX, TARGETS, InspectService, label_sets)
 from . import handlers as H
 
@@ -121,9 +122,8 @@ def build_demo(service: InspectService) -> gr.Blocks:
         assert len(result_widgets) == len(H.OUTPUT_IMAGES) + 1 + 3 * len(SIDES) + 1
 
         def request_from(values: list[Any]):
-            suite_v, *rest = values
-            models = H.models_from_widgets(rest[:6])
-            return H.build_request(service, suite_v, models, *rest[6:])
+            _suite, *rest = values  # the suite only decides what the dropdowns offer
+            return H.build_request(H.models_from_widgets(rest[:6]), *rest[6:])
 
         def on_inspect(img, suite_v, *rest, progress=gr.Progress()):
             if not img:
@@ -135,8 +135,6 @@ def build_demo(service: InspectService) -> gr.Blocks:
         def on_curve(img, suite_v, *rest, progress=gr.Progress()):
             if not img:
                 raise gr.Error("upload an image or pick a sample first", title="No image")
-            from ..report import curve_figure
-
             req = request_from([suite_v, *rest])
             return curve_figure(service.curve(img, req, progress=lambda f, d: progress(f, desc=d)))
 
