@@ -251,3 +251,38 @@ def test_per_image_eps_equals_separate_runs(norm):
         BIM(eps=budgets, steps=3)(pixels[:2], zero_shot_ce(objective.model, PROMPTS, [0, 0]))
     with pytest.raises(ValueError, match="finite number >= 0"):
         PGD(eps=[0.1, -1.0])
+
+
+def test_early_stop_keeps_the_first_fooling_iterate_and_attacks_the_rest_unchanged():
+    """Early stop (robust-accuracy evaluation): an image the model gets wrong at some iterate keeps that
+    iterate; the images still standing follow the very trajectory of the plain attack."""
+    from vlm_inspect.data.shapes import ShapesDataset
+    from vlm_inspect.defenses.common import to_pixels
+    from vlm_inspect.models import load
+
+    clip = load("shapes-clip")  # the shipped model: some images fall early, some late, some never
+    data = ShapesDataset("shapes-combo", split="test", length=24)
+    pixels = to_pixels([data[i]["image"] for i in range(24)], clip.image_size)
+    labels = torch.tensor([data[i]["label"] for i in range(24)])
+    budgets = [1 / 255] * 12 + [3 / 255] * 12
+    atk = BIM(eps=budgets, alpha=0.5 / 255, steps=8)
+    plain = atk(pixels, zero_shot_ce(clip, data.prompts, labels))
+    early = atk(pixels, zero_shot_ce(clip, data.prompts, labels), early_stop=True)
+    with torch.no_grad():
+        wrong_plain = clip.zero_shot_logits(plain.adv, data.prompts).argmax(-1) != labels
+        wrong_early = clip.zero_shot_logits(early.adv, data.prompts).argmax(-1) != labels
+    stopped = early.stopped
+    assert 0 < int(stopped.sum()) < 24, "the test needs images that fall and images that stand"
+    assert torch.equal(wrong_early[stopped], torch.ones(int(stopped.sum()), dtype=torch.bool))
+    assert torch.allclose(early.delta[~stopped], plain.delta[~stopped], atol=1e-6)
+    assert bool((wrong_plain <= (wrong_early | stopped)).all())  # never weaker than the plain attack
+    assert early.size("linf").le(torch.tensor(budgets) + 1e-6).all()
+    assert len(early.losses) <= len(plain.losses) and plain.stopped is None
+
+
+def test_early_stop_needs_a_fitting_objective(shapes_captioner):
+    pixels = torch.rand(1, 3, 64, 64)
+    with pytest.raises(NotImplementedError, match="cannot tell when an attack has succeeded"):
+        PGD(eps=4 / 255, steps=2)(pixels, caption_nll(shapes_captioner, ["a red circle"]), early_stop=True)
+    with pytest.raises(ValueError, match="untargeted"):
+        PGD(eps=4 / 255, steps=2)(pixels, make_objective("clip", pixels), targeted=True, early_stop=True)

@@ -104,3 +104,130 @@ def test_clip_defenses_need_classification_data():
     with pytest.raises(ValueError, match="unknown distance"):
         DEFENSES.get("tga-zsr")(model, make_config(DEFENSES.get("tga-zsr").Config, {"distance": "kl"}),
                                 ShapesDataset("shapes-combo", split="train", length=8))
+
+
+# ---- prompt tuning: APD and CAPT -----------------------------------------------------------------
+
+PROMPT_PARTS = {
+    ("apd", "online"): {"kl_student", "ce_teacher_clean", "kl_teacher", "acc_student_adv"},
+    ("apd", "offline"): {"kl_student", "ce_teacher_clean", "acc_student_adv"},
+    ("capt", True): {"ce_adv", "consistency_train", "consistency_frozen", "alpha"},
+    ("capt", False): {"ce_adv", "consistency_train"},
+}
+
+
+def prompt_step(model, key: str, data, records, **options):
+    """One step of a prompt-tuning defense: only prompts move, never a weight of the CLIP."""
+    task_cls = DEFENSES.get(key)
+    task = task_cls(model, make_config(task_cls.Config, options), data)
+    task.model.train()
+    params = task.trainable_parameters()
+    saved = task.modules_to_save()
+    weights_before = {n: p.detach().clone() for n, p in model.model.named_parameters()}
+    prompts_before = {n: p.detach().clone() for n, p in saved.named_parameters()}
+    assert {id(p) for p in params} == {id(p) for p in saved.parameters() if p.requires_grad}
+    loss, parts = task.loss(task.collate(records, 0))
+    variant = options.get("distillation", "online") if key == "apd" else options.get("frozen_consistency", True)
+    assert torch.isfinite(loss) and set(parts) == PROMPT_PARTS[(key, variant)], parts
+    loss.backward()
+    torch.optim.SGD(params, lr=1e-1).step()
+    assert all(torch.equal(weights_before[n], p) for n, p in model.model.named_parameters())
+    moved = {n for n, p in saved.named_parameters() if not torch.equal(prompts_before[n], p.detach())}
+    return task, moved
+
+
+@pytest.mark.parametrize("key,options", [("apd", {}), ("apd", {"distillation": "offline"}), ("capt", {}),
+                                         ("capt", {"frozen_consistency": False})])
+def test_prompt_defenses_one_step_on_the_embedded_clip(key, options):
+    model = load("shapes-clip", weights="random")
+    data = ShapesDataset("shapes-combo", split="train", length=64)
+    task, moved = prompt_step(model, key, data, [data[i] for i in range(4)], attack_eps=4 / 255,
+                              attack_step=2 / 255, **options)
+    if key == "apd":
+        assert any(n.startswith("student.vision") for n in moved) and any(n.startswith("student.text") for n in moved)
+        teacher_moved = any(n.startswith("teacher.") for n in moved)
+        assert teacher_moved == (options.get("distillation", "online") == "online")
+        assert task.checkpoint_module() is task.student.prompts
+    else:
+        assert any(n.startswith("vision") for n in moved) and any(n.startswith("text") for n in moved)
+
+
+@pytest.mark.parametrize("modality,has_vision,has_text", [("vision", True, False), ("text", False, True)])
+def test_apd_unimodal_prompts(modality, has_vision, has_text):
+    model = load("shapes-clip", weights="random")
+    data = ShapesDataset("shapes-combo", split="train", length=64)
+    task, moved = prompt_step(model, "apd", data, [data[i] for i in range(4)], modality=modality)
+    assert (len(task.student.prompts.vision) > 0) == has_vision and (len(task.student.prompts.text) > 0) == has_text
+    assert moved
+
+
+@pytest.mark.parametrize("key", ["apd", "capt"])
+def test_prompt_defenses_one_step_on_vit_b32_architecture(key):
+    model = load("openai/ViT-B-32", weights="random")
+    rng = np.random.default_rng(0)
+    records = [{"image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), "label": i % 2} for i in range(2)]
+    task, moved = prompt_step(model, key, Classes(), records)
+    assert len(task.model.prompts.vision) == 9 and len(task.model.prompts.text) == 9  # the paper's depth fits
+    assert moved
+
+
+def test_kl_per_sample_by_hand():
+    from vlm_inspect.defenses.adversarial import kl_per_sample
+
+    p_logits = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+    q_logits = torch.log(torch.tensor([[0.25, 0.75], [0.9, 0.1]]))
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    kl = kl_per_sample(p_logits, q_logits)
+    assert kl[0].item() == pytest.approx(expected, rel=1e-5) and kl[1].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_capt_loss_by_hand_with_eps_zero():
+    """eps = 0: x' = x, both consistency terms vanish on the trained side... except the frozen one, which
+    compares the frozen CLIP with the prompted one; the total is CE + λ·mean(α·KL(p_θ0(x) ‖ p_θ(x)))."""
+    from vlm_inspect.defenses.adversarial import kl_per_sample
+
+    model = load("shapes-clip", weights="random")
+    data = ShapesDataset("shapes-combo", split="train", length=64)
+    task_cls = DEFENSES.get("capt")
+    task = task_cls(model, make_config(task_cls.Config, {"attack_eps": 0.0, "consistency_weight": 0.5}), data)
+    batch = task.collate([data[i] for i in range(3)], 0)
+    loss, parts = task.loss(batch)
+    with torch.no_grad():
+        y = batch["labels"]
+        prompted = task.model.zero_shot_logits(batch["pixels"], data.prompts)
+        frozen = model.zero_shot_logits(batch["pixels"], data.prompts)
+        alpha = frozen.softmax(-1)[torch.arange(3), y]
+        ce = -prompted.log_softmax(-1)[torch.arange(3), y].mean()
+        expected = ce + 0.5 * (alpha * kl_per_sample(frozen, prompted)).mean()
+    assert parts["consistency_train"] == pytest.approx(0.0, abs=1e-6)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_apd_loss_by_hand_with_eps_zero():
+    from vlm_inspect.defenses.adversarial import kl_per_sample
+
+    model = load("shapes-clip", weights="random")
+    data = ShapesDataset("shapes-combo", split="train", length=64)
+    task_cls = DEFENSES.get("apd")
+    options = {"attack_eps": 0.0, "teacher_feedback": 0.5, "student_ce": 0.25}
+    task = task_cls(model, make_config(task_cls.Config, options), data)
+    batch = task.collate([data[i] for i in range(3)], 0)
+    loss, parts = task.loss(batch)
+    with torch.no_grad():
+        y, idx = batch["labels"], torch.arange(3)
+        s = task.student.zero_shot_logits(batch["pixels"], data.prompts)
+        t = task.teacher.zero_shot_logits(batch["pixels"], data.prompts)
+        ce = lambda z: -z.log_softmax(-1)[idx, y].mean()  # noqa: E731
+        expected = kl_per_sample(t, s).mean() + 0.25 * ce(s) + ce(t) + 0.5 * kl_per_sample(s, t).mean()
+    assert set(parts) >= {"ce_student_adv"}
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_prompt_defense_options_are_checked():
+    model = load("shapes-clip", weights="random")
+    data = ShapesDataset("shapes-combo", split="train", length=8)
+    for key, options, match in [("apd", {"distillation": "both"}, "unknown distillation"),
+                                ("capt", {"modality": "audio"}, "unknown modality"),
+                                ("apd", {"n_text": 6}, "fewer than n_text")]:
+        with pytest.raises(ValueError, match=match):
+            DEFENSES.get(key)(model, make_config(DEFENSES.get(key).Config, options), data)

@@ -56,7 +56,7 @@ def test_cli_writes_table_json_and_plot(tmp_path):
     out = tmp_path / "res.md"
     cmd = [sys.executable, "-m", "vlm_inspect.evaluate", "--models", "shapes-clip", "--data",
            "shapes:shapes-color;shapes:shapes-size", "--attack", "fgsm,pgd", "--eps", "1/255,2/255", "--steps", "2",
-           "--samples", "8", "--out", str(out)]
+           "--alpha", "eps/4", "--samples", "8", "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     text = out.read_text()
@@ -64,6 +64,7 @@ def test_cli_writes_table_json_and_plot(tmp_path):
     assert "| shapes-clip | shapes-color |" in text and "**average**" in text and "worst 2/255" in text
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["rows"] and data["attacks"][0]["attack"] == "fgsm"
+    assert [a["alpha"] for a in data["attacks"] if a["attack"] == "pgd"] == ["0.25/255", "0.5/255"]  # eps/4
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
@@ -74,3 +75,6 @@ def test_cli_errors_are_clear(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vlm_inspect.evaluate", "--models", "nope"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown model 'nope'" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "vlm_inspect.evaluate", "--models", "shapes-clip", "--alpha", "eps/0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--alpha" in r.stderr and "Traceback" not in r.stderr

@@ -169,3 +169,52 @@ def test_per_parameter_learning_rates():
     opt = make_optimizer(TrainConfig(lr=1e-3, weight_decay=0.1), [a, b], {id(a): 0.2})
     groups = sorted((round(g["lr"], 9), g["weight_decay"], len(g["params"])) for g in opt.param_groups)
     assert groups == [(2e-4, 0.1, 1), (1e-3, 0.0, 1)]
+
+
+def test_prompt_defense_ships_prompts_only_and_resumes_exactly(tmp_path):
+    """APD writes only the student's prompts (naming the base and its weights digest); the snapshots
+    also hold the teacher, so a run resumed from an earlier snapshot ends where the straight run ends."""
+    from vlm_inspect.defenses.prompts import PromptedClip
+
+    common = ["--defense", "apd", "--model", "shapes-clip", "--steps", "4", "--save-every", "2", "--eval-every", "0",
+              "--set", "attack_eps=4/255", *TINY]
+    out = tmp_path / "apd"
+    r = run_train(*common, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["base"] == "shapes-clip" and config["prompts"]["n_vision"] == 2 and len(config["base_digest"]) == 16
+    shipped = load_file(str(out / "model.safetensors"))
+    assert shipped and all(k.startswith(("vision.", "text.")) for k in shipped), sorted(shipped)
+    assert sum(t.numel() for t in shipped.values()) < 5000  # prompts, not a CLIP
+    snap = load_file(str(out / "checkpoints" / "step-0000004" / "model.safetensors"))
+    assert any(k.startswith("teacher.") for k in snap) and any(k.startswith("student.") for k in snap)
+
+    model = load("shapes-clip", weights=str(out))
+    assert isinstance(model, PromptedClip) and model.checkpoint["defense"] == "apd"
+    assert all(torch.equal(shipped[k], v) for k, v in model.prompts.state_dict().items())
+
+    # resume from the step-2 snapshot: same final prompts as the straight run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-0000004")
+    (resumed / "checkpoints" / "LATEST").write_text("step-0000002\n")
+    r = run_train("--resume", str(resumed), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    again = load_file(str(resumed / "model.safetensors"))
+    assert all(torch.equal(shipped[k], again[k]) for k in shipped)
+
+
+def test_prompt_checkpoint_with_a_different_base_is_refused(tmp_path):
+    from vlm_inspect.checkpoints import CheckpointError
+
+    out = tmp_path / "capt"
+    r = run_train("--defense", "capt", "--model", "shapes-clip", "--steps", "1", "--eval-every", "0", "--out", str(out),
+                  *TINY)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "base_digest": "0" * 16}))
+    with pytest.raises(CheckpointError, match="trained on a different shapes-clip"):
+        load("shapes-clip", weights=str(out))
+    (out / "config.json").write_text(json.dumps({**config, "base": "no-such-model"}))
+    with pytest.raises(CheckpointError, match="neither a preset nor a checkpoint folder"):
+        load("shapes-clip", weights=str(out))

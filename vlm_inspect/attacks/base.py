@@ -25,6 +25,8 @@ class AttackResult:
     adv: torch.Tensor
     delta: torch.Tensor
     losses: list[float] = field(default_factory=list)
+    # with early_stop: (B,) bool, the images the model got wrong at some iterate (``adv`` is that iterate)
+    stopped: torch.Tensor | None = None
 
     def size(self, norm: str = "linf") -> torch.Tensor:
         """(B,) size of each perturbation."""
@@ -120,31 +122,56 @@ class Attack:
         return torch.tensor(value, dtype=pixels.dtype, device=pixels.device).view(-1, *([1] * (pixels.ndim - 1)))
 
     def __call__(self, pixels: torch.Tensor, objective: Objective, targeted: bool = False,
-                 generator: torch.Generator | None = None, callback: StepCallback | None = None) -> AttackResult:
-        """Attack ``pixels`` (B,3,H,W) in [0,1]. ``callback(step, steps, mean_loss)`` follows progress."""
+                 generator: torch.Generator | None = None, callback: StepCallback | None = None,
+                 early_stop: bool = False) -> AttackResult:
+        """Attack ``pixels`` (B,3,H,W) in [0,1]. ``callback(step, steps, mean_loss)`` follows progress.
+
+        ``early_stop`` (untargeted, for objectives with ``fooled``/``subset``, e.g. zero-shot CE): an image
+        the model gets wrong at some iterate keeps that iterate and leaves the batch, so the remaining
+        steps only attack the images still standing (the worst case per sample over all iterates, as
+        robust-accuracy evaluations count it, for less compute)."""
         check_pixels(pixels)
         pixels = pixels.detach()
+        if early_stop and targeted:
+            raise ValueError("early_stop applies to untargeted attacks")
         sign = -1.0 if targeted else 1.0
         eps, alpha = self._per_image(self.eps, pixels), self._per_image(self.alpha, pixels)
+        stopped = torch.zeros(pixels.shape[0], dtype=torch.bool, device=pixels.device) if early_stop else None
+        active = torch.arange(pixels.shape[0], device=pixels.device)
         with model_guard(getattr(objective, "model", None)):
             if self.random_start and max(_as_tuple(self.eps)) > 0:
                 delta = P.random_start(pixels, eps, self.norm, generator)
             else:
                 delta = torch.zeros_like(pixels)
             losses: list[float] = []
+            obj, x, d_eps, d_alpha = objective, pixels, eps, alpha
             for step in range(self.steps):
-                delta.requires_grad_(True)
+                d = delta[active].requires_grad_(True) if early_stop else delta.requires_grad_(True)
                 with torch.enable_grad():
-                    loss = objective(pixels + delta)
-                    if loss.ndim != 1 or loss.shape[0] != pixels.shape[0]:
-                        raise ValueError(f"the objective must return one loss per image (shape ({pixels.shape[0]},)), "
+                    loss = obj(x + d)
+                    if loss.ndim != 1 or loss.shape[0] != x.shape[0]:
+                        raise ValueError(f"the objective must return one loss per image (shape ({x.shape[0]},)), "
                                          f"got {tuple(loss.shape)}")
-                    (grad,) = torch.autograd.grad(loss.sum(), delta)
+                    (grad,) = torch.autograd.grad(loss.sum(), d)
                 losses.append(float(loss.detach().mean()))
                 with torch.no_grad():
-                    delta = delta.detach() + sign * alpha * P.ascent_direction(grad, self.norm)
-                    delta = P.clip_to_image(pixels, P.project(delta, eps, self.norm))
+                    new = d.detach() + sign * d_alpha * P.ascent_direction(grad, self.norm)
+                    new = P.clip_to_image(x, P.project(new, d_eps, self.norm))
+                    if early_stop:
+                        keep = ~obj.fooled().to(pixels.device)  # fooled images keep the iterate just scored
+                        stopped[active[~keep]] = True
+                        delta[active[keep]] = new[keep]
+                        if not bool(keep.all()):
+                            active = active[keep]
+                            obj = objective.subset(active)
+                            x = pixels[active]
+                            d_eps = eps if isinstance(eps, float) else eps[active]
+                            d_alpha = alpha if isinstance(alpha, float) else alpha[active]
+                    else:
+                        delta = new
                 if callback is not None:
                     callback(step + 1, self.steps, losses[-1])
+                if early_stop and not len(active):
+                    break
         delta = delta.detach()
-        return AttackResult(adv=pixels + delta, delta=delta, losses=losses)
+        return AttackResult(adv=pixels + delta, delta=delta, losses=losses, stopped=stopped)

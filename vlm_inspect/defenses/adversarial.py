@@ -1,15 +1,21 @@
 """What the CLIP defenses share: class prompts from the training data, a frozen copy of the model,
-the training-time PGD on zero-shot cross-entropy, and the zero-shot classification batch."""
+the training-time PGD on zero-shot cross-entropy, the zero-shot classification batch, and (for APD and
+CAPT) prompt tuning on a frozen CLIP."""
 from __future__ import annotations
 
 import copy
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ..attacks import PGD
 from ..objectives import ZeroShotCE
 from .common import Task, to_pixels
+from .prompts import DeepPrompts, PromptedClip, prompt_spec, weights_digest
+
+MODALITIES = ("both", "vision", "text")  # which encoders get prompts (APD's unimodal ablations)
 
 
 def class_prompts(data: Any, defense: str) -> list[str]:
@@ -66,3 +72,53 @@ class ZeroShotTask(Task):
         t = self.text_features.to(batch["pixels"].device)
         return pgd_zero_shot(self.model, batch["pixels"], batch["labels"].to(t.device), self.class_texts, t,
                              c.attack_eps, c.attack_step, c.attack_steps)
+
+
+def kl_per_sample(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """(B,) KL(softmax(target_logits) ‖ softmax(logits)) = Σ_c p_c (log p_c − log q_c), in fp32."""
+    log_p = F.log_softmax(target_logits.float(), dim=-1)
+    log_q = F.log_softmax(logits.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+class PromptTuningTask(ZeroShotTask):
+    """A CLIP defense that learns deep prompts (:mod:`.prompts`) on a frozen CLIP: every model weight is
+    frozen, the class prompts' text features are recomputed each step (text prompts move them), and the
+    checkpoint holds the prompts only, naming the base model and its weights digest."""
+
+    def __init__(self, model, config, data) -> None:
+        Task.__init__(self, model, config, data)
+        self.class_texts = class_prompts(data, self.key)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.base = model  # θ0: the frozen CLIP without prompts
+        self.base_digest = weights_digest(model.model)
+        with torch.no_grad():
+            self.text_features = model.encode_text(self.class_texts)  # the frozen CLIP's, for θ0's predictions
+
+    def make_prompts(self, n_vision: int, n_text: int) -> DeepPrompts:
+        c = self.config
+        if n_text and len(self.base.tokenize([c.init_text])[0].nonzero()) < n_text + 2:
+            raise ValueError(f"init_text {c.init_text!r} has fewer than n_text={n_text} words")
+        return DeepPrompts(self.base, n_vision=n_vision, n_text=n_text, depth=c.depth, init_text=c.init_text)
+
+    def prompt_sizes(self) -> tuple[int, int]:
+        c = self.config
+        if c.modality not in MODALITIES:
+            raise ValueError(f"unknown modality {c.modality!r}; valid: {', '.join(MODALITIES)}")
+        return (c.n_vision if c.modality != "text" else 0), (c.n_text if c.modality != "vision" else 0)
+
+    def attack_prompted(self, model: PromptedClip, x: torch.Tensor, labels: torch.Tensor,
+                        text: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        return pgd_zero_shot(model, x, labels, self.class_texts, text.detach(), c.attack_eps, c.attack_step,
+                             c.attack_steps)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.modules_to_save().parameters() if p.requires_grad]
+
+    def modules_to_save(self) -> nn.Module:
+        return self.model.prompts
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"prompts": prompt_spec(self.model.prompts, self.config.init_text), "base_digest": self.base_digest}

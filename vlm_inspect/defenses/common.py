@@ -59,6 +59,15 @@ class Task:
         """The module whose weights make the checkpoint (the adapter's wrapped model by default)."""
         return self.model.model
 
+    def checkpoint_module(self) -> nn.Module:
+        """The module whose weights make the shipped ``model.safetensors`` (what :meth:`modules_to_save`
+        snapshots for resuming may hold more, e.g. a teacher)."""
+        return self.modules_to_save()
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """Extra ``config.json`` entries the checkpoint needs to load (e.g. the prompts' shape)."""
+        return {}
+
     def collate(self, records: list[dict[str, Any]], step: int) -> dict[str, Any]:
         raise NotImplementedError
 

@@ -15,7 +15,9 @@ co-authors' codebase as described there; deeper prompts start from N(0, 0.02²).
 """
 from __future__ import annotations
 
-from typing import Sequence
+import hashlib
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -105,3 +107,67 @@ class PromptedClip(ClipAdapter):
                 x = insert(x, prompts[j].expand(x.shape[0], -1, -1).to(x.dtype))
             x = block(x, attn_mask=attn_mask)
         return x
+
+
+# ---- prompt-only checkpoints ------------------------------------------------------------------
+
+def prompt_spec(prompts: DeepPrompts, init_text: str) -> dict[str, Any]:
+    """The JSON that rebuilds a :class:`DeepPrompts` of the same shape (``config.json["prompts"]``)."""
+    return {"n_vision": prompts.n_vision, "n_text": prompts.n_text,
+            "depth": max(len(prompts.vision), len(prompts.text)), "init_text": init_text}
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 over a module's parameters and buffers (names, dtypes, shapes, bytes), in name order: which
+    base model a prompt checkpoint was trained on."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_prompted(folder: Path, config: dict[str, Any], name: str, device: str = "cpu") -> PromptedClip:
+    """A prompt-only checkpoint: the base CLIP it names (preset or folder), plus its prompts.
+
+    The base must be the model the prompts were trained on: its weights digest is checked."""
+    from ..checkpoints import WEIGHTS_FILE, CheckpointError, load_weights
+
+    base_ref = config.get("base")
+    if not base_ref:
+        raise CheckpointError(f"{folder / 'config.json'}: a prompt checkpoint must name its base model ('base')")
+    base = _load_base(str(base_ref), folder, device)
+    if not isinstance(base, ClipAdapter):
+        raise CheckpointError(f"{folder}: prompts need a CLIP base, but {base_ref} is a {base.family} model")
+    want = config.get("base_digest")
+    if want and weights_digest(base.model) != want:
+        raise CheckpointError(f"{folder}: its prompts were trained on a different {base_ref} (weights digest "
+                              f"{want}, found {weights_digest(base.model)}); use the base it was trained on")
+    spec = config["prompts"]
+    try:
+        prompts = DeepPrompts(base, n_vision=int(spec["n_vision"]), n_text=int(spec["n_text"]),
+                              depth=int(spec["depth"]), init_text=str(spec.get("init_text", "a photo of a")))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: bad 'prompts' entry {spec!r} ({e})") from e
+    load_weights(prompts, folder / WEIGHTS_FILE)
+    for p in base.model.parameters():
+        p.requires_grad_(False)
+    adapter = PromptedClip(base, prompts)
+    adapter.name = name
+    adapter.weights = str(folder)
+    adapter.checkpoint = config
+    return adapter.to(device)
+
+
+def _load_base(ref: str, folder: Path, device: str) -> Any:
+    """A preset or shipped checkpoint name, else a folder (as given, or relative to the prompt checkpoint)."""
+    from ..checkpoints import CheckpointError
+    from ..models.presets import PRESETS, checkpoints_dir, load, load_folder
+
+    if ref in PRESETS or (checkpoints_dir() / ref / "config.json").is_file():
+        return load(ref, device=device)
+    for path in (Path(ref), folder / ref):
+        if path.is_dir():
+            return load_folder(path, device=device)
+    raise CheckpointError(f"{folder}: its base model {ref!r} is neither a preset nor a checkpoint folder")

@@ -1,6 +1,8 @@
 """Command line of the evaluation module: JSON + markdown table (command shown above it) + plot."""
 from __future__ import annotations
 
+from fractions import Fraction
+
 import argparse
 import json
 import logging
@@ -23,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", default="pgd", help="comma-separated: none, fgsm, bim, pgd")
     p.add_argument("--eps", default="1/255", help="comma-separated budgets, k/255 or decimals (pixel units)")
     p.add_argument("--steps", type=int, default=10, help="iterations of BIM / PGD")
-    p.add_argument("--alpha", default=None, help="step size (k/255); default 2.5*eps/steps")
+    p.add_argument("--alpha", default=None, help="step size: k/255, or eps/<n> for a fraction of each budget; default 2.5*eps/steps")
     p.add_argument("--no-random-start", action="store_true", help="PGD starts at the clean image")
     p.add_argument("--restarts", type=int, default=1, help="PGD restarts; worst case per sample")
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
@@ -46,8 +48,19 @@ def attack_specs(args) -> list[AttackSpec]:
             raise ValueError(f"unknown attack {n!r}; valid: none, {', '.join(ATTACKS.list())}")
     if args.steps < 1 or args.restarts < 1 or args.samples < 1:
         raise ValueError("--steps, --restarts and --samples must be >= 1")
-    alpha = parse_eps(args.alpha) if args.alpha else None
-    return [AttackSpec(n, e, args.steps, alpha, not args.no_random_start, args.restarts, args.norm)
+    text = (args.alpha or "").strip().replace(" ", "")
+    if text.startswith("eps/"):  # a fraction of each budget, e.g. eps/4
+        try:
+            ratio = float(Fraction(text[4:]))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"cannot read --alpha {args.alpha!r}; write eps/<number> or k/255") from None
+        if ratio <= 0:
+            raise ValueError(f"--alpha {args.alpha!r} must divide eps by a positive number")
+        alpha_of = lambda e: e / ratio  # noqa: E731
+    else:
+        fixed = parse_eps(text) if text else None
+        alpha_of = lambda e: fixed  # noqa: E731
+    return [AttackSpec(n, e, args.steps, alpha_of(e), not args.no_random_start, args.restarts, args.norm)
             for e in eps if e > 0 for n in names if n != "none"]
 
 

@@ -310,6 +310,10 @@ def load_folder(folder: str | Path, name: str | None = None, device: str = "cpu"
         return _load_hf_folder(folder, name, config["model_type"]).to(device)
     if "model" not in config:
         raise CheckpointError(f"{folder / 'config.json'} is not a vlm_inspect checkpoint config (no 'model' entry)")
+    if config.get("prompts"):  # prompt-only checkpoint (APD, CAPT): the base model plus learned prompts
+        from ..defenses.prompts import load_prompted
+
+        return load_prompted(folder, config, name, device)
     spec = config["model"]
     tokenizer = _tokenizer_from_ref(spec.get("tokenizer", {}), folder)
     model = _build(spec, tokenizer)

@@ -26,6 +26,16 @@ class Objective:
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    # Objectives that can tell whether the inputs of their last call are already misclassified support
+    # early stopping (``Attack(..., early_stop=True)``): they implement ``fooled`` and ``subset``.
+    def fooled(self) -> torch.Tensor:
+        """(B,) bool: which inputs of the last call the model already gets wrong."""
+        raise NotImplementedError(f"the {self.name} objective cannot tell when an attack has succeeded")
+
+    def subset(self, index: torch.Tensor) -> "Objective":
+        """The same objective for the images ``index`` of the batch."""
+        raise NotImplementedError(f"the {self.name} objective cannot be restricted to part of a batch")
+
     def _require(self, family: str) -> None:
         if getattr(self.model, "family", None) != family:
             raise ValueError(f"the {self.name} objective needs a {family} model, got "
@@ -62,7 +72,16 @@ class ZeroShotCE(Objective):
             self.labels.to(pixels.device)
         if labels.shape[0] != pixels.shape[0]:
             raise ValueError(f"got {labels.shape[0]} labels for {pixels.shape[0]} images")
-        return F.cross_entropy(self.logits(pixels), labels, reduction="none")
+        logits = self.logits(pixels)
+        self._fooled = (logits.detach().argmax(-1) != labels)
+        return F.cross_entropy(logits, labels, reduction="none")
+
+    def fooled(self) -> torch.Tensor:
+        return self._fooled
+
+    def subset(self, index: torch.Tensor) -> "ZeroShotCE":
+        labels = self.labels if self.labels.numel() == 1 else self.labels[index.to(self.labels.device)]
+        return ZeroShotCE(self.model, self.class_texts, labels, text_features=self.text_features)
 
 
 @OBJECTIVES.register("caption", family="captioner")

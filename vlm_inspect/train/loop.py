@@ -171,6 +171,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = T
     options = make_config(task_cls.Config, cfg.options)
     options.seed = cfg.seed
     task = task_cls(model, options, data)
+    model = task.model  # a task may wrap the model (prompt tuning runs the base model with prompts)
     model.train()
     params = task.trainable_parameters()
     if not params:
@@ -274,12 +275,13 @@ def _save(out: Path, step: int, task, optimizer, scheduler, cfg: TrainConfig, op
              "defense": asdict(options) if dataclasses.is_dataclass(options) else dict(cfg.options)}
     save_snapshot(out, step, module, optimizer, scheduler,
                   {"config": asdict(cfg), "elapsed": elapsed, "metrics": metrics})
-    atomic_save_weights(module, out / WEIGHTS_FILE, metadata={"format": FORMAT, "step": str(step)})
+    atomic_save_weights(task.checkpoint_module(), out / WEIGHTS_FILE, metadata={"format": FORMAT, "step": str(step)})
     base = None if cfg.init in ("random",) else (cfg.model if cfg.init == "default" else cfg.init)
     atomic_write_json(out / CONFIG_FILE, {
         "format": FORMAT, "version": __version__, "preset": _preset_name(cfg, model), "family": model.family,
         "base": base, "model": model.spec, "defense": cfg.defense, "hyperparameters": hyper, "data": cfg.data,
         "seed": cfg.seed, "steps": step, "train_seconds": round(elapsed, 1), "metrics": metrics,
+        **task.checkpoint_extra(),
     })
 
 
