@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,3 +37,28 @@ def test_quickstart_example_prints_sensible_output():
     assert 0 < linf <= 4.0 + 1e-3
     before, after = map(float, lines["loss       "].split("->"))
     assert after > before
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/REPRODUCTION.md"])
+def test_documented_train_and_evaluate_commands_parse(doc):
+    """Every `python -m vlm_inspect.train|evaluate ...` line in the docs uses options that exist, and
+    every --set KEY names an option of its defense."""
+    import shlex
+
+    from vlm_inspect.defenses import DEFENSES
+    from vlm_inspect.evaluate import cli as evaluate_cli
+    from vlm_inspect.train import cli as train_cli
+
+    text = (ROOT / doc).read_text()
+    lines = re.findall(r"-m vlm_inspect\.(train|evaluate) ([^`\n]*)", text)
+    assert lines
+    for module, rest in lines:
+        argv = shlex.split(rest.replace("\\", ""), comments=True)
+        if "--help" in argv:
+            continue
+        parser = (train_cli if module == "train" else evaluate_cli).build_parser()
+        args = parser.parse_args(argv)  # exits (fails the test) on an unknown option
+        if module == "train":
+            fields = DEFENSES.get(args.defense).Config.__dataclass_fields__
+            for item in args.options:
+                assert item.split("=")[0] in fields, (doc, item)

@@ -58,3 +58,37 @@ def test_attacks_hurt_the_trained_clip():
         clean = (model.zero_shot_logits(x, data.prompts).argmax(-1) == y).float().mean()
         robust = (model.zero_shot_logits(adv, data.prompts).argmax(-1) == y).float().mean()
     assert robust < clean - 0.3
+
+
+DEFENDED = ["shapes-clip+tecoa", "shapes-clip+tga-zsr", "shapes-clip+apd", "shapes-clip+capt"]
+
+
+@pytest.fixture(scope="module")
+def combo_batch():
+    data = open_data("shapes:shapes-combo", "test", seed=321, length=64)
+    model = shipped("shapes-clip")
+    x = torch.cat([model.preprocess(data[i]["image"]) for i in range(64)])
+    y = torch.tensor([data[i]["label"] for i in range(64)])
+    return data.prompts, x, y
+
+
+def robust_accuracy(model, prompts, x, y) -> float:
+    """PGD-20 at the defenses' training eps (4/255), step eps/4, early stop: the attack they trained against."""
+    from vlm_inspect import PGD, zero_shot_ce
+
+    res = PGD(eps=4 / 255, alpha=1 / 255, steps=20)(x, zero_shot_ce(model, prompts, y), early_stop=True,
+                                                     generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        right = (model.zero_shot_logits(res.adv, prompts).argmax(-1) == y) & ~res.stopped
+    return float(right.float().mean())
+
+
+@pytest.mark.parametrize("name", DEFENDED)
+def test_each_shipped_defense_is_more_robust_than_the_undefended_clip(name, combo_batch):
+    prompts, x, y = combo_batch
+    defended = shipped(name)
+    assert defended.checkpoint["defense"] == name.split("+")[1] and defended.checkpoint["base"] == "shapes-clip"
+    with torch.no_grad():
+        clean = float((defended.zero_shot_logits(x, prompts).argmax(-1) == y).float().mean())
+    assert clean >= 0.75
+    assert robust_accuracy(defended, prompts, x, y) >= robust_accuracy(shipped("shapes-clip"), prompts, x, y) + 0.1

@@ -104,6 +104,15 @@ def test_train_on_real_formats(tmp_path):
     r = run_train("--model", "shapes-captioner", "--data", f"flickr8k:{tmp_path / 'flickr'},{tmp_path / 'tokens.txt'}",
                   "--steps", "1", "--out", str(tmp_path / "cap"), *TINY)
     assert r.returncode == 0, r.stderr
+    # the real-scale command shape: a defense on the openai/ViT-B-32 architecture (random weights here),
+    # few-shot prompt tuning on an ImageFolder, as APD / CAPT run it
+    out = tmp_path / "vitb32-apd"
+    r = run_train("--defense", "apd", "--model", "openai/ViT-B-32", "--init", "random", "--data",
+                  f"imagefolder:{tmp_path / 'pets'}", "--shots", "1", "--steps", "1", "--eval-every", "0",
+                  "--out", str(out), *TINY, timeout=600)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["prompts"]["depth"] == 9 and config["hyperparameters"]["loop"]["shots"] == 1
 
 
 @pytest.mark.parametrize("args,match", [

@@ -57,6 +57,17 @@ def model_guard(module: nn.Module | None) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def parse_fraction(text: str) -> float:
+    """A number written as a decimal or a fraction of decimals: '0.03', '4/255', '1.6/255'."""
+    parts = str(text).strip().split("/")
+    if len(parts) > 2:
+        raise ValueError(f"cannot read {text!r} as a number")
+    num, den = float(parts[0]), float(parts[1]) if len(parts) == 2 else 1.0
+    if den == 0:
+        raise ValueError(f"cannot read {text!r}: division by zero")
+    return num / den
+
+
 def _as_tuple(value: float | tuple[float, ...]) -> tuple[float, ...]:
     return value if isinstance(value, tuple) else (value,)
 

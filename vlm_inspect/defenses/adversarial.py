@@ -51,6 +51,7 @@ class ZeroShotTask(Task):
 
     families = ("clip",)
     key = ""
+    default_data = "shapes:shapes-combo"  # zero-shot classification of colour-shape pairs (held-out pairs excluded)
 
     def __init__(self, model, config, data) -> None:
         super().__init__(model, config, data)

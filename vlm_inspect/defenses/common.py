@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-from fractions import Fraction
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..attacks.base import parse_fraction
 from ..registry import Registry
 
 DEFENSES: Registry = Registry("defense")
@@ -39,8 +39,8 @@ class Task:
 
     families: tuple[str, ...] = ()
     Config: type = dataclasses.make_dataclass("Config", [])
-    # training-loop defaults this objective prefers (steps, lr, batch size...), overridable on the CLI
-    loop_defaults: dict[str, Any] = {}
+    # the training data when --data is not given (scenes with captions and questions for plain training)
+    default_data: str = "shapes:shapes-scenes"
 
     def __init__(self, model: nn.Module, config: Any, data: Any) -> None:
         self.model = model
@@ -87,7 +87,7 @@ def make_config(cls: type, overrides: dict[str, Any]) -> Any:
         default = fields[k].default
         if isinstance(v, str) and default is not dataclasses.MISSING and not isinstance(default, str):
             try:
-                v = type(default)(float(Fraction(v))) if isinstance(default, (int, float)) and not isinstance(default, bool) \
+                v = type(default)(parse_fraction(v)) if isinstance(default, (int, float)) and not isinstance(default, bool) \
                     else {"true": True, "false": False}[v.lower()] if isinstance(default, bool) else v
             except (ValueError, KeyError, ZeroDivisionError):
                 raise ValueError(f"option {k}={v!r}: expected a {type(default).__name__}") from None

@@ -1,7 +1,6 @@
 """Command line of the evaluation module: JSON + markdown table (command shown above it) + plot."""
 from __future__ import annotations
 
-from fractions import Fraction
 
 import argparse
 import json
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..attacks.base import parse_fraction
 from .run import AttackSpec, eps_label, parse_eps
 
 
@@ -51,7 +51,7 @@ def attack_specs(args) -> list[AttackSpec]:
     text = (args.alpha or "").strip().replace(" ", "")
     if text.startswith("eps/"):  # a fraction of each budget, e.g. eps/4
         try:
-            ratio = float(Fraction(text[4:]))
+            ratio = parse_fraction(text[4:])
         except (ValueError, ZeroDivisionError):
             raise ValueError(f"cannot read --alpha {args.alpha!r}; write eps/<number> or k/255") from None
         if ratio <= 0:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any, Sequence
 
 import torch
 
 from ..attacks import ATTACKS
+from ..attacks.base import parse_fraction
 from ..data.sources import open_data
 from ..defenses.common import to_pixels
 from ..models import load
@@ -30,7 +30,7 @@ METRIC = {"clip": "top1", "captioner": "bleu4", "vqa": "exact_match"}
 def parse_eps(text: str) -> float:
     """'4/255' -> 0.01568..., '0.03' -> 0.03."""
     try:
-        v = float(Fraction(text.strip()))
+        v = parse_fraction(text)
     except (ValueError, ZeroDivisionError):
         raise ValueError(f"cannot read eps {text!r}; write it as k/255 or a decimal") from None
     if v < 0:

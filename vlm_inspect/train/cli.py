@@ -16,7 +16,8 @@ HELP = {
     "model": "preset name or checkpoint folder to train",
     "init": "start weights: random, default (shipped/hub) or a folder; auto = random for base, else default",
     "data": "data spec: shapes:<dataset>[@style], imagefolder:<dir>, coco:<imgs>,<captions.json>, "
-            "flickr8k:<imgs>,<Flickr8k.token.txt>, vqav2:<imgs>,<questions.json>,<annotations.json>",
+            "flickr8k:<imgs>,<Flickr8k.token.txt>, vqav2:<imgs>,<questions.json>,<annotations.json>; "
+            "auto = shapes:shapes-combo for the CLIP defenses, shapes:shapes-scenes otherwise",
     "out": "run folder: model.safetensors + config.json, snapshots, log.jsonl",
 }
 

@@ -33,12 +33,12 @@ log = logging.getLogger("vlm_inspect.train")
 
 @dataclass
 class TrainConfig:
-    """Every field has a default; defenses override some (``Task.loop_defaults``), the CLI overrides all."""
+    """Every field has a default; ``auto`` ones depend on the defense, the CLI overrides all."""
 
     defense: str = "base"                 # key in vlm_inspect.defenses.DEFENSES
     model: str = "shapes-clip"            # preset name, or a checkpoint folder
     init: str = "auto"                    # start weights: random | default | <folder>; auto = random for base, else default
-    data: str = "shapes:shapes-scenes"    # data spec, see vlm_inspect.data.sources
+    data: str = "auto"                    # data spec (vlm_inspect.data.sources); auto = the defense's default_data
     out: str = "runs/run"                 # run folder (checkpoint + snapshots + log)
     steps: int = 1000                     # optimiser steps
     batch_size: int = 128                 # per rank
@@ -137,6 +137,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"unknown precision {cfg.precision!r}; valid: fp32, bf16")
     if cfg.init == "auto":
         cfg.init = "random" if cfg.defense == "base" else "default"
+    if cfg.data == "auto":
+        cfg.data = DEFENSES.get(cfg.defense).default_data
     for name, v in (("steps", cfg.steps), ("batch_size", cfg.batch_size)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
