@@ -314,9 +314,10 @@ class InspectService:
             names = self.models(fam, suite)
             base = next((n for n in names if n in PRESETS and "+" not in n), names[0] if names else None)
             out["baseline"][fam] = base
-            # a paper's defense first; TeCoA (the reference baseline of the CLIP defenses) after it
+            # a paper's defense first (TGA-ZSR, verified from its authors' code and the most robust of them
+            # on the shapes world, docs/REPRODUCTION.md); TeCoA, the reference baseline, last
             defended = sorted((n for n in names if base and n.startswith(base + "+")),
-                              key=lambda n: (n.endswith("+tecoa"), n))
+                              key=lambda n: (n.endswith("+tecoa"), not n.endswith("+tga-zsr"), n))
             out["defended"][fam] = defended[0] if defended else None
         return out
 
