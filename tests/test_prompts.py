@@ -51,3 +51,15 @@ def test_prompts_change_outputs_keep_shapes_and_get_the_gradient(clip):
     assert all(p.grad is None for p in clip.model.parameters())
     for p in clip.model.parameters():
         p.requires_grad_(True)
+
+
+def test_grad_cam_works_on_a_prompted_clip(clip):
+    """The app's Grad-CAM heatmap on APD / CAPT models: the prompt tokens ride along untouched."""
+    from vlm_inspect.explain import grad_cam
+
+    x = torch.rand(2, 3, clip.image_size, clip.image_size)
+    plain = grad_cam(clip, x, TEXTS)
+    assert torch.allclose(grad_cam(PromptedClip(clip, DeepPrompts(clip, n_vision=0, n_text=0)), x, TEXTS), plain,
+                          atol=1e-5)
+    prompted = grad_cam(PromptedClip(clip, DeepPrompts(clip, n_vision=2, n_text=2, depth=3)), x, TEXTS)
+    assert prompted.shape == plain.shape and torch.isfinite(prompted).all()

@@ -65,19 +65,19 @@ DEFENDED = ["shapes-clip+tecoa", "shapes-clip+tga-zsr", "shapes-clip+apd", "shap
 
 @pytest.fixture(scope="module")
 def combo_batch():
-    data = open_data("shapes:shapes-combo", "test", seed=321, length=64)
+    data = open_data("shapes:shapes-combo", "test", seed=321, length=96)
     model = shipped("shapes-clip")
-    x = torch.cat([model.preprocess(data[i]["image"]) for i in range(64)])
-    y = torch.tensor([data[i]["label"] for i in range(64)])
+    x = torch.cat([model.preprocess(data[i]["image"]) for i in range(96)])
+    y = torch.tensor([data[i]["label"] for i in range(96)])
     return data.prompts, x, y
 
 
-def robust_accuracy(model, prompts, x, y) -> float:
-    """PGD-20 at the defenses' training eps (4/255), step eps/4, early stop: the attack they trained against."""
+def robust_accuracy(model, prompts, x, y, eps: float) -> float:
+    """PGD-20, step eps/4, early stop: worst case per sample over the iterates."""
     from vlm_inspect import PGD, zero_shot_ce
 
-    res = PGD(eps=4 / 255, alpha=1 / 255, steps=20)(x, zero_shot_ce(model, prompts, y), early_stop=True,
-                                                     generator=torch.Generator().manual_seed(0))
+    res = PGD(eps=eps, alpha=eps / 4, steps=20)(x, zero_shot_ce(model, prompts, y), early_stop=True,
+                                                generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         right = (model.zero_shot_logits(res.adv, prompts).argmax(-1) == y) & ~res.stopped
     return float(right.float().mean())
@@ -85,10 +85,13 @@ def robust_accuracy(model, prompts, x, y) -> float:
 
 @pytest.mark.parametrize("name", DEFENDED)
 def test_each_shipped_defense_is_more_robust_than_the_undefended_clip(name, combo_batch):
+    """Under the attack each defense trained against (its own training eps, read from its checkpoint),
+    on 96 fresh test images. The margins are in docs/REPRODUCTION.md."""
     prompts, x, y = combo_batch
     defended = shipped(name)
     assert defended.checkpoint["defense"] == name.split("+")[1] and defended.checkpoint["base"] == "shapes-clip"
+    eps = defended.checkpoint["hyperparameters"]["defense"]["attack_eps"]
     with torch.no_grad():
         clean = float((defended.zero_shot_logits(x, prompts).argmax(-1) == y).float().mean())
-    assert clean >= 0.75
-    assert robust_accuracy(defended, prompts, x, y) >= robust_accuracy(shipped("shapes-clip"), prompts, x, y) + 0.1
+    assert clean >= 0.8
+    assert robust_accuracy(defended, prompts, x, y, eps) > robust_accuracy(shipped("shapes-clip"), prompts, x, y, eps)

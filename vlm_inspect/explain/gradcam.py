@@ -37,9 +37,10 @@ def grad_cam(model, pixels: torch.Tensor, texts: str | Sequence[str]) -> torch.T
     view = TokenGrid()
 
     def as_grid(_module, _inputs, out):
-        cls, patches = out[:, :1], out[:, 1:]
+        # class token, g*g patch tokens, then any deep-prompt tokens (APD / CAPT models) left as they are
+        cls, patches, extra = out[:, :1], out[:, 1:1 + g * g], out[:, 1 + g * g:]
         grid = view(patches.transpose(1, 2).reshape(out.shape[0], out.shape[2], g, g))
-        return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
+        return torch.cat([cls, grid.flatten(2).transpose(1, 2), extra], dim=1)
 
     with torch.no_grad():
         text_features = model.encode_text(texts)
