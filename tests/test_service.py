@@ -255,3 +255,16 @@ def test_guarded_handlers_turn_mistakes_into_messages():
         guarded(boom)("input")
     with pytest.raises(gr.Error, match="failed unexpectedly"):
         guarded(boom)("bug")
+
+
+@pytest.mark.parametrize("defended", ["shapes-clip+tecoa", "shapes-clip+tga-zsr", "shapes-clip+apd", "shapes-clip+capt"])
+def test_each_shipped_defense_is_offered_and_inspected(service, scene, defended):
+    """The four shipped defended CLIPs (two of them prompt-only checkpoints) are in the model list and run
+    a whole inspection with either heatmap."""
+    assert defended in service.models("clip")
+    for heatmap in ("attention", "gradcam"):
+        rep = service.inspect(scene, request(baseline={"clip": "shapes-clip"}, defended={"clip": defended},
+                                             question="", heatmap=heatmap, eps_k=2)).report
+        entry = rep["models"][defended]
+        assert entry["role"] == "defended" and len(entry["adversarial"]["zero_shot"]["probs"]) == 5
+        assert rep["heatmap"] == heatmap
