@@ -231,3 +231,14 @@ def test_prompt_defense_options_are_checked():
                                 ("apd", {"n_text": 6}, "fewer than n_text")]:
         with pytest.raises(ValueError, match=match):
             DEFENSES.get(key)(model, make_config(DEFENSES.get(key).Config, options), data)
+
+
+def test_options_from_the_command_line_are_parsed_or_refused():
+    from vlm_inspect.defenses.capt import CAPTConfig
+
+    c = make_config(CAPTConfig, {"attack_eps": "1.6/255", "attack_steps": "5", "frozen_consistency": "false"})
+    assert c.attack_eps == pytest.approx(1.6 / 255) and c.attack_steps == 5 and c.frozen_consistency is False
+    for bad, match in [({"attack_steps": "5.5"}, "expected a whole number"), ({"attack_eps": "x"}, "expected a float"),
+                       ({"frozen_consistency": "maybe"}, "expected a bool"), ({"lamda": "1"}, "unknown option")]:
+        with pytest.raises(ValueError, match=match):
+            make_config(CAPTConfig, bad)

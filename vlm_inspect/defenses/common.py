@@ -87,9 +87,14 @@ def make_config(cls: type, overrides: dict[str, Any]) -> Any:
         default = fields[k].default
         if isinstance(v, str) and default is not dataclasses.MISSING and not isinstance(default, str):
             try:
-                v = type(default)(parse_fraction(v)) if isinstance(default, (int, float)) and not isinstance(default, bool) \
-                    else {"true": True, "false": False}[v.lower()] if isinstance(default, bool) else v
+                if isinstance(default, bool):
+                    v = {"true": True, "false": False}[v.lower()]
+                elif isinstance(default, (int, float)):
+                    number = parse_fraction(v)
+                    if isinstance(default, int) and number != int(number):
+                        raise ValueError(v)  # 5.5 steps: not silently 5
+                    v = type(default)(number)
             except (ValueError, KeyError, ZeroDivisionError):
-                raise ValueError(f"option {k}={v!r}: expected a {type(default).__name__}") from None
+                raise ValueError(f"option {k}={v!r}: expected {'a whole number' if type(default) is int else 'a ' + type(default).__name__}") from None
         values[k] = v
     return cls(**values)
