@@ -52,15 +52,17 @@ class ZeroShotTask(Task):
     families = ("clip",)
     key = ""
     default_data = "shapes:shapes-combo"  # zero-shot classification of colour-shape pairs (held-out pairs excluded)
+    trains_visual = True  # the visual encoder is trained (TeCoA, TGA-ZSR); prompt tuning trains no weight
 
     def __init__(self, model, config, data) -> None:
         super().__init__(model, config, data)
         self.class_texts = class_prompts(data, self.key)
         for p in model.parameters():
             p.requires_grad_(False)
-        for p in model.model.visual.parameters():  # only the visual encoder is trained
-            p.requires_grad_(True)
-        with torch.no_grad():
+        if self.trains_visual:
+            for p in model.model.visual.parameters():
+                p.requires_grad_(True)
+        with torch.no_grad():  # the frozen text encoder's class-prompt features
             self.text_features = model.encode_text(self.class_texts)
 
     def collate(self, records: list[dict[str, Any]], step: int) -> dict[str, Any]:
@@ -87,15 +89,12 @@ class PromptTuningTask(ZeroShotTask):
     frozen, the class prompts' text features are recomputed each step (text prompts move them), and the
     checkpoint holds the prompts only, naming the base model and its weights digest."""
 
+    trains_visual = False
+
     def __init__(self, model, config, data) -> None:
-        Task.__init__(self, model, config, data)
-        self.class_texts = class_prompts(data, self.key)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.base = model  # θ0: the frozen CLIP without prompts
+        super().__init__(model, config, data)
+        self.base = model  # θ0: the frozen CLIP without prompts (its text features: self.text_features)
         self.base_digest = weights_digest(model.model)
-        with torch.no_grad():
-            self.text_features = model.encode_text(self.class_texts)  # the frozen CLIP's, for θ0's predictions
 
     def make_prompts(self, n_vision: int, n_text: int) -> DeepPrompts:
         c = self.config

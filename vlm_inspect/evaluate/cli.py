@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..attacks.base import parse_fraction
-from .run import AttackSpec, eps_label, parse_eps
+from .run import AttackSpec, parse_eps
 
 
 def build_parser() -> argparse.ArgumentParser:
