@@ -95,3 +95,35 @@ def app_url():
                 show_error=True, quiet=True, max_file_size="2mb", theme=theme())
     yield f"http://127.0.0.1:{port}/"
     demo.close()
+
+
+def tiny_hf_captioner_folder(folder) -> None:
+    """A tiny ViT + GPT-2 VisionEncoderDecoder ``save_pretrained`` folder with a byte-level tokenizer:
+    the shape of a hub download of nlpconnect/vit-gpt2-image-captioning, small and random."""
+    from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+
+    from vlm_inspect.models.tokenizers import byte_level_gpt2_standin
+
+    enc = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=64)
+    dec = GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=50256, eos_token_id=50256)
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id = cfg.pad_token_id = cfg.eos_token_id = 50256
+    VisionEncoderDecoderModel(cfg).save_pretrained(folder)
+    byte_level_gpt2_standin().save_pretrained(folder)
+
+
+def tiny_hf_vqa_folder(folder) -> None:
+    """A tiny BlipForQuestionAnswering ``save_pretrained`` folder with a BERT-style tokenizer (the shape
+    of Salesforce/blip-vqa-base), small and random."""
+    from transformers import BlipConfig, BlipForQuestionAnswering
+
+    from vlm_inspect.models.tokenizers import char_wordpiece_bert_standin
+
+    bcfg = BlipConfig(vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                                     "num_hidden_layers": 1, "num_attention_heads": 2},
+                      text_config={"vocab_size": 30524, "hidden_size": 32, "encoder_hidden_size": 32,
+                                   "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                   "bos_token_id": 30522, "sep_token_id": 102, "pad_token_id": 0})
+    BlipForQuestionAnswering(bcfg).save_pretrained(folder)
+    char_wordpiece_bert_standin().save_pretrained(folder)

@@ -111,29 +111,14 @@ def test_pretrained_architecture_offline(name, tmp_path):
 
 def test_hf_save_pretrained_folders_load(tmp_path):
     """A plain transformers ``save_pretrained`` folder (what a hub download is) loads through load()."""
-    from transformers import (BlipConfig, BlipForQuestionAnswering, GPT2Config, ViTConfig,
-                              VisionEncoderDecoderConfig, VisionEncoderDecoderModel)
+    from conftest import tiny_hf_captioner_folder, tiny_hf_vqa_folder
 
-    from vlm_inspect.models.tokenizers import byte_level_gpt2_standin, char_wordpiece_bert_standin
-
-    enc = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                    intermediate_size=64)
-    dec = GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=50256, eos_token_id=50256)
-    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
-    cfg.decoder_start_token_id = cfg.pad_token_id = cfg.eos_token_id = 50256
-    VisionEncoderDecoderModel(cfg).save_pretrained(tmp_path / "cap")
-    byte_level_gpt2_standin().save_pretrained(tmp_path / "cap")
+    tiny_hf_captioner_folder(tmp_path / "cap")
     cap = load("nlpconnect/vit-gpt2-image-captioning", weights=str(tmp_path / "cap"))
     assert cap.family == "captioner" and cap.image_size == 32
     check_forward_backward(cap)
 
-    bcfg = BlipConfig(vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
-                                     "num_hidden_layers": 1, "num_attention_heads": 2},
-                      text_config={"vocab_size": 30524, "hidden_size": 32, "encoder_hidden_size": 32,
-                                   "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                   "bos_token_id": 30522, "sep_token_id": 102, "pad_token_id": 0})
-    BlipForQuestionAnswering(bcfg).save_pretrained(tmp_path / "vqa")
-    char_wordpiece_bert_standin().save_pretrained(tmp_path / "vqa")
+    tiny_hf_vqa_folder(tmp_path / "vqa")
     vqa = load("Salesforce/blip-vqa-base", weights=str(tmp_path / "vqa"))
     assert vqa.family == "vqa" and vqa.image_size == 32
     check_forward_backward(vqa)

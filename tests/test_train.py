@@ -123,6 +123,9 @@ def test_train_on_real_formats(tmp_path):
     (["--set", "nonsense=1"], "unknown option"),
     (["--precision", "fp8"], "precision"),
     (["--resume", "/no/such/run"], "nothing to resume"),
+    (["--defense", "tecoa", "--part", "decoder"], "unknown option(s) part"),
+    (["--defense", "fgsm-decoder", "--model", "shapes-clip"], "applies to captioner models"),
+    (["--defense", "prsl", "--model", "shapes-captioner", "--set", "gamma=2"], "gamma must lie in [0, 1]"),
 ])
 def test_bad_input_is_one_clear_sentence(tmp_path, args, match):
     out = tmp_path / "never"

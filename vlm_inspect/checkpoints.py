@@ -6,6 +6,7 @@ that names the file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+import torch
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 CONFIG_FILE = "config.json"
@@ -52,6 +54,38 @@ def atomic_save_weights(module: nn.Module, path: str | Path, metadata: dict[str,
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                        metadata: dict[str, str] | None = None) -> None:
+    """Save named tensors (e.g. only the trained part of a model) with safetensors, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_path(path)
+    try:
+        save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 over a module's parameters and buffers (names, dtypes, shapes, bytes), in name order: which
+    base model a prompt or partial checkpoint was trained on."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_base_digest(base: Any, config: dict[str, Any], folder: Path, what: str = "it was") -> None:
+    """Refuse a base model whose weights are not the ones a prompt / partial checkpoint was trained on."""
+    want = config.get("base_digest")
+    if want and weights_digest(base.model) != want:
+        raise CheckpointError(f"{folder}: {what} trained on a different {config.get('base')} (weights digest "
+                              f"{want}, found {weights_digest(base.model)}); use the base it was trained on")
 
 
 def load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> None:

@@ -68,6 +68,25 @@ def parse_fraction(text: str) -> float:
     return num / den
 
 
+def pixel_eps(eps_normalised: float, std: Sequence[float]) -> float:
+    """An L-inf budget given in a processor's normalised space, ``(x - mean) / std``, in pixel units.
+
+    The one place this conversion lives. A change of ``e`` in normalised units is ``e * std`` in
+    pixels, so with ``mean = std = 0.5`` (ViT-GPT2's processor, inputs in [-1, 1]) the paper's
+    ``eps = 0.1`` is ``0.05 = 12.75/255``. With unequal channel stds the normalised ball is a box;
+    the budget returned is the largest cube inside it (the smallest std).
+    """
+    std = [float(s) for s in std]
+    if not std or min(std) <= 0:
+        raise ValueError(f"std must be positive, got {std}")
+    return float(eps_normalised) * min(std)
+
+
+def normalised_eps(eps_pixels: float, std: Sequence[float]) -> float:
+    """The inverse of :func:`pixel_eps`: a pixel-unit budget in the processor's normalised units."""
+    return float(eps_pixels) / pixel_eps(1.0, std)
+
+
 def _as_tuple(value: float | tuple[float, ...]) -> tuple[float, ...]:
     return value if isinstance(value, tuple) else (value,)
 

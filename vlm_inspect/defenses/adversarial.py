@@ -13,7 +13,8 @@ from torch import nn
 from ..attacks import PGD
 from ..objectives import ZeroShotCE
 from .common import Task, to_pixels
-from .prompts import DeepPrompts, PromptedClip, prompt_spec, weights_digest
+from ..checkpoints import weights_digest
+from .prompts import DeepPrompts, PromptedClip, prompt_spec
 
 MODALITIES = ("both", "vision", "text")  # which encoders get prompts (APD's unimodal ablations)
 
@@ -64,6 +65,11 @@ class ZeroShotTask(Task):
                 p.requires_grad_(True)
         with torch.no_grad():  # the frozen text encoder's class-prompt features
             self.text_features = model.encode_text(self.class_texts)
+        self.base_digest = weights_digest(model.model)  # θ0's weights, which the checkpoint sits on
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor] | None:
+        """The visual encoder only (the text encoder is frozen): a partial checkpoint."""
+        return self.trained_tensors() if self.trains_visual else None
 
     def collate(self, records: list[dict[str, Any]], step: int) -> dict[str, Any]:
         return {"pixels": to_pixels([r["image"] for r in records], self.model.image_size),
@@ -94,7 +100,6 @@ class PromptTuningTask(ZeroShotTask):
     def __init__(self, model, config, data) -> None:
         super().__init__(model, config, data)
         self.base = model  # θ0: the frozen CLIP without prompts (its text features: self.text_features)
-        self.base_digest = weights_digest(model.model)
 
     def make_prompts(self, n_vision: int, n_text: int) -> DeepPrompts:
         c = self.config

@@ -46,6 +46,7 @@ class Task:
         self.model = model
         self.config = config
         self.data = data
+        self.base_digest: str | None = None  # weights digest of the model a partial checkpoint sits on
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -63,6 +64,16 @@ class Task:
         """The module whose weights make the shipped ``model.safetensors`` (what :meth:`modules_to_save`
         snapshots for resuming may hold more, e.g. a teacher)."""
         return self.modules_to_save()
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor] | None:
+        """Only these named tensors of the model go in the shipped ``model.safetensors`` - a *partial*
+        checkpoint on top of the base model it names, whose weights digest is :attr:`base_digest` - or
+        None for the whole :meth:`checkpoint_module`."""
+        return None
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        """The wrapped model's parameters that train (tied weights once): a partial checkpoint's tensors."""
+        return {k: p for k, p in self.model.model.named_parameters() if p.requires_grad}
 
     def checkpoint_extra(self) -> dict[str, Any]:
         """Extra ``config.json`` entries the checkpoint needs to load (e.g. the prompts' shape)."""

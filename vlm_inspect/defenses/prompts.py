@@ -15,7 +15,6 @@ co-authors' codebase as described there; deeper prompts start from N(0, 0.02²).
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import weights_digest
 from ..models.clip import ClipAdapter
 
 
@@ -117,33 +117,21 @@ def prompt_spec(prompts: DeepPrompts, init_text: str) -> dict[str, Any]:
             "depth": max(len(prompts.vision), len(prompts.text)), "init_text": init_text}
 
 
-def weights_digest(module: nn.Module) -> str:
-    """sha256 over a module's parameters and buffers (names, dtypes, shapes, bytes), in name order: which
-    base model a prompt checkpoint was trained on."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def load_prompted(folder: Path, config: dict[str, Any], name: str, device: str = "cpu") -> PromptedClip:
     """A prompt-only checkpoint: the base CLIP it names (preset or folder), plus its prompts.
 
     The base must be the model the prompts were trained on: its weights digest is checked."""
-    from ..checkpoints import WEIGHTS_FILE, CheckpointError, load_weights
+    from ..checkpoints import WEIGHTS_FILE, CheckpointError, check_base_digest, load_weights
 
     base_ref = config.get("base")
     if not base_ref:
         raise CheckpointError(f"{folder / 'config.json'}: a prompt checkpoint must name its base model ('base')")
-    base = _load_base(str(base_ref), folder, device)
+    from ..models.presets import load_base
+
+    base = load_base(str(base_ref), folder, device)
     if not isinstance(base, ClipAdapter):
         raise CheckpointError(f"{folder}: prompts need a CLIP base, but {base_ref} is a {base.family} model")
-    want = config.get("base_digest")
-    if want and weights_digest(base.model) != want:
-        raise CheckpointError(f"{folder}: its prompts were trained on a different {base_ref} (weights digest "
-                              f"{want}, found {weights_digest(base.model)}); use the base it was trained on")
+    check_base_digest(base, config, folder, "its prompts were")
     spec = config["prompts"]
     try:
         prompts = DeepPrompts(base, n_vision=int(spec["n_vision"]), n_text=int(spec["n_text"]),
@@ -158,16 +146,3 @@ def load_prompted(folder: Path, config: dict[str, Any], name: str, device: str =
     adapter.weights = str(folder)
     adapter.checkpoint = config
     return adapter.to(device)
-
-
-def _load_base(ref: str, folder: Path, device: str) -> Any:
-    """A preset or shipped checkpoint name, else a folder (as given, or relative to the prompt checkpoint)."""
-    from ..checkpoints import CheckpointError
-    from ..models.presets import PRESETS, checkpoints_dir, load, load_folder
-
-    if ref in PRESETS or (checkpoints_dir() / ref / "config.json").is_file():
-        return load(ref, device=device)
-    for path in (Path(ref), folder / ref):
-        if path.is_dir():
-            return load_folder(path, device=device)
-    raise CheckpointError(f"{folder}: its base model {ref!r} is neither a preset nor a checkpoint folder")

@@ -64,7 +64,30 @@ def attack_specs(args) -> list[AttackSpec]:
             for e in eps if e > 0 for n in names if n != "none"]
 
 
-def markdown(rows: list[dict[str, Any]], command: str, specs: list[AttackSpec], title: str | None) -> str:
+def training_info(name: str) -> dict[str, Any] | None:
+    """How a checkpoint was trained (from its config.json): defense, part, steps, batch size, training time."""
+    from ..checkpoints import CheckpointError, read_config
+    from ..models.presets import checkpoints_dir
+
+    folder = Path(name) if Path(name).is_dir() else checkpoints_dir() / name
+    try:
+        config = read_config(folder)
+    except CheckpointError:
+        return None
+    loop = config.get("hyperparameters", {}).get("loop", {})
+    options = config.get("hyperparameters", {}).get("defense", {})
+    seconds, steps = config.get("train_seconds"), config.get("steps")
+    if seconds is None or not steps:
+        return None
+    keys = ("part", "k", "gamma", "attack_eps", "adv_fraction")
+    return {"model": name, "defense": config.get("defense"), "init": config.get("base") or loop.get("init"),
+            "options": ", ".join(f"{k}={options[k]}" for k in keys if k in options),
+            "steps": steps, "batch_size": loop.get("batch_size"), "precision": loop.get("precision"),
+            "train_seconds": seconds, "seconds_per_step": round(seconds / steps, 3)}
+
+
+def markdown(rows: list[dict[str, Any]], command: str, specs: list[AttackSpec], title: str | None,
+             trained: list[dict[str, Any]] | None = None) -> str:
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
     eps_cols = list(dict.fromkeys(r["eps"] for r in rows if r["eps"] != "0"))
     lines = []
@@ -95,6 +118,15 @@ def markdown(rows: list[dict[str, Any]], command: str, specs: list[AttackSpec], 
                             ("clean" if r["attack"] == "none" else f"{r['attack']} {r['eps']}") == c] for c in cols}
                 lines.append(f"| {model} | **average** | " +
                              " | ".join(f"{sum(v) / len(v):.3f}" if v else "–" for v in vals.values()) + " |")
+        lines.append("")
+    if trained:
+        lines += ["**training** (from each checkpoint's config.json; loop time, without evaluation and saving)", "",
+                  "| model | defense | options | from | steps x batch | precision | train time | s / step |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t in trained:
+            lines.append(f"| {t['model']} | {t['defense']} | {t['options'] or '–'} | {t['init']} | "
+                         f"{t['steps']} x {t['batch_size']} | {t['precision']} | {t['train_seconds']:.0f} s | "
+                         f"{t['seconds_per_step']:.3f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -144,14 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    table = markdown(rows, command, specs, args.title)
+    trained = [t for t in map(training_info, models) if t]
+    table = markdown(rows, command, specs, args.title, trained)
     print(table)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table + "\n")
         out.with_suffix(".json").write_text(json.dumps({"command": command, "attacks": [s.describe() for s in specs],
-                                                        "rows": rows}, indent=1) + "\n")
+                                                        "rows": rows, "training": trained}, indent=1) + "\n")
         plot(rows, out.with_suffix(".png"))
         print(f"wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
     return 0

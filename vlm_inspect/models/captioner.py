@@ -10,7 +10,7 @@ from torch import nn
 from .base import Adapter, as_text_list, install_vit_stem
 
 
-def _token_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean NLL over the unmasked target tokens of each sequence: (B,L,V),(B,L),(B,L) -> (B,)."""
     nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
     return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -54,8 +54,10 @@ class CaptionerAdapter(Adapter):
         pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else eos
         return pad_targets(seqs, pad, self.device)
 
-    def caption_nll(self, pixels: torch.Tensor, captions: str | Sequence[str]) -> torch.Tensor:
-        """(B,) mean token NLL of each caption (one per image, or one for all) under teacher forcing."""
+    def caption_logits(self, pixels: torch.Tensor, captions: str | Sequence[str]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher-forced next-token logits (B, L, V) of each caption, with its (B, L) target ids and
+        (B, L) mask of real tokens (the loss of a defense that reshapes the logits, e.g. PRSL)."""
         captions = as_text_list(captions, pixels.shape[0], "captions")
         targets, mask = self._targets(captions)
         start = torch.full((targets.shape[0], 1), self.model.config.decoder_start_token_id,
@@ -63,7 +65,11 @@ class CaptionerAdapter(Adapter):
         decoder_input_ids = torch.cat([start, targets[:, :-1]], dim=1)
         out = self.model(pixel_values=self.normalize(pixels), decoder_input_ids=decoder_input_ids,
                          decoder_attention_mask=torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], 1).long())
-        return _token_nll(out.logits, targets, mask)
+        return out.logits, targets, mask
+
+    def caption_nll(self, pixels: torch.Tensor, captions: str | Sequence[str]) -> torch.Tensor:
+        """(B,) mean token NLL of each caption (one per image, or one for all) under teacher forcing."""
+        return token_nll(*self.caption_logits(pixels, captions))
 
     @torch.no_grad()
     def generate(self, pixels: torch.Tensor, max_new_tokens: int = 20, num_beams: int = 1) -> list[str]:

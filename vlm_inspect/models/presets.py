@@ -314,6 +314,8 @@ def load_folder(folder: str | Path, name: str | None = None, device: str = "cpu"
         from ..defenses.prompts import load_prompted
 
         return load_prompted(folder, config, name, device)
+    if config.get("partial"):  # only the trained tensors (e.g. a decoder), on top of the base it names
+        return load_partial(folder, config, name, device)
     spec = config["model"]
     tokenizer = _tokenizer_from_ref(spec.get("tokenizer", {}), folder)
     model = _build(spec, tokenizer)
@@ -321,6 +323,53 @@ def load_folder(folder: str | Path, name: str | None = None, device: str = "cpu"
     adapter = _adapt(name, model, tokenizer, spec, str(folder))
     adapter.checkpoint = config
     return adapter.to(device)
+
+
+def load_base(ref: str, folder: Path, device: str = "cpu") -> Adapter:
+    """The base model a prompt or partial checkpoint names: a preset or shipped checkpoint name, else a
+    folder (as given, or relative to the checkpoint)."""
+    if ref in PRESETS or (checkpoints_dir() / ref / "config.json").is_file():
+        return load(ref, device=device)
+    for path in (Path(ref), folder / ref):
+        if path.is_dir():
+            return load_folder(path, device=device)
+    raise CheckpointError(f"{folder}: its base model {ref!r} is neither a preset nor a checkpoint folder")
+
+
+def load_partial(folder: Path, config: dict[str, Any], name: str, device: str = "cpu") -> Adapter:
+    """A partial checkpoint: the base model it names, with the tensors in its ``model.safetensors``
+    (the part that was trained) put in place. The base's weights digest must match."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..checkpoints import check_base_digest
+
+    base_ref = config.get("base")
+    if not base_ref:
+        raise CheckpointError(f"{folder / 'config.json'}: a partial checkpoint must name its base model ('base')")
+    adapter = load_base(str(base_ref), folder, device)
+    if adapter.family != config.get("family", adapter.family):
+        raise CheckpointError(f"{folder}: a {config.get('family')} checkpoint cannot sit on {base_ref}, "
+                              f"a {adapter.family} model")
+    check_base_digest(adapter, config, folder)
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        tensors = load_file(str(path), device=str(adapter.device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    own = adapter.model.state_dict()
+    bad = [k for k, t in tensors.items() if k not in own or own[k].shape != t.shape]
+    if bad or not tensors:
+        raise CheckpointError(f"{path} does not fit {base_ref}: "
+                              + (f"{len(bad)} unknown or mis-shaped tensors (e.g. {', '.join(bad[:3])})" if bad
+                                 else "it holds no tensors"))
+    adapter.model.load_state_dict(tensors, strict=False)
+    adapter.name = name
+    adapter.weights = str(folder)
+    adapter.checkpoint = config
+    return adapter
 
 
 def _load_hf_folder(folder: Path, name: str, model_type: str) -> Adapter:

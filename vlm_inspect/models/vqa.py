@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Adapter, as_text_list, install_vit_stem
-from .captioner import _token_nll, pad_targets
+from .captioner import token_nll, pad_targets
 
 
 class VqaAdapter(Adapter):
@@ -45,13 +45,10 @@ class VqaAdapter(Adapter):
         ).last_hidden_state
         return question_embeds, q["attention_mask"]
 
-    def answer_nll(self, pixels: torch.Tensor, questions: str | Sequence[str],
-                   answers: str | Sequence[str], image_index: Sequence[int] | None = None) -> torch.Tensor:
-        """(N,) mean token NLL of each answer (``answer [SEP]``) under teacher forcing.
-
-        Without ``image_index`` there is one question per image (N = B). With it, question ``k`` is
-        about image ``image_index[k]``: several questions share one pass of the vision model.
-        """
+    def answer_logits(self, pixels: torch.Tensor, questions: str | Sequence[str], answers: str | Sequence[str],
+                      image_index: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher-forced next-token logits (N, L, V) of each answer (``answer [SEP]``), with its (N, L)
+        target ids and (N, L) mask of real tokens; ``image_index`` as in :meth:`answer_nll`."""
         b = pixels.shape[0]
         if image_index is not None:
             image_index = torch.as_tensor(image_index, dtype=torch.long, device=self.device)
@@ -71,7 +68,16 @@ class VqaAdapter(Adapter):
             input_ids=decoder_input_ids, attention_mask=decoder_mask,
             encoder_hidden_states=question_embeds, encoder_attention_mask=question_mask,
         )
-        return _token_nll(out.logits, targets, mask)
+        return out.logits, targets, mask
+
+    def answer_nll(self, pixels: torch.Tensor, questions: str | Sequence[str],
+                   answers: str | Sequence[str], image_index: Sequence[int] | None = None) -> torch.Tensor:
+        """(N,) mean token NLL of each answer (``answer [SEP]``) under teacher forcing.
+
+        Without ``image_index`` there is one question per image (N = B). With it, question ``k`` is
+        about image ``image_index[k]``: several questions share one pass of the vision model.
+        """
+        return token_nll(*self.answer_logits(pixels, questions, answers, image_index))
 
     @torch.no_grad()
     def answer(self, pixels: torch.Tensor, questions: str | Sequence[str], max_new_tokens: int = 10) -> list[str]:

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=HELP.get(f.name, f.name.replace("_", " ")))
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="a defense option (repeatable); see --list-options")
+    p.add_argument("--part", default=None, choices=["decoder", "full", "encoder"],
+                   help="captioning / VQA defenses: which part trains (same as --set part=...); "
+                        "decoder = the language side with the vision encoder frozen")
     p.add_argument("--resume", default=None, metavar="OUT", help="continue the run in this folder from its last snapshot")
     p.add_argument("--list-options", action="store_true", help="print the chosen defense's options and defaults, then exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         k, v = item.split("=", 1)
         options[k.strip()] = v.strip()
+    if args.part is not None:
+        options["part"] = args.part
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "options"}
     cfg = TrainConfig(**values, options=options)
     try:

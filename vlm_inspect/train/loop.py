@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..checkpoints import atomic_save_weights, atomic_write_json, CONFIG_FILE, FORMAT, WEIGHTS_FILE
+from ..checkpoints import atomic_save_tensors, atomic_save_weights, atomic_write_json, CONFIG_FILE, FORMAT, WEIGHTS_FILE
 from ..data.sources import DataError, open_data
 from ..defenses import DEFENSES
 from ..defenses.common import make_config
@@ -277,13 +277,20 @@ def _save(out: Path, step: int, task, optimizer, scheduler, cfg: TrainConfig, op
              "defense": asdict(options) if dataclasses.is_dataclass(options) else dict(cfg.options)}
     save_snapshot(out, step, module, optimizer, scheduler,
                   {"config": asdict(cfg), "elapsed": elapsed, "metrics": metrics})
-    atomic_save_weights(task.checkpoint_module(), out / WEIGHTS_FILE, metadata={"format": FORMAT, "step": str(step)})
     base = None if cfg.init in ("random",) else (cfg.model if cfg.init == "default" else cfg.init)
+    # a partial checkpoint (only the trained tensors) needs a base model to sit on
+    tensors = task.checkpoint_tensors() if base is not None else None
+    meta = {"format": FORMAT, "step": str(step)}
+    if tensors is None:
+        atomic_save_weights(task.checkpoint_module(), out / WEIGHTS_FILE, metadata=meta)
+    else:
+        atomic_save_tensors(tensors, out / WEIGHTS_FILE, metadata=meta)
+    partial = {"partial": True, "base_digest": task.base_digest} if tensors is not None else {}
     atomic_write_json(out / CONFIG_FILE, {
         "format": FORMAT, "version": __version__, "preset": _preset_name(cfg, model), "family": model.family,
         "base": base, "model": model.spec, "defense": cfg.defense, "hyperparameters": hyper, "data": cfg.data,
         "seed": cfg.seed, "steps": step, "train_seconds": round(elapsed, 1), "metrics": metrics,
-        **task.checkpoint_extra(),
+        **partial, **task.checkpoint_extra(),
     })
 
 
