@@ -65,10 +65,11 @@ BAD = [  # (file, extra arguments, words the message must contain)
     (None, {"eps": 99.0}, "epsilon (k/255) must be from 0 to 32"),
     (None, {"steps": 0}, "steps must be from 1 to 100"),
     (None, {"classes": "red circle"}, "at least two class names"),
-    (None, {"baseline_vqa": "none", "question": "what shape is it?"}, "no VQA model is selected"),
+    (None, {"baseline_vqa": "none", "defended_vqa": "none", "question": "what shape is it?"}, "no VQA model is selected"),
     (None, {"baseline_clip": "no-such-model"}, "unknown model 'no-such-model'"),
     (None, {"attack": "cw"}, "unknown attack 'cw'"),
-    (None, {"target": "caption", "baseline_captioner": "none"}, "no captioner model is selected"),
+    (None, {"target": "caption", "baseline_captioner": "none", "defended_captioner": "none"},
+     "no captioner model is selected"),
 ]
 
 

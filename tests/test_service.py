@@ -214,7 +214,7 @@ def test_report_png_and_headless_twin(tmp_path):
     assert Image.open(tmp_path / "one" / "report.png").size[0] > 1000
     # two images: a folder each; a bad option is one line on stderr and exit status 2
     assert main([str(img), str(ROOT / "assets" / "photo_coffee.jpg"), "--out", str(tmp_path / "two"),
-                 "--steps", "1", "--baseline", "vqa=none", "--question", ""]) == 0
+                 "--steps", "1", "--baseline", "vqa=none", "--defended", "vqa=none", "--question", ""]) == 0
     assert (tmp_path / "two" / "photo_coffee" / "report.json").is_file()
     assert main([str(img), "--out", str(tmp_path / "bad"), "--eps", "64/255"]) == 2
     assert main([str(tmp_path / "missing.png"), "--out", str(tmp_path / "bad")]) == 2
@@ -268,3 +268,19 @@ def test_each_shipped_defense_is_offered_and_inspected(service, scene, defended)
         entry = rep["models"][defended]
         assert entry["role"] == "defended" and len(entry["adversarial"]["zero_shot"]["probs"]) == 5
         assert rep["heatmap"] == heatmap
+
+
+@pytest.mark.parametrize("family,defended", [("captioner", "shapes-captioner+fgsm-decoder"),
+                                             ("captioner", "shapes-captioner+prsl"), ("vqa", "shapes-vqa+prsl")])
+def test_shipped_captioning_and_vqa_defenses_are_offered_and_inspected(service, scene, family, defended):
+    """The defended captioners and VQA model (partial checkpoints on their base) are listed, are the
+    defended side by default, and run a whole inspection attacked through their own task."""
+    assert defended in service.models(family)
+    assert service.defaults()["defended"][family] in {"captioner": {"shapes-captioner+fgsm-decoder"},
+                                                      "vqa": {"shapes-vqa+prsl"}}[family]
+    target = "caption" if family == "captioner" else "vqa"
+    rep = service.inspect(scene, request(defended={**BASELINES, family: defended}, target=target, eps_k=4)).report
+    entry = rep["models"][defended]
+    key = "caption" if family == "captioner" else "answer"
+    assert entry["role"] == "defended" and entry["clean"][key] and key in entry["adversarial"]
+    assert rep["models"][BASELINES[family]]["role"] == "baseline"

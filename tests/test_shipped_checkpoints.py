@@ -95,3 +95,29 @@ def test_each_shipped_defense_is_more_robust_than_the_undefended_clip(name, comb
         clean = float((defended.zero_shot_logits(x, prompts).argmax(-1) == y).float().mean())
     assert clean >= 0.8
     assert robust_accuracy(defended, prompts, x, y, eps) > robust_accuracy(shipped("shapes-clip"), prompts, x, y, eps)
+
+
+@pytest.mark.parametrize("name,attack", [("shapes-captioner+fgsm-decoder", "fgsm"), ("shapes-captioner+prsl", "bim"),
+                                         ("shapes-vqa+prsl", "bim")])
+def test_each_shipped_captioning_and_vqa_defense_beats_the_undefended_model(name, attack):
+    """Under the attack each defense is about (fgsm-decoder: FGSM at its training eps, 0.1 in normalised
+    units = 12.75/255; PRSL: BIM-10 at 4/255), on 96 fresh test scenes, the defended model keeps more of
+    its caption (BLEU-4) or answers (exact match) than the undefended one. docs/REPRODUCTION.md has the
+    full tables."""
+    from vlm_inspect.attacks.base import pixel_eps
+    from vlm_inspect.evaluate.run import AttackSpec, evaluate_data
+
+    defended = shipped(name)
+    base_name = name.split("+")[0]
+    assert defended.checkpoint["partial"] and defended.checkpoint["base"] == base_name
+    undefended = shipped(base_name)
+    options = defended.checkpoint["hyperparameters"]["defense"]
+    eps = pixel_eps(options["attack_eps"], defended.pixel_std.flatten().tolist()) if attack == "fgsm" else 4 / 255
+    data = open_data("shapes:shapes-scenes", "test", seed=123, length=N)
+    metric = "bleu4" if defended.family == "captioner" else "exact_match"
+
+    def robust(model) -> float:
+        rows = evaluate_data(model, data, "shapes:shapes-scenes", [AttackSpec(attack, eps, steps=10)], N)
+        return next(r["value"] for r in rows if r["attack"] == attack and r["metric"] == metric)
+
+    assert robust(defended) > robust(undefended)
