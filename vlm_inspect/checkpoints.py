@@ -6,12 +6,13 @@ that names the file.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from safetensors import SafetensorError
 import torch
@@ -33,40 +34,35 @@ def _atomic_path(final: Path) -> Path:
     return Path(tmp)
 
 
-def atomic_write_json(path: str | Path, data: Any) -> None:
+@contextlib.contextmanager
+def _atomic(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary file beside ``path`` to write; it replaces ``path`` in one step if the body succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _atomic_path(path)
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    with _atomic(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def atomic_save_weights(module: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Save ``module``'s parameters and buffers (shared tensors once) with safetensors, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_path(path)
-    try:
+    with _atomic(path) as tmp:
         save_model(module, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
                         metadata: dict[str, str] | None = None) -> None:
     """Save named tensors (e.g. only the trained part of a model) with safetensors, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_path(path)
-    try:
+    with _atomic(path) as tmp:
         save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -83,13 +79,17 @@ def weights_digest(module: nn.Module) -> str:
 def check_base_digest(base: Any, config: dict[str, Any], folder: Path, what: str = "it was") -> None:
     """Refuse a base model whose weights are not the ones a prompt / partial checkpoint was trained on."""
     want = config.get("base_digest")
-    if want and weights_digest(base.model) != want:
+    found = weights_digest(base.model) if want else None
+    if want and found != want:
         raise CheckpointError(f"{folder}: {what} trained on a different {config.get('base')} (weights digest "
-                              f"{want}, found {weights_digest(base.model)}); use the base it was trained on")
+                              f"{want}, found {found}); use the base it was trained on")
 
 
-def load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> None:
-    """Load safetensors weights into ``module``; clear errors for missing/truncated/mismatched files."""
+def load_weights(module: nn.Module, path: str | Path, strict: bool = True, partial: bool = False) -> None:
+    """Load safetensors weights into ``module``; clear errors for missing/truncated/mismatched files.
+
+    ``partial``: the file holds some of the module's tensors (a partial checkpoint): none may be
+    missing from the module, and it must hold at least one."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
@@ -101,7 +101,11 @@ def load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> No
         msg = str(e).split("\n")
         detail = "; ".join(m.strip() for m in msg[1:4] if m.strip()) or msg[0]
         raise CheckpointError(f"{path} does not match the model architecture: {detail}") from e
-    if strict and (missing or unexpected):
+    if partial and (unexpected or len(missing) == len(module.state_dict())):
+        raise CheckpointError(f"{path} does not fit the model: " + (
+            f"{len(unexpected)} unexpected tensors (e.g. {', '.join(list(unexpected)[:3])})" if unexpected
+            else "it holds none of its tensors"))
+    if strict and not partial and (missing or unexpected):
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing tensors (e.g. {', '.join(list(missing)[:3])})")

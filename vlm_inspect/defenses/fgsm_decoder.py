@@ -49,13 +49,12 @@ class FgsmDecoder(GenerativeTask):
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         x, captions = batch["pixels"], batch["captions"]
         n_adv = int(round(x.shape[0] * self.config.adv_fraction))
+        k = x.shape[0] - n_adv  # the last n_adv images are replaced by their FGSM image
         parts: dict[str, float] = {"eps_pixels_255": round(self.eps_pixels * 255, 3)}
         if n_adv and self.eps_pixels > 0:
-            k = x.shape[0] - n_adv  # the last n_adv images are replaced by their FGSM image
             adv = FGSM(eps=self.eps_pixels)(x[k:], CaptionNLL(self.model, captions[k:])).adv
             x = torch.cat([x[:k], adv])
         nll = self.model.caption_nll(x, captions)
-        k = x.shape[0] - n_adv
         if k:
             parts["ce_clean"] = float(nll[:k].detach().mean())
         if n_adv:

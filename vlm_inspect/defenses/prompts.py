@@ -121,17 +121,10 @@ def load_prompted(folder: Path, config: dict[str, Any], name: str, device: str =
     """A prompt-only checkpoint: the base CLIP it names (preset or folder), plus its prompts.
 
     The base must be the model the prompts were trained on: its weights digest is checked."""
-    from ..checkpoints import WEIGHTS_FILE, CheckpointError, check_base_digest, load_weights
-
-    base_ref = config.get("base")
-    if not base_ref:
-        raise CheckpointError(f"{folder / 'config.json'}: a prompt checkpoint must name its base model ('base')")
+    from ..checkpoints import WEIGHTS_FILE, CheckpointError, load_weights
     from ..models.presets import load_base
 
-    base = load_base(str(base_ref), folder, device)
-    if not isinstance(base, ClipAdapter):
-        raise CheckpointError(f"{folder}: prompts need a CLIP base, but {base_ref} is a {base.family} model")
-    check_base_digest(base, config, folder, "its prompts were")
+    base = load_base(folder, {"family": "clip", **config}, device, "its prompts were")  # a CLIP adapter
     spec = config["prompts"]
     try:
         prompts = DeepPrompts(base, n_vision=int(spec["n_vision"]), n_text=int(spec["n_text"]),

@@ -325,47 +325,35 @@ def load_folder(folder: str | Path, name: str | None = None, device: str = "cpu"
     return adapter.to(device)
 
 
-def load_base(ref: str, folder: Path, device: str = "cpu") -> Adapter:
-    """The base model a prompt or partial checkpoint names: a preset or shipped checkpoint name, else a
-    folder (as given, or relative to the checkpoint)."""
+def load_base(folder: Path, config: dict[str, Any], device: str = "cpu", what: str = "it was") -> Adapter:
+    """The base model a prompt or partial checkpoint names (``config["base"]``: a preset or shipped
+    checkpoint name, else a folder, as given or relative to the checkpoint), refused unless it is of the
+    checkpoint's family and has the weights digest the checkpoint was trained on."""
+    from ..checkpoints import check_base_digest
+
+    ref = config.get("base")
+    if not ref:
+        raise CheckpointError(f"{folder / 'config.json'}: this checkpoint must name its base model ('base')")
+    ref = str(ref)
     if ref in PRESETS or (checkpoints_dir() / ref / "config.json").is_file():
-        return load(ref, device=device)
-    for path in (Path(ref), folder / ref):
-        if path.is_dir():
-            return load_folder(path, device=device)
-    raise CheckpointError(f"{folder}: its base model {ref!r} is neither a preset nor a checkpoint folder")
+        base = load(ref, device=device)
+    else:
+        path = next((p for p in (Path(ref), folder / ref) if p.is_dir()), None)
+        if path is None:
+            raise CheckpointError(f"{folder}: its base model {ref!r} is neither a preset nor a checkpoint folder")
+        base = load_folder(path, device=device)
+    family = config.get("family", base.family)
+    if base.family != family:
+        raise CheckpointError(f"{folder}: a {family} checkpoint cannot sit on {ref}, a {base.family} model")
+    check_base_digest(base, config, folder, what)
+    return base
 
 
 def load_partial(folder: Path, config: dict[str, Any], name: str, device: str = "cpu") -> Adapter:
     """A partial checkpoint: the base model it names, with the tensors in its ``model.safetensors``
     (the part that was trained) put in place. The base's weights digest must match."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from ..checkpoints import check_base_digest
-
-    base_ref = config.get("base")
-    if not base_ref:
-        raise CheckpointError(f"{folder / 'config.json'}: a partial checkpoint must name its base model ('base')")
-    adapter = load_base(str(base_ref), folder, device)
-    if adapter.family != config.get("family", adapter.family):
-        raise CheckpointError(f"{folder}: a {config.get('family')} checkpoint cannot sit on {base_ref}, "
-                              f"a {adapter.family} model")
-    check_base_digest(adapter, config, folder)
-    path = folder / WEIGHTS_FILE
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
-    try:
-        tensors = load_file(str(path), device=str(adapter.device))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-    own = adapter.model.state_dict()
-    bad = [k for k, t in tensors.items() if k not in own or own[k].shape != t.shape]
-    if bad or not tensors:
-        raise CheckpointError(f"{path} does not fit {base_ref}: "
-                              + (f"{len(bad)} unknown or mis-shaped tensors (e.g. {', '.join(bad[:3])})" if bad
-                                 else "it holds no tensors"))
-    adapter.model.load_state_dict(tensors, strict=False)
+    adapter = load_base(folder, config, device)
+    load_weights(adapter.model, folder / WEIGHTS_FILE, partial=True)
     adapter.name = name
     adapter.weights = str(folder)
     adapter.checkpoint = config
