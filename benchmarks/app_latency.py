@@ -1,6 +1,10 @@
-"""Latency of a full inspection through the app's API (gradio_client -> /inspect) on the embedded suite.
+"""Latency of a full inspection through the app's API (gradio_client -> /inspect), and the app's memory.
 
     python benchmarks/app_latency.py [--n 30] [--out docs/BENCHMARKS.md]
+    python benchmarks/app_latency.py --suite pretrained --weights-dir W [--defended-clip RUN] [--tasks zero-shot]
+
+The app runs as its own process (``python app.py`` on a free port, with the given suite, precision and
+weights folder); its peak resident memory (``VmHWM``) is read from /proc after the calls.
 
 One inspection = PGD-10 (L-inf, 4/255) on the zero-shot task for the baseline *and* the defended side
 (each attacked white-box), the three tasks (zero-shot top-5 over 48 classes, caption, VQA answer) on
@@ -8,7 +12,9 @@ the clean and adversarial images of both sides, and text-guided attention heatma
 checkpoint exists the baseline models stand in on the defended side, so both sides are computed.
 Two cases: a new image each call (clean results computed) and a slider move (same image, new eps:
 clean results come from the cache). Reports the median and 90th percentile over ``--n`` calls after
-two warm-up calls.
+two warm-up calls. ``--tasks zero-shot`` sets the captioner and VQA models to none on both sides.
+With ``--suite pretrained``, the weights folder holds full-size models (``python -m
+vlm_inspect.models.fetch --random --out W`` writes them with random weights: the real FLOPs).
 """
 from __future__ import annotations
 
@@ -17,18 +23,36 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def peak_memory_mb(pid: int) -> dict[str, float]:
+    fields = {}
+    for line in open(f"/proc/{pid}/status"):
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            fields[key] = round(int(value.split()[0]) / 1024, 1)
+    return fields
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=30, help="timed calls per case")
+    ap.add_argument("--suite", default="embedded", choices=["embedded", "pretrained"])
+    ap.add_argument("--weights-dir", default=None, help="the app's --weights-dir (pretrained suite)")
+    ap.add_argument("--precision", default="auto", help="the app's --precision")
+    ap.add_argument("--defended-clip", default=None, help="the defended CLIP (default: the suite's, else the baseline)")
+    ap.add_argument("--models-dir", default=None, help="the app's --models-dir")
+    ap.add_argument("--tasks", default="all", choices=["all", "zero-shot"])
     ap.add_argument("--out", default=None, help="markdown file to append the results to")
     args = ap.parse_args()
 
@@ -40,39 +64,60 @@ def main() -> None:
     from vlm_inspect import __version__
     from vlm_inspect.data.shapes import ShapesDataset
     from vlm_inspect.service import InspectService
-    from vlm_inspect.ui import build_demo
 
-    service = InspectService(model_dirs=[])
-    d = service.defaults()
-    defended = {f: d["defended"][f] or d["baseline"][f] for f in d["baseline"]}
-    demo = build_demo(service)
-    demo.queue(default_concurrency_limit=1)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True)
-    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-    tmp = Path(tempfile.mkdtemp())
-    ds = ShapesDataset("shapes-scenes", split="test", length=1000, image_size=128)
-    paths = []
-    for i in range(args.n + 2):
-        Image.fromarray(ds.image(i)).save(tmp / f"{i}.png")
-        paths.append(tmp / f"{i}.png")
-    kw = {"attack": "pgd", "steps": 10, "norm": "linf", "target": "zero-shot", "heatmap": "attention",
-          **{f"defended_{f}": defended[f] for f in defended}}
+    cmd = [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--suite", args.suite,
+           "--precision", args.precision, "--models-dir", args.models_dir or str(Path(tempfile.mkdtemp()))]
+    if args.weights_dir:
+        cmd += ["--weights-dir", args.weights_dir]
+    app = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if app.poll() is not None:
+                    sys.exit(f"the app exited: {app.stderr.read()[-2000:]}")
+                time.sleep(0.5)
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        d = InspectService(suite=args.suite, model_dirs=[]).defaults()
+        defended = {f: d["defended"][f] or d["baseline"][f] for f in d["baseline"]}
+        if args.defended_clip:
+            defended["clip"] = args.defended_clip
+        if args.tasks == "zero-shot":
+            defended.update(captioner="none", vqa="none")
+        kw = {"attack": "pgd", "steps": 10, "norm": "linf", "target": "zero-shot", "heatmap": "attention",
+              "suite": args.suite, **{f"defended_{f}": defended[f] for f in defended}}
+        if args.tasks == "zero-shot":
+            kw.update(baseline_captioner="none", baseline_vqa="none")
+        n_models = 2 if args.tasks == "zero-shot" else 6
+        tmp = Path(tempfile.mkdtemp())
+        ds = ShapesDataset("shapes-scenes", split="test", length=1000, image_size=128)
+        paths = []
+        for i in range(args.n + 2):
+            Image.fromarray(ds.image(i)).save(tmp / f"{i}.png")
+            paths.append(tmp / f"{i}.png")
 
-    def timed(path, eps):
-        t = time.perf_counter()
-        rep = client.predict(handle_file(str(path)), eps=eps, api_name="/inspect", **kw)
-        assert len([m for m in rep["models"].values() if "adversarial" in m]) == 6, rep["models"].keys()
-        return time.perf_counter() - t
+        def timed(path, eps):
+            t = time.perf_counter()
+            rep = client.predict(handle_file(str(path)), eps=eps, api_name="/inspect", **kw)
+            assert len([m for m in rep["models"].values() if "adversarial" in m]) == n_models, rep["models"].keys()
+            timed.runtime = rep["runtime"]
+            return time.perf_counter() - t
 
-    results = {}
-    for p in paths[:2]:
-        timed(p, 4.0)
-    results["new image each call"] = [timed(p, 4.0) for p in paths[2:]]
-    results["slider move (same image, cached clean results)"] = [timed(paths[2], 1.0 + (i % 16)) for i in range(args.n)]
-    demo.close()
+        results = {}
+        for p in paths[:2]:
+            timed(p, 4.0)
+        results["new image each call"] = [timed(p, 4.0) for p in paths[2:]]
+        results["slider move (same image, cached clean results)"] = [timed(paths[2], 1.0 + (i % 16))
+                                                                     for i in range(args.n)]
+        memory = peak_memory_mb(app.pid)
+    finally:
+        app.terminate()
+        app.wait(30)
 
     def p90(xs):
         return sorted(xs)[max(0, int(round(0.9 * len(xs))) - 1)]
@@ -82,13 +127,19 @@ def main() -> None:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    lines = [f"### App latency ({time.strftime('%Y-%m-%d')})", "",
-             f"`python benchmarks/app_latency.py --n {args.n}` — {cpu}, {os.cpu_count()} cores, torch "
-             f"{torch.__version__} ({torch.get_num_threads()} threads), gradio {gradio.__version__}, "
-             f"vlm_inspect {__version__}, Python {platform.python_version()}.", "",
+    models = {f"baseline {f}": d["baseline"][f] for f in d["baseline"]} | {f"defended {f}": v for f, v in defended.items()}
+    if args.tasks == "zero-shot":
+        models = {k: v for k, v in models.items() if k.endswith("clip")}
+    lines = [f"### App latency ({time.strftime('%Y-%m-%d')}, {args.suite} suite, {args.tasks} tasks)", "",
+             f"`python benchmarks/app_latency.py {' '.join(sys.argv[1:])}` — {cpu}, {os.cpu_count()} cores, torch "
+             f"{torch.__version__}, gradio {gradio.__version__}, vlm_inspect {__version__}, "
+             f"Python {platform.python_version()}. App runtime: {timed.runtime}. Models: "
+             + ", ".join(f"{k} `{v}`" for k, v in models.items()) + ".", "",
              "| case | calls | median (s) | p90 (s) |", "|---|---|---|---|"]
     for case, xs in results.items():
         lines.append(f"| {case} | {len(xs)} | {statistics.median(xs):.3f} | {p90(xs):.3f} |")
+    lines += ["", f"Peak resident memory of the app process (VmHWM): **{memory['VmHWM']:.0f} MB** "
+              f"(resident at the end: {memory['VmRSS']:.0f} MB)."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

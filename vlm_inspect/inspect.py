@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .evaluate.run import parse_eps
 from .models.presets import FAMILIES
+from .runtime import add_arguments, apply_weights_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="text-guided attention (TGA-ZSR, Yu et al. 2024) or Grad-CAM (Selvaraju et al. 2017)")
     ap.add_argument("--curve", action="store_true",
                     help=f"also write the robustness curve at eps {', '.join(map(str, CURVE_EPS_K))} /255")
-    ap.add_argument("--device", default="cpu", help="torch device")
+    add_arguments(ap)
     return ap
 
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     from .models.presets import ModelUnavailableError
 
     try:
-        service = InspectService(suite=args.suite, device=args.device)
+        apply_weights_dir(args)
+        service = InspectService(suite=args.suite, device=args.device, precision=args.precision)
         fields = service.suite_fields(
             args.suite, {"baseline": parse_models(args.baseline, "baseline"),
                          "defended": parse_models(args.defended, "defended")},

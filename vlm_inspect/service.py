@@ -20,6 +20,7 @@ its clean answer); with a target they pull it towards the target class, caption 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -41,7 +42,9 @@ from .checkpoints import is_vlm_checkpoint, read_config
 from .explain import attention_from_tokens, attention_shift, grad_cam, overlay
 from .images import ImageError, load_image, pil_to_pixels, pixels_to_uint8, resize_center_crop
 from .models import list_presets, load
-from .models.presets import FAMILIES, PRESETS, SUITES, checkpoints_dir
+from .models.presets import (FAMILIES, PRESETS, SUITES, ModelUnavailableError, checkpoint_suite,
+                             checkpoints_dir)
+from .runtime import autocast, resolve_device, resolve_precision
 from .objectives import answer_nll, caption_nll, embedding_cosine, zero_shot_ce
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,10 @@ HEATMAPS = ("attention", "gradcam")
 EPS_MAX_K = 32        # epsilon slider, in k/255
 STEPS_MAX = 100
 TOP_K_MAX = 10
-CURVE_EPS_K = (0, 1, 2, 4, 8, 16)
+CURVE_EPS_K = (0, 1, 2, 3, 4, 6, 8, 16)
+# ``precision="auto"``: models at least this large run attacks and inference in bf16 where the hardware
+# has it (ViT-B-32: 1.5x faster at batch 16, equal at batch 1); the embedded ones (< 10 M) stay fp32
+AUTO_LOW_PRECISION_MIN_PARAMS = 50_000_000
 DISPLAY_SIZE = 256    # the embedded models see 64 px; images are shown enlarged (nearest) to this
 
 
@@ -264,17 +270,23 @@ class InspectService:
 
     Args:
         suite: default suite for :meth:`defaults` (``embedded`` or ``pretrained``).
-        device: torch device for every model.
+        device: torch device for every model (``auto``: a CUDA GPU if visible, else the CPU).
+        precision: autocast precision of attacks and inference (:mod:`vlm_inspect.runtime`): ``fp32``,
+            ``bf16``, ``fp16`` (GPU) or ``auto``: per request, bf16 (fp16 on a GPU without bf16) when a
+            model of the request is large (``AUTO_LOW_PRECISION_MIN_PARAMS``) and the hardware computes
+            bf16 natively, else fp32. The small embedded models run *slower* in bf16 on a CPU (0.64x,
+            docs/BENCHMARKS.md), so they stay fp32.
         model_dirs: extra folders whose sub-folders holding a vlm_inspect checkpoint are offered as
             models (e.g. ``runs/`` where ``python -m vlm_inspect.train --out runs/NAME`` writes).
         max_models: how many models stay loaded (least recently used are dropped).
     """
 
-    def __init__(self, suite: str = "embedded", device: str = "cpu",
+    def __init__(self, suite: str = "embedded", device: str = "cpu", precision: str = "fp32",
                  model_dirs: Sequence[str | Path] = ("runs",), max_models: int = 8) -> None:
         if suite not in SUITES:
             raise ValueError(f"unknown suite {suite!r}; valid: {', '.join(SUITES)}")
-        self.suite, self.device = suite, device
+        self.suite, self.device = suite, resolve_device(device)
+        self.precision = "auto" if str(precision).lower() == "auto" else resolve_precision(precision, self.device)
         self.model_dirs = [Path(d) for d in model_dirs]
         self.max_models = max_models
         self._models: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
@@ -283,26 +295,27 @@ class InspectService:
         self._lock = threading.RLock()
 
     # -- which models exist --
-    def run_folders(self, family: str | None = None) -> list[str]:
-        """Checkpoint folders under ``model_dirs`` (training outputs), as paths."""
+    def run_folders(self, family: str | None = None, suite: str | None = None) -> list[str]:
+        """Checkpoint folders under ``model_dirs`` (training outputs), as paths; with ``suite``, only
+        those whose model (or base model) belongs to that suite."""
         found = []
         for root in self.model_dirs:
             if not root.is_dir():
                 continue
             for d in sorted(root.iterdir()):
                 if d.is_dir() and is_vlm_checkpoint(d):
-                    if family is None or read_config(d).get("family") == family:
+                    config = read_config(d)
+                    if (family is None or config.get("family") == family) and \
+                            (suite is None or checkpoint_suite(config) == suite):
                         found.append(str(d))
         return found
 
     def models(self, family: str, suite: str | None = None) -> list[str]:
         """Model names offered for ``family`` in ``suite``: presets, checkpoints in ``checkpoints/``,
-        and (embedded suite) training outputs under ``model_dirs``. Re-read from disk on every call."""
+        and training outputs under ``model_dirs`` on models of that suite. Re-read on every call."""
         suite = suite or self.suite
         names = list_presets(suite=suite, family=family)
-        if suite == "embedded":
-            names += [d for d in self.run_folders(family) if d not in names]
-        return names
+        return names + [d for d in self.run_folders(family, suite) if d not in names]
 
     def defaults(self, suite: str | None = None) -> dict[str, dict[str, str | None]]:
         """``{"baseline": {family: name}, "defended": {family: name or None}}``: the suite's preset
@@ -350,18 +363,24 @@ class InspectService:
                 return (str(f), st.st_mtime_ns, st.st_size)
         return None
 
-    def model(self, name: str):
-        """The adapter for ``name``, loaded once and kept (LRU)."""
+    def model(self, name: str, progress: Callable[[float, str], None] | None = None):
+        """The adapter for ``name``, loaded once and kept (LRU). A model that cannot be had (no network
+        for a first download, a bad checkpoint) raises an :class:`InputError` that says how to fix it."""
         with self._lock:
             stamp = self._stamp(name)
             hit = self._models.get(name)
             if hit is not None and hit[1] == stamp:
                 self._models.move_to_end(name)
                 return hit[0]
+            if progress is not None:
+                first = name in PRESETS and PRESETS[name].suite == "pretrained" or name.startswith("hf-hub:")
+                progress(0.0, f"loading {name}" + (" (the first use downloads its weights)" if first else ""))
             try:
                 adapter = load(name, device=self.device)
             except FileNotFoundError as e:
                 raise InputError(f"model {name!r}: {e}") from None
+            except ModelUnavailableError as e:  # no network for a first download: say what to do
+                raise InputError(str(e)) from None
             except ValueError as e:  # unknown name, checkpoint of another architecture, truncated file...
                 raise InputError(str(e)) from None
             adapter.eval()
@@ -372,6 +391,20 @@ class InspectService:
             while len(self._models) > self.max_models:
                 self._models.popitem(last=False)
             return adapter
+
+    def family_model(self, name: str, family: str, progress: Callable[[float, str], None] | None = None):
+        """:meth:`model`, refused with a clear message unless it is a ``family`` model."""
+        adapter = self.model(name, progress)
+        if adapter.family != family:
+            raise InputError(f"{name} is a {adapter.family} model; it cannot be used as the {family} model")
+        return adapter
+
+    def precision_for(self, models: Sequence[Any]) -> str:
+        """The autocast precision for a request on ``models`` (resolves ``auto``, see the class doc)."""
+        if self.precision != "auto":
+            return self.precision
+        big = any(sum(p.numel() for p in m.parameters()) >= AUTO_LOW_PRECISION_MIN_PARAMS for m in models if m)
+        return resolve_precision("auto", self.device) if big else "fp32"
 
     def _model_key(self, name: str) -> tuple:
         return (name, self._stamp(name))
@@ -384,8 +417,11 @@ class InspectService:
         req = dataclasses.replace(request).validate()
         img = load_image(image)
         t0 = time.perf_counter()
-        with self._lock:
-            sides = {s: {f: (self.model(n) if n else None) for f, n in getattr(req, s).items()} for s in SIDES}
+        with self._lock, contextlib.ExitStack() as stack:
+            sides = {s: {f: (self.family_model(n, f, progress) if n else None) for f, n in getattr(req, s).items()}
+                     for s in SIDES}
+            precision = self.precision_for([m for side in sides.values() for m in side.values()])
+            stack.enter_context(autocast(self.device, precision))
             warnings = self._vocabulary_warnings(req, sides)
             if req.target == "embedding" and not (req.attack == "pgd" and req.random_start):
                 warnings.append("the embedding attack needs PGD with a random start: at the clean image its "
@@ -452,6 +488,7 @@ class InspectService:
                 "selection": {s: getattr(req, s) for s in SIDES},
                 "models": report_models,
                 "warnings": warnings,
+                "runtime": {"device": self.device, "precision": precision},
                 "seconds": round(time.perf_counter() - t0, 3),
             }
             return Inspection(report=report, images=images, warnings=warnings)
@@ -481,7 +518,7 @@ class InspectService:
         hit = self._text.get(key)
         if hit is None:
             with torch.no_grad():
-                hit = self._text[key] = model.encode_text(prompts)
+                hit = self._text[key] = model.encode_text(prompts).float()
             while len(self._text) > 32:
                 self._text.pop(next(iter(self._text)))
         return hit
@@ -491,12 +528,15 @@ class InspectService:
         The text-guided attention map comes from the same forward pass as the probabilities."""
         text = self._class_features(model, req.prompts)
         with torch.no_grad():
-            tokens = model.projected_tokens(px)
+            tokens = model.projected_tokens(px).float()
+        # the small products after the encoder run in fp32 even under autocast: exact probabilities
+        with torch.no_grad(), torch.autocast(torch.device(self.device).type, enabled=False):
             probs = model.logits(F.normalize(tokens[:, 0], dim=-1), text).softmax(-1)[0]
             top = int(probs.argmax()) if top is None else top
             if req.heatmap == "attention":
-                return probs, top, attention_from_tokens(tokens, text[top:top + 1], model.grid, tuple(px.shape[-2:]))[0]
-        return probs, top, grad_cam(model, px, req.prompts[top])[0]
+                return probs, top, attention_from_tokens(tokens, text[top:top + 1], model.grid,
+                                                         tuple(px.shape[-2:]))[0].float()
+        return probs, top, grad_cam(model, px, req.prompts[top])[0].float()
 
     def _clean_outputs(self, model, img, digest: str, req: InspectRequest) -> dict[str, Any]:
         key = (self._model_key(model.name), digest, model.family, tuple(req.prompts) if model.family == "clip" else (),
@@ -578,27 +618,40 @@ class InspectService:
                   "embedding": "cos(adversarial, clean embedding)"}[req.target]
         out: dict[str, Any] = {"eps_k255": eps_k, "metric": metric, "target": req.target, "attack": req.attack_config(),
                                "series": {}}
-        with self._lock:
+        with self._lock, contextlib.ExitStack() as stack:
             names = [(s, getattr(req, s).get(family)) for s in SIDES]
             names = [(s, n) for s, n in names if n]
+            models = [self.family_model(name, family) for _, name in names]
+            out["runtime"] = {"device": self.device, "precision": self.precision_for(models)}
+            stack.enter_context(autocast(self.device, out["runtime"]["precision"]))
             for i, (side, name) in enumerate(names):
-                m = self.model(name)
+                m = models[i]
                 clean = self._clean_outputs(m, img, digest, req)
-                px = self._pixels(m, img).repeat(len(eps_k), 1, 1, 1)
-                objective = self._objective(m, req, clean, px[:1])
-                if req.target == "zero-shot":
-                    objective = zero_shot_ce(m, req.prompts, objective.labels.repeat(len(eps_k)),
-                                             text_features=objective.text_features)
+                px1 = self._pixels(m, img)
+                objective = self._objective(m, req, clean, px1)
+
+                def batch_objective(n: int, objective=objective, m=m):
+                    if req.target != "zero-shot":
+                        return objective  # one caption / answer / clean embedding serves every image
+                    return zero_shot_ce(m, req.prompts, objective.labels.repeat(n), text_features=objective.text_features)
 
                 def cb(step, steps, loss, i=i):
                     if progress is not None:
                         progress((i * steps + step) / (len(names) * steps), f"{side}: step {step}/{steps}")
 
-                res = make_attack(req, px[0].numel(), eps_k=eps_k)(
-                    px, objective, targeted=bool(req.target_text),
-                    generator=torch.Generator().manual_seed(req.seed), callback=cb)
+                attacked = [e for e in eps_k if e > 0]  # budget 0 is the clean image: no attack needed
+                loss_of: dict[float, float] = {}
                 with torch.no_grad():
-                    loss = objective(res.adv)
+                    if len(attacked) < len(eps_k):
+                        loss_of[0.0] = float(batch_objective(1)(px1).float()[0])
+                if attacked:
+                    obj = batch_objective(len(attacked))
+                    res = make_attack(req, px1[0].numel(), eps_k=attacked)(
+                        px1.repeat(len(attacked), 1, 1, 1), obj, targeted=bool(req.target_text),
+                        generator=torch.Generator().manual_seed(req.seed), callback=cb)
+                    with torch.no_grad():
+                        loss_of.update(zip(attacked, obj(res.adv).float().tolist()))
+                loss = torch.tensor([loss_of[e] for e in eps_k])
                 # CE of one label = -log p(label); mean token NLL -> per-token probability; 1 - cos -> cos
                 values = 1.0 - loss if req.target == "embedding" else torch.exp(-loss)
                 out["series"][side] = {"model": name, "values": [round(float(v), 6) for v in values]}

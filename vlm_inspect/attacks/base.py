@@ -10,12 +10,14 @@ from torch import nn
 
 from ..models.base import check_pixels
 from ..registry import Registry
+from ..runtime import fp16_active
 from . import projection as P
 
 ATTACKS: Registry = Registry("attack")
 
 Objective = Callable[[torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, int, float], None]
+FP16_LOSS_SCALE = 1024.0
 
 
 @dataclass
@@ -182,7 +184,10 @@ class Attack:
                     if loss.ndim != 1 or loss.shape[0] != x.shape[0]:
                         raise ValueError(f"the objective must return one loss per image (shape ({x.shape[0]},)), "
                                          f"got {tuple(loss.shape)}")
-                    (grad,) = torch.autograd.grad(loss.sum(), d)
+                    # under fp16 autocast (GPU) small gradients underflow: scale the loss; the ascent
+                    # direction (sign, or unit L2 step) does not change with the scale
+                    total = loss.sum() * (FP16_LOSS_SCALE if fp16_active() else 1.0)
+                    (grad,) = torch.autograd.grad(total, d)
                 losses.append(float(loss.detach().mean()))
                 with torch.no_grad():
                     new = d.detach() + sign * d_alpha * P.ascent_direction(grad, self.norm)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..attacks.base import parse_fraction
+from ..runtime import add_arguments, apply_weights_dir
 from .run import AttackSpec, parse_eps
 
 
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=500, help="samples per data set (test split)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="data and random starts")
-    p.add_argument("--device", default="cpu")
+    add_arguments(p, precision_default="fp32")
     p.add_argument("--out", default=None, help="markdown file to write (JSON and PNG plot beside it)")
     p.add_argument("--title", default=None, help="heading above the table")
     return p
@@ -166,14 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m vlm_inspect.evaluate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     from ..checkpoints import CheckpointError
     from ..data.sources import DataError
+    from ..models.presets import ModelUnavailableError
     from .run import evaluate
 
     try:
         specs = attack_specs(args)
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         data = [d.strip() for d in args.data.split(";") if d.strip()] if args.data else None
-        rows = evaluate(models, data, specs, args.samples, args.batch_size, args.seed, args.device)
-    except (DataError, CheckpointError, ValueError) as e:
+        apply_weights_dir(args)
+        rows = evaluate(models, data, specs, args.samples, args.batch_size, args.seed, args.device,
+                        precision=args.precision)
+    except (DataError, CheckpointError, ValueError, ModelUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     trained = [t for t in map(training_info, models) if t]

@@ -225,14 +225,21 @@ def attack_zero_shot(atk, pixels: torch.Tensor, labels: torch.Tensor, objective,
 
 def evaluate(models: Sequence[str], data: Sequence[str] | None, attacks: Sequence[AttackSpec], n: int,
              batch_size: int = 100, seed: int = 0, device: str = "cpu", weights: dict[str, str] | None = None,
-             progress=None) -> list[dict[str, Any]]:
+             progress=None, precision: str = "fp32") -> list[dict[str, Any]]:
+    """Rows of metrics for every model on every data set under every attack. ``precision`` is the
+    autocast of attacks and predictions (:mod:`vlm_inspect.runtime`); the tables in docs/ use fp32."""
+    from ..runtime import autocast, resolve_device, resolve_precision
+
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
     rows: list[dict[str, Any]] = []
     for name in models:
         model = load(name, device=device, weights=(weights or {}).get(name, "default"))
         model.eval()
         for spec in (data or default_data(model.family)):
             t = time.time()
-            rows += evaluate_model(model, spec, attacks, n, batch_size, seed)
+            with autocast(device, precision):
+                rows += evaluate_model(model, spec, attacks, n, batch_size, seed)
             log.info("%s on %s: %.1fs", name, spec, time.time() - t)
             if progress:
                 progress(name, spec)

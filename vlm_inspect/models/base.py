@@ -101,6 +101,39 @@ class ConvStem(nn.Module):
         return self.convs(x)
 
 
+class PatchifyConv(nn.Conv2d):
+    """A ViT's patchify convolution (kernel = stride, no padding) computed as one matrix product.
+
+    The same parameters and state-dict keys as the ``nn.Conv2d`` it replaces and the same result, but
+    as a reshape + ``F.linear``: on CPU, oneDNN's convolution backward for a 32x32 stride-32 kernel
+    took 8% of a ViT-B-32 attack step (fp32), and under bf16 autocast the convolution is several times
+    slower than in fp32 while the matrix product is several times faster (docs/BENCHMARKS.md).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        kh, kw = self.kernel_size
+        gh, gw = h // kh, w // kw
+        if gh * kh != h or gw * kw != w:  # not a whole number of patches: the plain convolution
+            return super().forward(x)
+        patches = x.reshape(b, c, gh, kh, gw, kw).permute(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c * kh * kw)
+        out = torch.nn.functional.linear(patches, self.weight.reshape(self.out_channels, -1), self.bias)
+        return out.reshape(b, gh, gw, self.out_channels).permute(0, 3, 1, 2)
+
+
+def use_patchify_matmul(owner: nn.Module, attr: str) -> None:
+    """Swap ``owner.<attr>``, a patchify ``nn.Conv2d`` (kernel = stride, no padding, no groups), for a
+    :class:`PatchifyConv` sharing its parameters; anything else is left alone."""
+    conv = getattr(owner, attr, None)
+    if type(conv) is not nn.Conv2d or conv.kernel_size != conv.stride or conv.padding != (0, 0) \
+            or conv.groups != 1 or conv.dilation != (1, 1):
+        return
+    new = PatchifyConv(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                       bias=conv.bias is not None, device="meta")
+    new.weight, new.bias = conv.weight, conv.bias
+    setattr(owner, attr, new)
+
+
 def install_vit_stem(embeddings_owner: nn.Module, attr: str, stem: dict[str, Any] | None) -> None:
     """Replace the patchify conv ``getattr(embeddings_owner, attr)`` by a :class:`ConvStem`."""
     if not stem or stem.get("type", "patch") == "patch":

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import OPENAI_MEAN, OPENAI_STD, Adapter, as_text_list, install_vit_stem
+from .base import OPENAI_MEAN, OPENAI_STD, Adapter, as_text_list, install_vit_stem, use_patchify_matmul
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,55 @@ def build_shapes_clip(arch: dict[str, Any], tokenizer: Any) -> nn.Module:
     return model
 
 
+class SelfAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` (batch first, self-attention) computed on contiguous 2-D matrices.
+
+    Same parameters, state-dict keys and result as the module it replaces. PyTorch's version
+    transposes a batch-first input to (N, B, D) before its projections, so their backward multiplies a
+    non-contiguous 3-D gradient, which falls back to a batched product over a copy of the weight per
+    image: 2.6 s of a 4.9 s ViT-B-32 attack step at batch 16 under bf16 autocast, 0.6 s in fp32
+    (docs/BENCHMARKS.md). Here the projections see (B*N, D) matrices and attention runs in
+    ``scaled_dot_product_attention``.
+    """
+
+    def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights=False, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if (key is not None and key is not query) or (value is not None and value is not query) \
+                or key_padding_mask is not None or need_weights or query.dim() != 3:
+            return super().forward(query, key if key is not None else query, value if value is not None else query,
+                                   key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        b, n, d = query.shape
+        h = self.num_heads
+        qkv = F.linear(query.reshape(b * n, d), self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # the CPU's bf16 attention backward is ~7x slower than fp32 (ViT-B-32, batch 16); attention
+            # is a small share of the FLOPs, so it runs in fp32 and the projections stay bf16
+            q, k, v = q.float(), k.float(), v.float()
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            attn_mask = attn_mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        out = F.linear(out.transpose(1, 2).reshape(b * n, d), self.out_proj.weight, self.out_proj.bias)
+        return out.view(b, n, d), None
+
+
+def speed_up(model: nn.Module) -> nn.Module:
+    """Swap the modules that are slow for attacks on CPU for exact equivalents with the same parameters:
+    the patchify convolution (a matrix product) and batch-first self-attention (contiguous
+    projections). State dicts, digests and results are unchanged; the speed-up is measured in
+    docs/BENCHMARKS.md."""
+    for mod in model.modules():
+        if type(mod) is nn.MultiheadAttention and mod.batch_first and mod._qkv_same_embed_dim \
+                and mod.in_proj_weight is not None and mod.bias_k is None and not mod.add_zero_attn:
+            mod.__class__ = SelfAttention
+    visual = getattr(model, "visual", None)
+    if visual is not None:
+        use_patchify_matmul(visual, "conv1")
+    return model
+
+
 def make_clip_adapter(name: str, model: nn.Module, tokenizer: Any, spec: dict[str, Any]) -> ClipAdapter:
     visual = model.visual
     size = visual.image_size
@@ -116,5 +165,6 @@ def make_clip_adapter(name: str, model: nn.Module, tokenizer: Any, spec: dict[st
     mean = tuple(pre.get("mean", OPENAI_MEAN))
     std = tuple(pre.get("std", OPENAI_STD))
     ctx = int(getattr(model, "context_length", 77))
+    speed_up(model)
     model.eval()
     return ClipAdapter(name, model, tokenizer, spec, image_size=size, mean=mean, std=std, context_length=ctx)

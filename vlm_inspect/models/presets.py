@@ -36,6 +36,57 @@ class ModelUnavailableError(RuntimeError):
     """Weights for a pretrained preset could not be obtained (usually: no network)."""
 
 
+WEIGHTS_DIR_ENV = "VLM_INSPECT_WEIGHTS_DIR"
+
+
+def weights_dir() -> Path | None:
+    """The folder of local copies of pretrained weights (``--weights-dir`` / ``$VLM_INSPECT_WEIGHTS_DIR``):
+    ``<dir>/<name>`` holds the copy of ``<name>``, e.g. ``<dir>/openai/ViT-B-32`` or, for an open_clip hub
+    name ``hf-hub:org/repo``, ``<dir>/org/repo``."""
+    env = os.environ.get(WEIGHTS_DIR_ENV)
+    return Path(env) if env else None
+
+
+def set_weights_dir(folder: str | Path | None) -> None:
+    """Use ``folder`` for local copies of pretrained weights (an environment variable, so that worker
+    processes and ``torchrun`` ranks see it too); ``None`` switches it off."""
+    if folder is None:
+        os.environ.pop(WEIGHTS_DIR_ENV, None)
+        return
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"--weights-dir {folder}: no such folder")
+    os.environ[WEIGHTS_DIR_ENV] = str(folder.resolve())
+
+
+def local_copy_path(name: str, root: Path | None = None) -> Path | None:
+    """Where the local copy of ``name`` lives (whether or not it is there); None without a weights dir."""
+    root = root or weights_dir()
+    if root is None:
+        return None
+    return root / name.removeprefix("hf-hub:")
+
+
+def local_copy(name: str) -> Path | None:
+    """The local copy of ``name`` in the weights dir, if one is there."""
+    path = local_copy_path(name)
+    if path is not None and ((path / "config.json").is_file() or (path / "open_clip_config.json").is_file()):
+        return path
+    return None
+
+
+def unavailable(name: str, error: Exception) -> ModelUnavailableError:
+    """One sentence: what is missing (the weights of ``name``) and how to fix it."""
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}" if str(error) else type(error).__name__
+    where = local_copy_path(name)
+    place = (f"put a copy in {where}" if where is not None
+             else "put a copy in a folder and start with --weights-dir <folder> (or pass weights=<folder>)")
+    return ModelUnavailableError(
+        f"{name}: its weights are not on this machine and could not be downloaded ({reason}); {place} "
+        f"(`python -m vlm_inspect.models.fetch {name} --out <folder>` writes one on a machine with internet), "
+        f"or use the embedded suite.")
+
+
 # ---- embedded architectures ------------------------------------------------------------------
 # A ViT everywhere (TGA-ZSR needs patch tokens, CAPT/APD need deep prompts), with a small conv stem
 # in place of the 8x8 patchify: DESIGN §5 measured that a plain 8x8-patchify ViT learns shape slowly
@@ -152,6 +203,10 @@ register_preset(Preset("Salesforce/blip-vqa-base", "vqa", "pretrained", "blip-vq
                        source="Salesforce/blip-vqa-base", description="BLIP VQA base (transformers)"))
 
 
+# what the app's pretrained suite selects by default (and what `python -m vlm_inspect.models.fetch` copies)
+APP_PRETRAINED = ("openai/ViT-B-32", "nlpconnect/vit-gpt2-image-captioning", "Salesforce/blip-vqa-base")
+
+
 def _checkpoint_presets() -> dict[str, str]:
     """Defended/extra embedded checkpoints found on disk: name -> family."""
     found: dict[str, str] = {}
@@ -163,6 +218,16 @@ def _checkpoint_presets() -> dict[str, str]:
                 if fam in FAMILIES:
                     found[d.name] = fam
     return found
+
+
+def checkpoint_suite(config: dict[str, Any]) -> str:
+    """The suite a checkpoint belongs to: that of the preset it was built from (or its base's)."""
+    for ref in (config.get("base"), config.get("preset"), (config.get("model") or {}).get("preset")):
+        if ref in PRESETS:
+            return PRESETS[ref].suite
+        if isinstance(ref, str) and ref.startswith("hf-hub:"):
+            return "pretrained"
+    return "embedded"
 
 
 def list_presets(suite: str | None = None, family: str | None = None) -> list[str]:
@@ -382,6 +447,7 @@ def _load_hf_folder(folder: Path, name: str, model_type: str) -> Adapter:
 
 def _load_pretrained_default(p: Preset) -> Adapter:
     """Weights from the hub (cached); a clear ModelUnavailableError when that is impossible."""
+    log.info("loading %s (the first use downloads its weights into the Hugging Face cache)", p.name)
     try:
         if p.builder == "open_clip":
             import open_clip
@@ -398,11 +464,7 @@ def _load_pretrained_default(p: Preset) -> Adapter:
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - network / hub errors come in many types
-        raise ModelUnavailableError(
-            f"could not get the weights of {p.name} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            f"Download them on a machine with internet and pass the folder as weights=<folder>, "
-            f"or use the embedded suite."
-        ) from e
+        raise unavailable(p.name, e) from e
 
 
 def load(name: str, device: str = "cpu", weights: str = "default") -> Adapter:
@@ -422,15 +484,17 @@ def load(name: str, device: str = "cpu", weights: str = "default") -> Adapter:
     if name.startswith("hf-hub:"):
         if weights == "random":
             raise ValueError(f"{name}: random weights need a known architecture; hub names only load real weights")
+        local = local_copy(name)
+        if local is not None:
+            return load_folder(local, name, device)
         try:
             import open_clip
 
+            log.info("loading %s (the first use downloads its weights into the Hugging Face cache)", name)
             model = open_clip.create_model(name)
             tok = open_clip.get_tokenizer(name)
         except Exception as e:  # noqa: BLE001
-            raise ModelUnavailableError(
-                f"could not load {name} ({type(e).__name__}). Download it on a machine with internet and pass "
-                "the folder as weights=<folder>, or use the embedded suite.") from e
+            raise unavailable(name, e) from e
         return _adapt(name, model, tok, _spec(name, "clip", "open_clip-hub", {"name": name},
                                               {"kind": "open_clip", "name": name}), name).to(device)
     if name in PRESETS:
@@ -442,6 +506,9 @@ def load(name: str, device: str = "cpu", weights: str = "default") -> Adapter:
                     return load_folder(ckpt, name, device)
                 log.warning("no trained checkpoint for %s in %s: using random weights", name, ckpt.parent)
             else:
+                local = local_copy(name)
+                if local is not None:
+                    return load_folder(local, name, device)
                 return _load_pretrained_default(p).to(device)
         spec = preset_spec(name)
         tokenizer = _tokenizer_from_ref(spec["tokenizer"], None)

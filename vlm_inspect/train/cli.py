@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..runtime import DEVICE_HELP, PRECISION_HELP, add_arguments, apply_weights_dir
 from .loop import TrainConfig
 
 HELP = {
@@ -19,6 +20,8 @@ HELP = {
             "flickr8k:<imgs>,<Flickr8k.token.txt>, vqav2:<imgs>,<questions.json>,<annotations.json>; "
             "auto = shapes:shapes-combo for the CLIP defenses, shapes:shapes-scenes otherwise",
     "out": "run folder: model.safetensors + config.json, snapshots, log.jsonl",
+    "device": DEVICE_HELP,
+    "precision": PRECISION_HELP + " (fp16 with loss scaling)",
 }
 
 
@@ -47,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-options", action="store_true", help="print the chosen defense's options and defaults, then exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--rank-report", action="store_true", help=argparse.SUPPRESS)
+    add_arguments(p, device=False, precision=False)  # --weights-dir
     return p
 
 
@@ -75,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         options["part"] = args.part
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "options"}
     cfg = TrainConfig(**values, options=options)
+    from ..models.presets import ModelUnavailableError
+
     try:
+        apply_weights_dir(args)
         out = train(cfg, resume=args.resume, progress=not args.no_progress, rank_report=args.rank_report)
-    except (DataError, CheckpointError, ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (DataError, CheckpointError, ValueError, FileNotFoundError, FloatingPointError,
+            ModelUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {Path(out) / 'model.safetensors'}; load it with vlm_inspect.load({cfg.model!r}, weights={str(out)!r})")

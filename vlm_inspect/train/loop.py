@@ -25,6 +25,7 @@ from ..data.sources import DataError, open_data
 from ..defenses import DEFENSES
 from ..defenses.common import make_config
 from ..models import load
+from ..runtime import autocast, resolve_device, resolve_precision
 from . import dist as D
 from .state import latest_snapshot, read_trainer_json, restore_snapshot, save_snapshot
 
@@ -50,8 +51,8 @@ class TrainConfig:
     schedule: str = "cosine"              # cosine (to 0) | constant
     grad_clip: float = 1.0                # max global grad norm; 0 disables
     seed: int = 0                         # model init, data order, attacks' random starts
-    precision: str = "fp32"               # fp32 | bf16 (autocast; convolutions stay fp32)
-    device: str = "cpu"                   # cpu | cuda | cuda:N
+    precision: str = "fp32"               # fp32 | bf16 | fp16 (autocast; fp16 on a GPU, with loss scaling) | auto
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
     workers: int = 1                      # data-loading processes (render batches ahead)
     eval_every: int = 250                 # steps between evaluations; 0 = only at the end
     eval_samples: int = 240               # samples per evaluation set
@@ -133,8 +134,8 @@ class _Batches(torch.utils.data.Dataset):
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.defense not in DEFENSES:
         raise ValueError(f"unknown defense {cfg.defense!r}; valid: {', '.join(DEFENSES.list())}")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"unknown precision {cfg.precision!r}; valid: fp32, bf16")
+    cfg.device = resolve_device(cfg.device)
+    cfg.precision = resolve_precision(cfg.precision, cfg.device)
     if cfg.init == "auto":
         cfg.init = "random" if cfg.defense == "base" else "default"
     if cfg.data == "auto":
@@ -146,8 +147,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def _autocast(cfg: TrainConfig):
-    dev = "cuda" if cfg.device.startswith("cuda") else "cpu"
-    return torch.autocast(dev, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    return autocast(cfg.device, cfg.precision)
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = True,
@@ -181,6 +181,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = T
     D.broadcast_parameters(task.modules_to_save(), info)
     optimizer = make_optimizer(cfg, params, task.lr_scales())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    # fp16 (GPU) needs loss scaling; for fp32 / bf16 the scaler is a pass-through
+    scaler = torch.amp.GradScaler(torch.device(cfg.device).type, enabled=cfg.precision == "fp16")
 
     start, elapsed, metrics = 0, 0.0, {}
     if resume is not None:
@@ -215,11 +217,13 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = T
                 loss, parts = task.loss(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr or check the data")
-            loss.backward()
+            scaler.scale(loss).backward()
             D.average_gradients(params, info)
+            scaler.unscale_(optimizer)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

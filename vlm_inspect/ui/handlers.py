@@ -145,13 +145,13 @@ def model_choices(service: InspectService, suite: str, family: str) -> list[str]
 
 
 def dropdown_updates(service: InspectService, suite: str, current: list[str | None] | None = None) -> list[dict]:
-    """Choices (re-read from disk) and values for the six model dropdowns; a current value that still
-    exists is kept, otherwise the suite's default is used."""
+    """Choices (re-read from disk) and values for the six model dropdowns. On a refresh (``current``
+    given) the current values are kept, typed-in names too; otherwise the suite's defaults are used."""
     d = service.defaults(suite)
     ups = []
     for i, (side, fam) in enumerate((s, f) for s in SIDES for f in FAMILIES):
         choices = model_choices(service, suite, fam)
-        keep = current[i] if current and current[i] in choices else None
+        keep = current[i] if current and current[i] else None
         ups.append(gr.update(choices=choices, value=keep or d[side][fam] or NONE))
     return ups
 

@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from ..runtime import add_arguments, apply_weights_dir
+
 MAX_FILE_SIZE = "25mb"  # uploads above this are refused before they reach the image decoder
 
 
@@ -26,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
                     help="model suite shown first (embedded: offline shapes-world models in checkpoints/)")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the app to your network")
     ap.add_argument("--port", type=int, default=7860, help="port (the next free one is used if it is taken)")
-    ap.add_argument("--device", default="cpu", help="torch device for the models (cpu, cuda, cuda:1, ...)")
+    add_arguments(ap)
     ap.add_argument("--models-dir", action="append", default=None,
                     help="folder whose sub-folders hold checkpoints from `python -m vlm_inspect.train --out` "
                          "(repeatable; default: runs)")
@@ -35,12 +37,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from ..checkpoints import CheckpointError
     from ..service import InspectService
     from .layout import build_demo
 
-    service = InspectService(suite=args.suite, device=args.device, model_dirs=args.models_dir or ["runs"])
+    try:
+        apply_weights_dir(args)
+        service = InspectService(suite=args.suite, device=args.device, precision=args.precision,
+                                 model_dirs=args.models_dir or ["runs"])
+    except (ValueError, CheckpointError) as e:
+        ap.error(str(e))
     demo = build_demo(service)
     demo.queue(default_concurrency_limit=1)
     port = args.port

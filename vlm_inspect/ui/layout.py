@@ -54,7 +54,12 @@ def build_demo(service: InspectService) -> gr.Blocks:
                             dropdowns.append(gr.Dropdown(H.model_choices(service, suite0, fam),
                                                          value=defaults[side][fam] or H.NONE,
                                                          label=f"{side} {FAMILY_TITLES[fam]}",
+                                                         allow_custom_value=True,
                                                          elem_id=f"model-{side}-{fam}"))
+                    gr.Markdown("Pick a model or type one: a checkpoint folder, or for CLIP an open_clip "
+                                "`hf-hub:<org>/<repo>` name (e.g. a published robust CLIP as the defended model). "
+                                "Pretrained weights download on first use; offline, start the app with "
+                                "`--weights-dir` (see `python -m vlm_inspect.models.fetch --help`).")
                     refresh = gr.Button("↻ Refresh model lists", size="sm", elem_id="refresh-models")
                 attack = gr.Radio(["fgsm", "bim", "pgd"], value="pgd", label="Attack")
                 eps = gr.Slider(0, EPS_MAX_K, value=4, step=0.5, label="Epsilon (k/255)", elem_id="eps")

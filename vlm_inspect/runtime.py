@@ -1,0 +1,100 @@
+"""Where and at what precision models run: ``--device cuda|cpu|auto`` and ``--precision fp32|bf16|fp16|auto``.
+
+One place for both choices, used by the app, ``inspect``, ``train`` and ``evaluate``:
+
+- ``resolve_device("auto")`` is ``cuda`` when a GPU is visible, else ``cpu``; asking for ``cuda`` without
+  one is refused with one sentence.
+- Precision is autocast, never a cast of the weights: matrix products run in bf16/fp16 while
+  pixels, perturbations and the attack's projection stay fp32. fp16 needs a GPU (CPU autocast has no
+  fp16 kernels worth using); ``auto`` is bf16 on a GPU that has it and on a CPU with native bf16
+  (AMX / AVX512-BF16, where it roughly halves a ViT-B-32 attack step, docs/BENCHMARKS.md), else fp32.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import torch
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | None = "auto") -> str:
+    """``auto`` -> ``cuda`` if available else ``cpu``; ``cpu``, ``cuda`` and ``cuda:N`` are checked."""
+    device = str(device or "auto").strip().lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is visible to torch on this machine; "
+                             "use --device cpu (or auto)")
+        index = device.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+        return device
+    raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (oneDNN reports bf16 support: AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # noqa: BLE001 - private API; absence means "don't know" = no
+        return False
+
+
+def resolve_precision(precision: str | None, device: str) -> str:
+    """Check ``precision`` for ``device`` and turn ``auto`` into a concrete choice."""
+    precision = str(precision or "fp32").strip().lower()
+    kind = torch.device(device).type
+    if precision == "auto":
+        if kind == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: auto, {', '.join(PRECISIONS)}")
+    if precision == "fp16" and kind != "cuda":
+        raise ValueError("fp16 needs a CUDA GPU (CPU autocast has no fast fp16); use bf16 or fp32 on the CPU")
+    return precision
+
+
+def autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for ``precision`` on ``device`` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=DTYPES[precision])
+
+
+def fp16_active() -> bool:
+    """True inside fp16 autocast on a GPU (attacks then scale the loss so small gradients survive)."""
+    return torch.cuda.is_available() and torch.is_autocast_enabled("cuda") \
+        and torch.get_autocast_dtype("cuda") == torch.float16
+
+
+DEVICE_HELP = "torch device: auto (a CUDA GPU if one is visible, else the CPU), cpu, cuda, cuda:N"
+PRECISION_HELP = ("autocast precision: auto = bf16 on a GPU or on a CPU with native bf16 (AMX / AVX512-BF16), "
+                  "else fp32; fp16 only on a GPU")
+WEIGHTS_DIR_HELP = ("folder of local copies of pretrained weights (<dir>/<name>, e.g. <dir>/openai/ViT-B-32), "
+                    "for machines without internet; `python -m vlm_inspect.models.fetch --out <dir>` writes them")
+
+
+def add_arguments(parser, precision_default: str = "auto", device: bool = True, precision: bool = True) -> None:
+    """``--device``, ``--precision`` and ``--weights-dir`` with the same meaning in every command."""
+    if device:
+        parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    if precision:
+        parser.add_argument("--precision", default=precision_default, choices=["auto", *PRECISIONS],
+                            help=f"{PRECISION_HELP} (attacks and inference)")
+    parser.add_argument("--weights-dir", default=None, metavar="DIR", help=WEIGHTS_DIR_HELP)
+
+
+def apply_weights_dir(args) -> None:
+    """Make ``--weights-dir`` (if given) the place pretrained models load from."""
+    if getattr(args, "weights_dir", None):
+        from .models.presets import set_weights_dir
+
+        set_weights_dir(args.weights_dir)
