@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from vlm_inspect.data.shapes import ShapesDataset
-from vlm_inspect.service import InputError, InspectRequest, InspectService, label_sets
+from vlm_inspect.service import CURVE_EPS_K, InputError, InspectRequest, InspectService, label_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = {"clip": "shapes-clip", "captioner": "shapes-captioner", "vqa": "shapes-vqa"}
@@ -160,7 +160,7 @@ def test_odd_images_are_inspected(service, scene, mode):
 
 def test_curve_is_one_batched_run_per_side(service, scene):
     curve = service.curve(scene, request(defended={"clip": "shapes-clip"}, steps=5))
-    assert curve["eps_k255"] == [0, 1, 2, 4, 8, 16]
+    assert curve["eps_k255"] == list(CURVE_EPS_K) and len(CURVE_EPS_K) == 8
     base = curve["series"]["baseline"]["values"]
     clean_p = service.inspect(scene, request(eps_k=0, steps=1)).report["models"]["shapes-clip"]["clean"]["zero_shot"]
     assert base[0] == pytest.approx(clean_p["probs"][0], abs=1e-4)
@@ -239,7 +239,8 @@ def test_handlers_lay_out_an_inspection_and_export_it(service, scene):
         H.export(None)
     assert H.label_set_values("shapes: count (3)") == ("one, two, three", "a photo of {} shapes")
     ups = H.dropdown_updates(service, "embedded", ["shapes-clip", "gone", None, None, None, None])
-    assert ups[0]["value"] == "shapes-clip" and ups[1]["value"] == "shapes-captioner"  # unknown -> default
+    assert ups[0]["value"] == "shapes-clip" and ups[2]["value"] == "shapes-vqa"  # unset -> default
+    assert ups[1]["value"] == "gone"  # a typed-in name is kept (loading it says what is wrong)
     assert ups[3]["value"] == (service.defaults()["defended"]["clip"] or H.NONE) and H.NONE in ups[3]["choices"]
 
 

@@ -58,7 +58,8 @@ class PromptedClip(ClipAdapter):
         self.prompts = prompts.to(base.device)
 
     # -- vision --
-    def projected_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 1+N, width): the visual transformer's tokens after ln_post, prompt tokens dropped."""
         visual = self.model.visual
         if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False) \
                 or getattr(visual, "pool_type", "tok") != "tok":
@@ -66,11 +67,18 @@ class PromptedClip(ClipAdapter):
         x = visual._embeds(self.normalize(pixels))
         n = x.shape[1]
         x = self._run(visual.transformer, x, self.prompts.vision, lambda x, p: torch.cat([x[:, :n], p], 1), None)
-        x = visual.ln_post(x[:, :n])
+        return visual.ln_post(x[:, :n])
+
+    def projected_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        visual = self.model.visual
+        x = self._visual_tokens(pixels)
         return x @ visual.proj if visual.proj is not None else x
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.projected_tokens(pixels)[:, 0], dim=-1)
+        # project the class token alone, as open_clip does: a (B, D) product rounds like the plain model's
+        visual = self.model.visual
+        x = self._visual_tokens(pixels)[:, 0]
+        return F.normalize(x @ visual.proj if visual.proj is not None else x, dim=-1)
 
     # -- text --
     def encode_text(self, texts: str | Sequence[str]) -> torch.Tensor:
