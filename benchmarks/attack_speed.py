@@ -94,7 +94,13 @@ def main() -> int:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--parts", default="pgd,curve", help="which parts to run: pgd (1-3), curve (4)")
     ap.add_argument("--out", default=None, help="JSON file for the results")
+    ap.add_argument("--bf16", default="auto", choices=["auto", "on", "off"],
+                    help="also time bf16 autocast; auto = only where the CPU computes bf16 natively "
+                         "(without AVX512-BF16 / AMX a bf16 matmul is emulated, ~40x slower than fp32 here)")
     args = ap.parse_args()
+    from vlm_inspect.runtime import cpu_has_native_bf16
+
+    precs = ("fp32", "bf16") if args.bf16 == "on" or (args.bf16 == "auto" and cpu_has_native_bf16()) else ("fp32",)
 
     import torchattacks
 
@@ -113,8 +119,8 @@ def main() -> int:
                           "torch": torch.__version__, "torchattacks": torchattacks.__version__,
                           "vlm_inspect": __version__, "python": platform.python_version(),
                           "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats}
-    rate = {"fp32": matmul_rate(torch.float32, repeats=args.repeats),
-            "bf16": matmul_rate(torch.bfloat16, repeats=args.repeats)}
+    results["machine"]["native_bf16"] = cpu_has_native_bf16()
+    rate = {p: matmul_rate(torch.float32 if p == "fp32" else torch.bfloat16, repeats=args.repeats) for p in precs}
     results["limit"]["matmul_gflops"] = {k: round(v / 1e9, 1) for k, v in rate.items()}
     print("matmul GFLOP/s", results["limit"]["matmul_gflops"], flush=True)
 
@@ -153,15 +159,16 @@ def main() -> int:
             ours_model.requires_grad_(False)  # as the app holds its models; our attack does this itself
             cases = {"torchattacks (open_clip modules)": lambda: ta_stock(x, y),
                      "torchattacks (our modules)": lambda: ta_same(x, y),
-                     "ours fp32": lambda: ours(x, objective), "ours bf16": ours_bf16,
-                     "bare step fp32": bare, "bare step bf16": bare_bf16}
+                     "ours fp32": lambda: ours(x, objective), "bare step fp32": bare}
+            if "bf16" in precs:
+                cases.update({"ours bf16": ours_bf16, "bare step bf16": bare_bf16})
             t = median_times(cases, args.repeats)
             row = {"model": name, "batch": b, **{k: round(v, 4) for k, v in t.items()},
                    "ratio_vs_open_clip_modules": round(t["torchattacks (open_clip modules)"] / t["ours fp32"], 3),
                    "ratio_vs_same_modules": round(t["torchattacks (our modules)"] / t["ours fp32"], 3),
-                   "bf16_gain": round(t["ours fp32"] / t["ours bf16"], 3)}
+                   "bf16_gain": round(t["ours fp32"] / t["ours bf16"], 3) if "bf16" in precs else None}
             results["pgd"].append(row)
-            for prec in ("fp32", "bf16"):
+            for prec in precs:
                 step = t[f"ours {prec}"] / 10
                 results["overhead"].append({"model": name, "batch": b, "precision": prec, "ours_step_s": round(step, 4),
                                             "bare_step_s": round(t[f"bare step {prec}"], 4),
@@ -172,7 +179,7 @@ def main() -> int:
                 with FlopCounterMode(display=False) as fc:
                     bare()
                 flops = fc.get_total_flops()
-                for prec in ("fp32", "bf16"):
+                for prec in precs:
                     achieved = flops / (t[f"ours {prec}"] / 10)
                     results["limit"].setdefault("steps", []).append(
                         {"batch": b, "precision": prec, "gflop_per_step": round(flops / 1e9, 1),
@@ -191,7 +198,7 @@ def main() -> int:
         obj1 = zero_shot_ce(ours_model, prompts, y1, text_features=text)
         obj8 = zero_shot_ce(ours_model, prompts, y1.repeat(len(attacked)), text_features=text)
         x8 = x1.repeat(len(attacked), 1, 1, 1)
-        for prec in ("fp32", "bf16"):
+        for prec in precs:
             ctx = bf16 if prec == "bf16" else torch.enable_grad
 
             def run_one(ctx=ctx):
