@@ -18,7 +18,6 @@ Every time is the median of ``--repeats`` runs (the cases interleaved), after on
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -36,22 +35,9 @@ SHAPES_CLASSES = ["red circle", "blue square", "green triangle", "yellow star", 
 
 def stock(adapter):
     """A deep copy of the adapter with open_clip's own modules back (undo ``models.clip.speed_up``)."""
-    from torch import nn
+    from vlm_inspect.models.clip import stock_copy
 
-    from vlm_inspect.models.base import PatchifyConv
-    from vlm_inspect.models.clip import SelfAttention
-
-    other = copy.deepcopy(adapter)
-    for mod in other.modules():
-        if type(mod) is SelfAttention:
-            mod.__class__ = nn.MultiheadAttention
-        for name, child in list(mod.named_children()):
-            if type(child) is PatchifyConv:
-                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
-                                 bias=child.bias is not None)
-                conv.weight, conv.bias = child.weight, child.bias
-                setattr(mod, name, conv)
-    return other
+    return stock_copy(adapter)[0]
 
 
 class Logits(torch.nn.Module):

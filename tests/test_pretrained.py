@@ -4,7 +4,6 @@
 choices (``--device``, ``--precision``) and the module swaps that make attacks faster."""
 from __future__ import annotations
 
-import copy
 import os
 import re
 import subprocess
@@ -210,35 +209,15 @@ def test_bf16_inspection_agrees_with_fp32_on_the_embedded_suite():
 
 # ---- the faster modules -------------------------------------------------------------------------
 
-def _stock_copy(adapter):
-    from torch import nn
-
-    from vlm_inspect.models.base import PatchifyConv
-    from vlm_inspect.models.clip import SelfAttention
-
-    other = copy.deepcopy(adapter)
-    swapped = 0
-    for mod in other.modules():
-        if type(mod) is SelfAttention:
-            mod.__class__ = nn.MultiheadAttention
-            swapped += 1
-        for name, child in list(mod.named_children()):
-            if type(child) is PatchifyConv:
-                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
-                                 bias=child.bias is not None)
-                conv.weight, conv.bias = child.weight, child.bias
-                setattr(mod, name, conv)
-                swapped += 1
-    return other, swapped
-
-
 @pytest.mark.parametrize("name", ["openai/ViT-B-32", "shapes-clip"])
 def test_faster_modules_compute_what_open_clip_computes(name):
     """The patchify-as-matmul and contiguous self-attention swaps give open_clip's outputs, gradients
     to the pixels, and state-dict keys (so checkpoints and digests are unchanged)."""
     model = load(name, weights="random")
     model.requires_grad_(False)
-    ref, swapped = _stock_copy(model)
+    from vlm_inspect.models.clip import stock_copy
+
+    ref, swapped = stock_copy(model)
     assert swapped >= (25 if name == "openai/ViT-B-32" else 8)
     assert list(model.model.state_dict()) == list(ref.model.state_dict())
     x = torch.rand(2, 3, model.image_size, model.image_size)

@@ -157,6 +157,30 @@ def speed_up(model: nn.Module) -> nn.Module:
     return model
 
 
+def stock_copy(adapter):
+    """A deep copy of ``adapter`` with open_clip's own modules back (undoes :func:`speed_up`), and how
+    many modules were swapped back: the reference for the equivalence test and the torchattacks
+    benchmark."""
+    import copy
+
+    from .base import PatchifyConv
+
+    other = copy.deepcopy(adapter)
+    swapped = 0
+    for mod in other.modules():
+        if type(mod) is SelfAttention:
+            mod.__class__ = nn.MultiheadAttention
+            swapped += 1
+        for name, child in list(mod.named_children()):
+            if type(child) is PatchifyConv:
+                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                                 bias=child.bias is not None)
+                conv.weight, conv.bias = child.weight, child.bias
+                setattr(mod, name, conv)
+                swapped += 1
+    return other, swapped
+
+
 def make_clip_adapter(name: str, model: nn.Module, tokenizer: Any, spec: dict[str, Any]) -> ClipAdapter:
     visual = model.visual
     size = visual.image_size
