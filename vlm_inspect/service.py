@@ -43,7 +43,7 @@ from .explain import attention_from_tokens, attention_shift, grad_cam, overlay
 from .images import ImageError, load_image, pil_to_pixels, pixels_to_uint8, resize_center_crop
 from .models import list_presets, load
 from .models.presets import (FAMILIES, PRESETS, SUITES, ModelUnavailableError, checkpoint_suite,
-                             checkpoints_dir)
+                             checkpoints_dir, is_pretrained)
 from .runtime import autocast, resolve_device, resolve_precision
 from .objectives import answer_nll, caption_nll, embedding_cosine, zero_shot_ce
 
@@ -373,15 +373,15 @@ class InspectService:
                 self._models.move_to_end(name)
                 return hit[0]
             if progress is not None:
-                first = name in PRESETS and PRESETS[name].suite == "pretrained" or name.startswith("hf-hub:")
+                first = is_pretrained(name)
                 progress(0.0, f"loading {name}" + (" (the first use downloads its weights)" if first else ""))
             try:
                 adapter = load(name, device=self.device)
             except FileNotFoundError as e:
                 raise InputError(f"model {name!r}: {e}") from None
-            except ModelUnavailableError as e:  # no network for a first download: say what to do
-                raise InputError(str(e)) from None
-            except ValueError as e:  # unknown name, checkpoint of another architecture, truncated file...
+            # no network for a first download (the message says what to do); an unknown name, a checkpoint
+            # of another architecture, a truncated file...
+            except (ModelUnavailableError, ValueError) as e:
                 raise InputError(str(e)) from None
             adapter.eval()
             for p in adapter.parameters():  # the app never trains: no weight graphs (a third faster)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import OPENAI_MEAN, OPENAI_STD, Adapter, as_text_list, install_vit_stem, use_patchify_matmul
+from .base import (OPENAI_MEAN, OPENAI_STD, Adapter, PatchifyConv, as_text_list, install_vit_stem,
+                   use_patchify_matmul)
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +162,6 @@ def stock_copy(adapter):
     """A deep copy of ``adapter`` with open_clip's own modules back (undoes :func:`speed_up`), and how
     many modules were swapped back: the reference for the equivalence test and the torchattacks
     benchmark."""
-    import copy
-
-    from .base import PatchifyConv
-
     other = copy.deepcopy(adapter)
     swapped = 0
     for mod in other.modules():

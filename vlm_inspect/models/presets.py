@@ -67,6 +67,11 @@ def local_copy_path(name: str, root: Path | None = None) -> Path | None:
     return root / name.removeprefix("hf-hub:")
 
 
+def is_pretrained(name: str) -> bool:
+    """A pretrained-suite preset or an open_clip hub name: weights from the hub or a local copy."""
+    return name.startswith("hf-hub:") or (name in PRESETS and PRESETS[name].suite == "pretrained")
+
+
 def local_copy(name: str) -> Path | None:
     """The local copy of ``name`` in the weights dir, if one is there."""
     path = local_copy_path(name)
@@ -447,7 +452,6 @@ def _load_hf_folder(folder: Path, name: str, model_type: str) -> Adapter:
 
 def _load_pretrained_default(p: Preset) -> Adapter:
     """Weights from the hub (cached); a clear ModelUnavailableError when that is impossible."""
-    log.info("loading %s (the first use downloads its weights into the Hugging Face cache)", p.name)
     try:
         if p.builder == "open_clip":
             import open_clip
@@ -481,16 +485,17 @@ def load(name: str, device: str = "cpu", weights: str = "default") -> Adapter:
             raise CheckpointError(f"{weights} holds a {adapter.family} checkpoint "
                                   f"({adapter.spec.get('preset')}), not a {want} model like {name}")
         return adapter
-    if name.startswith("hf-hub:"):
-        if weights == "random":
-            raise ValueError(f"{name}: random weights need a known architecture; hub names only load real weights")
+    if weights == "default" and is_pretrained(name):
         local = local_copy(name)
         if local is not None:
             return load_folder(local, name, device)
+        log.info("loading %s (the first use downloads its weights into the Hugging Face cache)", name)
+    if name.startswith("hf-hub:"):
+        if weights == "random":
+            raise ValueError(f"{name}: random weights need a known architecture; hub names only load real weights")
         try:
             import open_clip
 
-            log.info("loading %s (the first use downloads its weights into the Hugging Face cache)", name)
             model = open_clip.create_model(name)
             tok = open_clip.get_tokenizer(name)
         except Exception as e:  # noqa: BLE001
@@ -506,9 +511,6 @@ def load(name: str, device: str = "cpu", weights: str = "default") -> Adapter:
                     return load_folder(ckpt, name, device)
                 log.warning("no trained checkpoint for %s in %s: using random weights", name, ckpt.parent)
             else:
-                local = local_copy(name)
-                if local is not None:
-                    return load_folder(local, name, device)
                 return _load_pretrained_default(p).to(device)
         spec = preset_spec(name)
         tokenizer = _tokenizer_from_ref(spec["tokenizer"], None)

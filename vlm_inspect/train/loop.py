@@ -146,10 +146,6 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def _autocast(cfg: TrainConfig):
-    return autocast(cfg.device, cfg.precision)
-
-
 def train(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = True,
           rank_report: bool = False) -> Path:
     """Run (or resume) a training run; returns the run folder, whose model loads with ``load``."""
@@ -213,7 +209,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = T
             batch["pixels"] = pixels
             if rank_report:
                 seen += batch["index"]
-            with _autocast(cfg):
+            with autocast(cfg.device, cfg.precision):
                 loss, parts = task.loss(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr or check the data")
