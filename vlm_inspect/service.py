@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from . import __version__
 from .attacks import ATTACKS
 from .checkpoints import is_vlm_checkpoint, read_config
-from .explain import attention_from_tokens, attention_shift, grad_cam, overlay
+from .explain import attention_shift, grad_cam, overlay
 from .images import ImageError, load_image, pil_to_pixels, pixels_to_uint8, resize_center_crop
 from .models import list_presets, load
 from .models.presets import (FAMILIES, PRESETS, SUITES, ModelUnavailableError, checkpoint_suite,
@@ -85,12 +85,12 @@ def label_sets() -> dict[str, tuple[list[str], str]]:
         "shapes: colour (8)": (list(COLOURS), "a photo of a {} object"),
         "shapes: size (2)": (list(SIZES), "a photo of a {} object"),
         "shapes: count (3)": (list(COUNTS), "a photo of {} shapes"),
-        "everyday objects (10)": (["person", "astronaut", "cat", "dog", "cup of coffee", "motorcycle", "car",
-                                   "bird", "flower", "building"], "a photo of a {}"),
+        "everyday objects (12)": (["person", "astronaut", "cat", "dog", "cup of coffee", "motorcycle", "car",
+                                   "bird", "flower", "building", "rocket", "tree"], "a photo of a {}"),
     }
 
 
-DEFAULT_LABEL_SET = {"embedded": "shapes: colour + shape (48)", "pretrained": "everyday objects (10)"}
+DEFAULT_LABEL_SET = {"embedded": "shapes: colour + shape (48)", "pretrained": "everyday objects (12)"}
 DEFAULT_QUESTION = {"embedded": "how many shapes are there?", "pretrained": "what is in the picture?"}
 
 
@@ -467,6 +467,8 @@ class InspectService:
                     key = m.name if m.name not in report_models else f"{m.name} ({side})"
                     entry = {"role": side, "family": fam, "attacked": m is attacked,
                              "clean": {k: v for k, v in clean[fam].items() if not k.startswith("_")}}
+                    if getattr(m, "description", None):  # a clip-family model that is not CLIP says what it is
+                        entry["about"] = m.description
                     if adv_px is not None:
                         entry["adversarial"] = self._adv_outputs(m, _resize(adv_px, m.image_size), clean[fam], req)
                         if fam == "clip":
@@ -534,8 +536,7 @@ class InspectService:
             probs = model.logits(F.normalize(tokens[:, 0], dim=-1), text).softmax(-1)[0]
             top = int(probs.argmax()) if top is None else top
             if req.heatmap == "attention":
-                return probs, top, attention_from_tokens(tokens, text[top:top + 1], model.grid,
-                                                         tuple(px.shape[-2:]))[0].float()
+                return probs, top, model.attention_map(tokens, text[top:top + 1], tuple(px.shape[-2:]))[0].float()
         return probs, top, grad_cam(model, px, req.prompts[top])[0].float()
 
     def _clean_outputs(self, model, img, digest: str, req: InspectRequest) -> dict[str, Any]:
@@ -553,6 +554,7 @@ class InspectService:
             out["attention_text"] = req.prompts[top]
             out["_probs"], out["_top"], out["_map"] = probs, top, heat
             out["_overlay"] = overlay(_display(pixels_to_uint8(px)), heat)
+            out.update(_conse_parts(model, px))
         else:
             out.update({"question": req.question} if model.family == "vqa" else {})
             out.update(self._text_outputs(model, px, req))
@@ -582,6 +584,7 @@ class InspectService:
             out["top1_changed"] = int(probs.argmax()) != top
             out["attention_shift"] = round(float(attention_shift(clean["_map"][None], adv_map[None])[0]), 6)
             out["_overlay"] = overlay(_display(pixels_to_uint8(adv)), adv_map)
+            out.update(_conse_parts(model, adv))
         else:
             out.update(self._text_outputs(model, adv, req))
         return out
@@ -656,6 +659,13 @@ class InspectService:
                 values = 1.0 - loss if req.target == "embedding" else torch.exp(-loss)
                 out["series"][side] = {"model": name, "values": [round(float(v), 6) for v in values]}
         return out
+
+
+def _conse_parts(model, px: torch.Tensor) -> dict[str, Any]:
+    """For a ConSE model: the ImageNet classes its zero-shot embedding is made of (top 3)."""
+    if not hasattr(model, "imagenet_top"):
+        return {}
+    return {"imagenet_top3": [[name, p] for name, p in model.imagenet_top(px, 3)[0]]}
 
 
 def _resize(pixels: torch.Tensor, size: int) -> torch.Tensor:

@@ -47,8 +47,10 @@ def text_guided_attention(model, pixels: torch.Tensor, texts: str | Sequence[str
     if text_features is None:
         texts = as_text_list(texts, b, "texts")
         text_features = model.encode_text(texts)
-    return attention_from_tokens(model.projected_tokens(pixels), text_features, model.grid,
-                                 tuple(pixels.shape[-2:]), token_norm)
+    tokens = model.projected_tokens(pixels)
+    if token_norm == "feature" and hasattr(model, "attention_map"):  # the model's own map (ConSE has another)
+        return model.attention_map(tokens, text_features, tuple(pixels.shape[-2:]))
+    return attention_from_tokens(tokens, text_features, model.grid, tuple(pixels.shape[-2:]), token_norm)
 
 
 def attention_from_tokens(tokens: torch.Tensor, text_features: torch.Tensor, grid: int, size: tuple[int, int],

@@ -32,6 +32,8 @@ def grad_cam(model, pixels: torch.Tensor, texts: str | Sequence[str]) -> torch.T
     """(B, H, W) Grad-CAM map in [0, 1] of each image's zero-shot logit for its text."""
     b = pixels.shape[0]
     texts = as_text_list(texts, b, "texts")
+    if hasattr(model, "cam_layer"):  # a CNN image side (the ConSE model): its last feature map
+        return _cnn_grad_cam(model, pixels, texts)
     visual = model.model.visual
     g = model.grid
     view = TokenGrid()
@@ -59,3 +61,17 @@ def grad_cam(model, pixels: torch.Tensor, texts: str | Sequence[str]) -> torch.T
         handle.remove()
     cam = cam.detach().reshape(b, g * g)
     return upsample_grid(minmax_over_patches(cam), g, tuple(pixels.shape[-2:]))
+
+
+def _cnn_grad_cam(model, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al. 2017) on ``model.cam_layer()``, a layer with a (B, C, h, w) output."""
+    with torch.no_grad():
+        text_features = model.encode_text(texts)
+
+    def score(px: torch.Tensor) -> torch.Tensor:
+        return model.logit_scale * (model.encode_image(px) * text_features).sum(-1, keepdim=True)
+
+    with model_guard(model):
+        cam = LayerGradCam(score, model.cam_layer()).attribute(pixels.detach(), target=0, relu_attributions=True)
+    g = cam.shape[-1]
+    return upsample_grid(minmax_over_patches(cam.detach().reshape(pixels.shape[0], -1)), g, tuple(pixels.shape[-2:]))

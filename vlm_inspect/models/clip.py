@@ -82,6 +82,12 @@ class ClipAdapter(Adapter):
         """(B, N, D) patch tokens after the final norm and projection, each L2-normalised."""
         return F.normalize(self.projected_tokens(pixels)[:, 1:], dim=-1)
 
+    def attention_map(self, tokens: torch.Tensor, text_features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(B, H, W) text-guided attention from :meth:`projected_tokens` (TGA-ZSR's map, DESIGN §3.4)."""
+        from ..explain.attention import attention_from_tokens
+
+        return attention_from_tokens(tokens, text_features, self.grid, size)
+
     # ---- zero-shot --------------------------------------------------------------------------
     @property
     def logit_scale(self) -> torch.Tensor:

