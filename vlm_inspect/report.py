@@ -32,6 +32,10 @@ def side_text(report: dict[str, Any], side: str) -> str:
             if zs_adv:
                 line += f" -> {zs_adv['labels'][0]} ({zs_adv['probs'][0]:.2f})"
             lines.append(line)
+            if "imagenet_top3" in e["clean"]:  # a ConSE model: the ImageNet classes behind its embedding
+                lines.append("  ImageNet: " + ", ".join(f"{n} {p:.2f}" for n, p in e["clean"]["imagenet_top3"])
+                             + (f" -> {adv['imagenet_top3'][0][0]} {adv['imagenet_top3'][0][1]:.2f}"
+                                if adv.get("imagenet_top3") else ""))
             if adv:
                 lines.append(f"  confidence change {adv['confidence_change']:+.3f}, "
                              f"attention shift {adv['attention_shift']:.3f}")
