@@ -18,12 +18,12 @@ Parts (all from PyPI, so it runs offline once installed):
   sentence-transformers does (checked equal to ``SentenceTransformer.encode`` in the tests).
 
 Faithful to the paper: the convex combination of the top-T class embeddings, renormalised by Z, and
-cosine scoring; T = 10, the paper's best setting on ImageNet.
+cosine scoring; T = 10 (the paper's ConSE(10)).
 
 Our choices:
 
 * the class embeddings s(y) are the encoder's embeddings of ``"a photo of a {name}."`` with open_clip's
-  cleaned ImageNet class names (the paper used word2vec vectors of the synset words);
+  cleaned ImageNet class names (the paper used skip-gram word vectors of the synset names);
 * probabilities on the page are softmax(20 * cosine): ConSE only ranks prompts, the temperature 20 is
   ours (a 0.2 cosine gap, typical between a right and a wrong prompt, reads as about 98 %);
 * text-guided attention: the classifier head is applied at every location of the final 7x7 feature map
@@ -31,7 +31,7 @@ Our choices:
   each location scores the prompt by the probability-weighted similarity of its top-T classes,
   sum_t p(y_t | location) cos(s(y_t), prompt) -- the location's ConSE combination *without* the 1/Z
   renormalisation, dotted with the prompt; then min-max normalised and upsampled like the CLIP heatmap.
-  Measured on assets/ (tests/test_conse.py): with the renormalised embedding and a cosine, as at the
+  Measured on assets/ with the object boxes of tests/test_conse.py: with the renormalised embedding and a cosine, as at the
   image level, the map peaked off the object, because a low-confidence background location mixes
   many classes into a generic sentence embedding that sits close to every prompt (cup: mean 0.84
   inside the cup's box vs 0.69 outside; rocket: 0.46 vs 0.52); without it, 0.88 vs 0.27 and 0.57 vs
