@@ -124,7 +124,7 @@ def test_model_flags_restored_exactly(shapes_clip):
 
 def test_attack_runs_model_in_eval_mode(shapes_clip):
     seen = []
-    handle = shapes_clip.model.visual.register_forward_pre_hook(lambda m, i: seen.append(m.training))
+    handle = shapes_clip.model.visual.transformer.resblocks[0].register_forward_pre_hook(lambda m, i: seen.append(m.training))
     shapes_clip.train()
     try:
         FGSM(eps=1 / 255)(torch.rand(1, 3, 64, 64), zero_shot_ce(shapes_clip, PROMPTS, [0]))

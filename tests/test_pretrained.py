@@ -229,3 +229,24 @@ def test_faster_modules_compute_what_open_clip_computes(name):
         grads.append((logits, torch.autograd.grad(logits[:, 0].sum(), px)[0]))
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-4)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["shapes-clip", "openai/ViT-B-32"])
+def test_class_token_only_last_block_is_open_clips_encode_image(name):
+    """encode_image computes the last block for the class token alone: same features and the same
+    gradient to the pixels as open_clip's full encode_image."""
+    import torch.nn.functional as F
+
+    from vlm_inspect.models.clip import class_token_only_last_block
+
+    model = load(name, weights="random")
+    assert class_token_only_last_block(model.model.visual)
+    x = torch.rand(3, 3, model.image_size, model.image_size)
+    w = torch.randn(3, model.model.visual.output_dim)
+    outs = []
+    for fn in (model.encode_image, lambda p: F.normalize(model.model.encode_image(model.normalize(p)), dim=-1)):
+        px = x.clone().requires_grad_(True)
+        feats = fn(px)
+        outs.append((feats, torch.autograd.grad((feats * w).sum(), px)[0]))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-6)
+    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-7, rtol=1e-4)

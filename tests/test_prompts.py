@@ -26,7 +26,9 @@ def test_zero_prompt_tokens_reproduce_the_plain_model_exactly(clip):
     assert len(list(prompted.prompts.parameters())) == 0
     x = torch.rand(2, 3, clip.image_size, clip.image_size)
     with torch.no_grad():
-        assert torch.equal(prompted.encode_image(x), clip.encode_image(x))
+        # the plain encode_image runs its last block for the class token alone (ClipAdapter.encode_image):
+        # the same function with matrices of another shape, so equal to rounding, not bit for bit
+        assert torch.allclose(prompted.encode_image(x), clip.encode_image(x), atol=1e-6, rtol=0)
         assert torch.equal(prompted.encode_text(TEXTS), clip.encode_text(TEXTS))
         assert torch.equal(prompted.projected_tokens(x), clip.projected_tokens(x))
 
