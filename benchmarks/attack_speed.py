@@ -5,7 +5,8 @@
 1. PGD-10 (L-inf, 4/255, step 1/255, random start) on zero-shot cross-entropy over 10 prompts, for
    ``shapes-clip`` (shipped weights) and ``openai/ViT-B-32`` (random weights: the real one's FLOPs), at
    batch 1 and 16. ``torchattacks.PGD`` gets a logits wrapper (text features computed once) around
-   (a) the model as open_clip builds it and (b) the same modules our adapter runs; ours runs
+   (a) the model as open_clip builds and runs it (its ``encode_image``) and (b) the same modules and
+   image path our adapter runs; ours runs
    ``vlm_inspect.attacks.PGD`` on ``zero_shot_ce`` with the same text features, in fp32 and bf16.
 2. Per-step overhead: our PGD step against a bare forward + backward to the pixels of the same model.
 3. The machine's limit: the rate of a large matrix product (fp32, bf16) and the FLOPs of one PGD step
@@ -41,14 +42,20 @@ def stock(adapter):
 
 
 class Logits(torch.nn.Module):
-    """pixels -> zero-shot logits, text features fixed: what torchattacks attacks."""
+    """pixels -> zero-shot logits, text features fixed: what torchattacks attacks. ``stock``: through
+    open_clip's own ``encode_image`` (the model as open_clip builds and runs it), else through our
+    adapter's (the class-token-only last block)."""
 
-    def __init__(self, adapter, text_features):
+    def __init__(self, adapter, text_features, stock: bool = False):
         super().__init__()
-        self.adapter, self.text = adapter, text_features
+        self.adapter, self.text, self.stock = adapter, text_features, stock
 
     def forward(self, x):
-        return self.adapter.logits(self.adapter.encode_image(x), self.text)
+        if self.stock:
+            image = torch.nn.functional.normalize(self.adapter.model.encode_image(self.adapter.normalize(x)), dim=-1)
+        else:
+            image = self.adapter.encode_image(x)
+        return self.adapter.logits(image, self.text)
 
 
 def median_times(cases: dict, repeats: int) -> dict[str, float]:
@@ -122,7 +129,7 @@ def main() -> int:
         for b in map(int, args.batches.split(",")) if "pgd" in args.parts else ():
             x = torch.rand(b, 3, model.image_size, model.image_size)
             y = torch.randint(0, len(classes), (b,))
-            ta_stock = torchattacks.PGD(Logits(stock_model, text).eval(), eps=4 / 255, alpha=1 / 255, steps=10)
+            ta_stock = torchattacks.PGD(Logits(stock_model, text, stock=True).eval(), eps=4 / 255, alpha=1 / 255, steps=10)
             ta_same = torchattacks.PGD(Logits(ours_model, text).eval(), eps=4 / 255, alpha=1 / 255, steps=10)
             ours = PGD(eps=4 / 255, alpha=1 / 255, steps=10, random_start=True)
             objective = zero_shot_ce(ours_model, prompts, y, text_features=text)
