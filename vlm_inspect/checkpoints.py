@@ -65,6 +65,15 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
         save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp), metadata=metadata)
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def weights_digest(module: nn.Module) -> str:
     """sha256 over a module's parameters and buffers (names, dtypes, shapes, bytes), in name order: which
     base model a prompt or partial checkpoint was trained on."""

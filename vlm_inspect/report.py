@@ -21,6 +21,11 @@ def side_entries(report: dict[str, Any], side: str) -> dict[str, tuple[str, dict
     return {e["family"]: (name, e) for name, e in report["models"].items() if e["role"] == side}
 
 
+def imagenet_text(top: list) -> str:
+    """A ConSE model's ImageNet classes, ``[[name, p], ...]``, as "name 0.37, name 0.33"."""
+    return ", ".join(f"{name} {p:.2f}" for name, p in top)
+
+
 def side_text(report: dict[str, Any], side: str) -> str:
     """Caption, answer and the attention/confidence numbers of one side, as short lines."""
     lines = []
@@ -33,9 +38,8 @@ def side_text(report: dict[str, Any], side: str) -> str:
                 line += f" -> {zs_adv['labels'][0]} ({zs_adv['probs'][0]:.2f})"
             lines.append(line)
             if "imagenet_top3" in e["clean"]:  # a ConSE model: the ImageNet classes behind its embedding
-                lines.append("  ImageNet: " + ", ".join(f"{n} {p:.2f}" for n, p in e["clean"]["imagenet_top3"])
-                             + (f" -> {adv['imagenet_top3'][0][0]} {adv['imagenet_top3'][0][1]:.2f}"
-                                if adv.get("imagenet_top3") else ""))
+                lines.append("  ImageNet: " + imagenet_text(e["clean"]["imagenet_top3"])
+                             + (f" -> {imagenet_text(adv['imagenet_top3'][:1])}" if adv.get("imagenet_top3") else ""))
             if adv:
                 lines.append(f"  confidence change {adv['confidence_change']:+.3f}, "
                              f"attention shift {adv['attention_shift']:.3f}")

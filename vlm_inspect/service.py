@@ -526,18 +526,21 @@ class InspectService:
         return hit
 
     def _clip_view(self, model, px: torch.Tensor, req: InspectRequest, top: int | None = None):
-        """Zero-shot probabilities (C,) and the heatmap (H, W) for class ``top`` (default: the top-1).
-        The text-guided attention map comes from the same forward pass as the probabilities."""
+        """Zero-shot probabilities (C,), the heatmap (H, W) for class ``top`` (default: the top-1) and the
+        model's notes for the report (e.g. a ConSE model's ImageNet classes). The text-guided attention
+        map and the notes come from the same forward pass as the probabilities."""
         text = self._class_features(model, req.prompts)
         with torch.no_grad():
-            tokens = model.projected_tokens(px).float()
+            tokens, notes = model.tokens_and_notes(px)
+            tokens = tokens.float()
         # the small products after the encoder run in fp32 even under autocast: exact probabilities
         with torch.no_grad(), torch.autocast(torch.device(self.device).type, enabled=False):
             probs = model.logits(F.normalize(tokens[:, 0], dim=-1), text).softmax(-1)[0]
             top = int(probs.argmax()) if top is None else top
             if req.heatmap == "attention":
-                return probs, top, model.attention_map(tokens, text[top:top + 1], tuple(px.shape[-2:]))[0].float()
-        return probs, top, grad_cam(model, px, req.prompts[top])[0].float()
+                heat = model.attention_map(tokens, text[top:top + 1], tuple(px.shape[-2:]))[0].float()
+                return probs, top, heat, notes
+        return probs, top, grad_cam(model, px, req.prompts[top])[0].float(), notes
 
     def _clean_outputs(self, model, img, digest: str, req: InspectRequest) -> dict[str, Any]:
         key = (self._model_key(model.name), digest, model.family, tuple(req.prompts) if model.family == "clip" else (),
@@ -549,12 +552,12 @@ class InspectService:
         px = self._pixels(model, img)
         out: dict[str, Any] = {}
         if model.family == "clip":
-            probs, top, heat = self._clip_view(model, px, req)
+            probs, top, heat, notes = self._clip_view(model, px, req)
             out["zero_shot"] = _top_k(probs, req.classes, req.top_k)
             out["attention_text"] = req.prompts[top]
             out["_probs"], out["_top"], out["_map"] = probs, top, heat
             out["_overlay"] = overlay(_display(pixels_to_uint8(px)), heat)
-            out.update(_conse_parts(model, px))
+            out.update(notes)
         else:
             out.update({"question": req.question} if model.family == "vqa" else {})
             out.update(self._text_outputs(model, px, req))
@@ -578,13 +581,13 @@ class InspectService:
         out: dict[str, Any] = {}
         if model.family == "clip":
             top = clean["_top"]
-            probs, _, adv_map = self._clip_view(model, adv, req, top=top)  # the map for the clean top-1's text
+            probs, _, adv_map, notes = self._clip_view(model, adv, req, top=top)  # the map for the clean top-1's text
             out["zero_shot"] = _top_k(probs, req.classes, req.top_k)
             out["confidence_change"] = round(float(probs[top] - clean["_probs"][top]), 6)
             out["top1_changed"] = int(probs.argmax()) != top
             out["attention_shift"] = round(float(attention_shift(clean["_map"][None], adv_map[None])[0]), 6)
             out["_overlay"] = overlay(_display(pixels_to_uint8(adv)), adv_map)
-            out.update(_conse_parts(model, adv))
+            out.update(notes)
         else:
             out.update(self._text_outputs(model, adv, req))
         return out
@@ -659,13 +662,6 @@ class InspectService:
                 values = 1.0 - loss if req.target == "embedding" else torch.exp(-loss)
                 out["series"][side] = {"model": name, "values": [round(float(v), 6) for v in values]}
         return out
-
-
-def _conse_parts(model, px: torch.Tensor) -> dict[str, Any]:
-    """For a ConSE model: the ImageNet classes its zero-shot embedding is made of (top 3)."""
-    if not hasattr(model, "imagenet_top"):
-        return {}
-    return {"imagenet_top3": [[name, p] for name, p in model.imagenet_top(px, 3)[0]]}
 
 
 def _resize(pixels: torch.Tensor, size: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints import weights_digest
-from ..models.clip import ClipAdapter
+from ..models.clip import ClipAdapter, class_token_pooling
 
 
 class DeepPrompts(nn.Module):
@@ -61,8 +61,7 @@ class PromptedClip(ClipAdapter):
     def _visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 1+N, width): the visual transformer's tokens after ln_post, prompt tokens dropped."""
         visual = self.model.visual
-        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False) \
-                or getattr(visual, "pool_type", "tok") != "tok":
+        if not class_token_pooling(visual):
             raise NotImplementedError(f"{self.name}: deep prompts need a ViT with class-token pooling")
         x = visual._embeds(self.normalize(pixels))
         n = x.shape[1]

@@ -57,13 +57,15 @@ def attention_from_tokens(tokens: torch.Tensor, text_features: torch.Tensor, gri
                           token_norm: str = "feature") -> torch.Tensor:
     """The map of :func:`text_guided_attention` from the (B, 1+N, D) projected tokens of
     ``ClipAdapter.projected_tokens`` (so one forward pass can serve both the logits and the map)."""
-    if token_norm not in ("feature", "authors-code"):
-        raise ValueError(f"token_norm must be 'feature' or 'authors-code', got {token_norm!r}")
+    if token_norm not in ("feature", "authors-code", "none"):
+        raise ValueError(f"token_norm must be 'feature', 'authors-code' or 'none', got {token_norm!r}")
     b = tokens.shape[0]
     if text_features.shape[0] not in (1, b):
         raise ValueError(f"expected 1 or {b} text features, got {text_features.shape[0]}")
     if token_norm == "feature":
         patches = F.normalize(tokens[:, 1:], dim=-1)
+    elif token_norm == "none":  # tokens whose norm carries meaning (the ConSE model's locations)
+        patches = tokens[:, 1:]
     else:
         patches = (tokens / tokens.norm(dim=1, keepdim=True).clamp_min(1e-12))[:, 1:]
     scores = torch.einsum("bnd,bd->bn", patches, text_features.expand(b, -1).to(patches.dtype))

@@ -10,7 +10,7 @@ each image's text.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from captum.attr import LayerGradCam
@@ -29,12 +29,29 @@ class TokenGrid(nn.Module):
 
 
 def grad_cam(model, pixels: torch.Tensor, texts: str | Sequence[str]) -> torch.Tensor:
-    """(B, H, W) Grad-CAM map in [0, 1] of each image's zero-shot logit for its text."""
+    """(B, H, W) Grad-CAM map in [0, 1] of each image's zero-shot logit for its text. A CNN image side
+    (the ConSE model) names its layer with ``cam_layer()``; a ViT's patch tokens are viewed as a grid."""
     b = pixels.shape[0]
     texts = as_text_list(texts, b, "texts")
-    if hasattr(model, "cam_layer"):  # a CNN image side (the ConSE model): its last feature map
-        return _cnn_grad_cam(model, pixels, texts)
-    visual = model.model.visual
+    with torch.no_grad():
+        text_features = model.encode_text(texts)
+
+    def score(px: torch.Tensor) -> torch.Tensor:
+        return model.logit_scale * (model.encode_image(px) * text_features).sum(-1, keepdim=True)
+
+    layer, handle = (model.cam_layer(), None) if hasattr(model, "cam_layer") else _vit_token_grid(model)
+    try:
+        with model_guard(model):
+            cam = LayerGradCam(score, layer).attribute(pixels.detach(), target=0, relu_attributions=True)
+    finally:
+        if handle is not None:
+            handle.remove()
+    g = cam.shape[-1]
+    return upsample_grid(minmax_over_patches(cam.detach().reshape(b, -1)), g, tuple(pixels.shape[-2:]))
+
+
+def _vit_token_grid(model) -> tuple[TokenGrid, Any]:
+    """A :class:`TokenGrid` fed the patch tokens at the input of the last block, and the hook's handle."""
     g = model.grid
     view = TokenGrid()
 
@@ -44,34 +61,7 @@ def grad_cam(model, pixels: torch.Tensor, texts: str | Sequence[str]) -> torch.T
         grid = view(patches.transpose(1, 2).reshape(out.shape[0], out.shape[2], g, g))
         return torch.cat([cls, grid.flatten(2).transpose(1, 2), extra], dim=1)
 
-    with torch.no_grad():
-        text_features = model.encode_text(texts)
-
-    def score(px: torch.Tensor) -> torch.Tensor:
-        return model.logit_scale * (model.encode_image(px) * text_features).sum(-1, keepdim=True)
-
-    blocks = visual.transformer.resblocks
+    blocks = model.model.visual.transformer.resblocks
     if len(blocks) < 2:
         raise ValueError("Grad-CAM needs a ViT with at least two blocks")
-    handle = blocks[-2].register_forward_hook(as_grid)
-    try:
-        with model_guard(model):
-            cam = LayerGradCam(score, view).attribute(pixels.detach(), target=0, relu_attributions=True)
-    finally:
-        handle.remove()
-    cam = cam.detach().reshape(b, g * g)
-    return upsample_grid(minmax_over_patches(cam), g, tuple(pixels.shape[-2:]))
-
-
-def _cnn_grad_cam(model, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
-    """Grad-CAM (Selvaraju et al. 2017) on ``model.cam_layer()``, a layer with a (B, C, h, w) output."""
-    with torch.no_grad():
-        text_features = model.encode_text(texts)
-
-    def score(px: torch.Tensor) -> torch.Tensor:
-        return model.logit_scale * (model.encode_image(px) * text_features).sum(-1, keepdim=True)
-
-    with model_guard(model):
-        cam = LayerGradCam(score, model.cam_layer()).attribute(pixels.detach(), target=0, relu_attributions=True)
-    g = cam.shape[-1]
-    return upsample_grid(minmax_over_patches(cam.detach().reshape(pixels.shape[0], -1)), g, tuple(pixels.shape[-2:]))
+    return view, blocks[-2].register_forward_hook(as_grid)

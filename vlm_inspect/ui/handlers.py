@@ -3,7 +3,6 @@ everything goes through :class:`~vlm_inspect.service.InspectService`."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import tempfile
 from pathlib import Path
@@ -11,10 +10,10 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from ..checkpoints import CheckpointError
+from ..checkpoints import CheckpointError, file_sha256
 from ..images import ImageError
 from ..models.presets import FAMILIES, PHOTO_CLIP, ModelUnavailableError
-from ..report import render_png, side_entries, write_json
+from ..report import imagenet_text, render_png, side_entries, write_json
 from ..service import (DEFAULT_LABEL_SET, DEFAULT_QUESTION, SIDES, InputError, InspectRequest, InspectService,
                        Inspection, label_sets)
 
@@ -85,8 +84,8 @@ def side_markdown(report: dict[str, Any], side: str) -> str:
             if e.get("about"):
                 rows[-1] += f"  \n*{e['about']}*"
             if "imagenet_top3" in e["clean"]:
-                rows[-1] += "  \nImageNet classes behind it: " + _imagenet_text(e["clean"]["imagenet_top3"]) \
-                    + (f" → {_imagenet_text(adv['imagenet_top3'])}" if adv and "imagenet_top3" in adv else "")
+                rows[-1] += "  \nImageNet classes behind it: " + imagenet_text(e["clean"]["imagenet_top3"]) \
+                    + (f" → {imagenet_text(adv['imagenet_top3'])}" if adv and "imagenet_top3" in adv else "")
         elif fam == "captioner":
             rows.append(f"**{name}**{mark}: caption “{e['clean']['caption']}”"
                         + (f" → “{adv['caption']}”" if adv else ""))
@@ -94,10 +93,6 @@ def side_markdown(report: dict[str, Any], side: str) -> str:
             rows.append(f"**{name}**{mark}: “{e['clean']['question']}” → **{e['clean']['answer']}**"
                         + (f" → **{adv['answer']}**" if adv else ""))
     return "\n\n".join(rows)
-
-
-def _imagenet_text(top: list) -> str:
-    return ", ".join(f"{name} {p:.2f}" for name, p in top)
 
 
 def label_value(report: dict[str, Any], side: str, which: str) -> dict[str, float] | None:
@@ -212,7 +207,7 @@ def _file_digest(path: str | Path) -> str | None:
         p = Path(path)
         if p.stat().st_size > 20_000_000:
             return None
-        return hashlib.sha256(p.read_bytes()).hexdigest()
+        return file_sha256(p)
     except (OSError, TypeError):
         return None
 
@@ -247,14 +242,13 @@ def on_image(service: InspectService, assets: str | Path, path: str | None, suit
     kind = sample_kind(path, assets) if suite == "embedded" else None
     if kind is None:
         return keep
-    defaults = service.defaults(suite)
-    shapes_models = {defaults["baseline"]["clip"], defaults["defended"]["clip"], None, NONE, ""}
-    if kind == "photo" and (baseline_clip in shapes_models or str(baseline_clip).startswith("shapes-")):
+    if kind == "photo" and (model_value(baseline_clip) is None or baseline_clip.startswith("shapes-")):
         ups = [gr.update(value=PHOTO_CLIP), gr.update(value=NONE)]
         if label_set != PHOTO_LABEL_SET:
             return ups + [gr.update(value=PHOTO_LABEL_SET), *label_set_values(PHOTO_LABEL_SET)]
         return ups + [gr.skip()] * 3
     if kind == "shapes" and baseline_clip == PHOTO_CLIP:
+        defaults = service.defaults(suite)
         name = DEFAULT_LABEL_SET[suite]
         return [gr.update(value=defaults["baseline"]["clip"] or NONE),
                 gr.update(value=defaults["defended"]["clip"] or NONE),
