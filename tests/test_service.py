@@ -285,3 +285,26 @@ def test_shipped_captioning_and_vqa_defenses_are_offered_and_inspected(service, 
     key = "caption" if family == "captioner" else "answer"
     assert entry["role"] == "defended" and entry["clean"][key] and key in entry["adversarial"]
     assert rep["models"][BASELINES[family]]["role"] == "baseline"
+
+
+@pytest.mark.parametrize("precision, expect", [("auto", False), ("bf16", True)])
+def test_auto_precision_generates_text_in_fp32_on_the_cpu(scene, monkeypatch, precision, expect):
+    """Under ``auto`` a request that runs its attacks in bf16 still decodes captions and answers in fp32
+    on a CPU (autocast re-casts frozen weights for every token); an explicit bf16 is obeyed."""
+    service = InspectService(model_dirs=[], precision=precision)
+    monkeypatch.setattr(InspectService, "precision_for", lambda self, models: "bf16")  # as for a big model
+    seen: dict[str, list[bool]] = {"generate": [], "answer": [], "attack": []}
+    for name, method in (("shapes-captioner", "generate"), ("shapes-vqa", "answer"), ("shapes-clip", "encode_image")):
+        cls = type(service.model(name))
+        real = getattr(cls, method)
+
+        def spy(self, *a, _real=real, _key="attack" if method == "encode_image" else method, **kw):
+            seen[_key].append(torch.is_autocast_enabled("cpu"))
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(cls, method, spy)
+    ins = service.inspect(scene, request(defended={}, steps=1))
+    assert ins.report["runtime"] == {"device": "cpu", "precision": "bf16",
+                                     "generation_precision": "bf16" if expect else "fp32"}
+    assert seen["generate"] and set(seen["generate"]) == {expect}
+    assert seen["answer"] and set(seen["answer"]) == {expect}
+    assert seen["attack"] and set(seen["attack"]) == {True}  # the attack itself runs in bf16 either way

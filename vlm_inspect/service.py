@@ -275,7 +275,8 @@ class InspectService:
             ``bf16``, ``fp16`` (GPU) or ``auto``: per request, bf16 (fp16 on a GPU without bf16) when a
             model of the request is large (``AUTO_LOW_PRECISION_MIN_PARAMS``) and the hardware computes
             bf16 natively, else fp32. The small embedded models run *slower* in bf16 on a CPU (0.64x,
-            docs/BENCHMARKS.md), so they stay fp32.
+            docs/BENCHMARKS.md), so they stay fp32. Under ``auto`` on a CPU, captions and answers are
+            decoded in fp32 (:meth:`generation_precision`).
         model_dirs: extra folders whose sub-folders holding a vlm_inspect checkpoint are offered as
             models (e.g. ``runs/`` where ``python -m vlm_inspect.train --out runs/NAME`` writes).
         max_models: how many models stay loaded (least recently used are dropped).
@@ -490,7 +491,8 @@ class InspectService:
                 "selection": {s: getattr(req, s) for s in SIDES},
                 "models": report_models,
                 "warnings": warnings,
-                "runtime": {"device": self.device, "precision": precision},
+                "runtime": {"device": self.device, "precision": precision,
+                            "generation_precision": self.generation_precision(precision)},
                 "seconds": round(time.perf_counter() - t0, 3),
             }
             return Inspection(report=report, images=images, warnings=warnings)
@@ -592,10 +594,26 @@ class InspectService:
             out.update(self._text_outputs(model, adv, req))
         return out
 
-    @staticmethod
-    def _text_outputs(model, px: torch.Tensor, req: InspectRequest) -> dict[str, str]:
+    def generation_precision(self, precision: str) -> str:
+        """The precision of caption and answer generation in a request run at ``precision``.
+
+        With ``--precision auto`` on a CPU, generation runs in fp32 even when the attacks run in bf16.
+        Decoding one token at a time is bound by reading the weights, and autocast re-casts frozen
+        weights at every call (its cast cache only keeps weights that require grad). So one caption
+        costs a full bf16 cast of the decoder per token. Measured on the Xeon with AMX (full-size
+        random weights, 20 new tokens): ViT-GPT2 1.15 s in fp32 against 3.2 s under bf16 autocast;
+        BLIP VQA 1.87 s against 1.95 s (docs/BENCHMARKS.md). An explicit ``--precision`` is obeyed."""
+        return "fp32" if self._fp32_generation else precision
+
+    @property
+    def _fp32_generation(self) -> bool:
+        return self.precision == "auto" and torch.device(self.device).type == "cpu"
+
+    def _text_outputs(self, model, px: torch.Tensor, req: InspectRequest) -> dict[str, str]:
         """The captioner's caption or the VQA model's answer for one image."""
-        with torch.no_grad():
+        fp32 = torch.autocast(torch.device(self.device).type, enabled=False) if self._fp32_generation \
+            else contextlib.nullcontext()
+        with torch.no_grad(), fp32:
             if model.family == "captioner":
                 return {"caption": model.generate(px)[0]}
             return {"answer": model.answer(px, [req.question])[0]}
