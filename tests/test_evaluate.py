@@ -78,3 +78,28 @@ def test_cli_errors_are_clear(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vlm_inspect.evaluate", "--models", "shapes-clip", "--alpha", "eps/0"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--alpha" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("precision, expect", [("auto", False), ("bf16", True)])
+def test_auto_precision_decodes_in_fp32_on_the_cpu(monkeypatch, precision, expect):
+    """``evaluate`` shares the app's rule: under ``auto`` on a CPU with native bf16 the attacks and the
+    image encoder run in bf16 and the caption is decoded in fp32; an explicit bf16 is obeyed."""
+    import torch
+
+    import vlm_inspect.runtime as runtime
+    from vlm_inspect.evaluate import evaluate
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)  # as on AMX / AVX512-BF16
+    model = embedded("shapes-captioner")
+    monkeypatch.setattr("vlm_inspect.evaluate.run.load", lambda name, device="cpu", weights="default": model)
+    seen: dict[str, list[bool]] = {"decode": [], "encoder": []}
+    for key, cls, method in (("decode", type(model.model), "generate"), ("encoder", type(model.model.encoder), "forward")):
+        real = getattr(cls, method)
+
+        def spy(self, *a, _real=real, _key=key, **kw):
+            seen[_key].append(torch.is_autocast_enabled("cpu"))
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(cls, method, spy)
+    evaluate(["shapes-captioner"], ["shapes:shapes-scenes"], [AttackSpec("fgsm", 4 / 255)], n=2, precision=precision)
+    assert seen["decode"] and set(seen["decode"]) == {expect}
+    assert seen["encoder"] and True in seen["encoder"]

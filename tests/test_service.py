@@ -91,13 +91,43 @@ def test_targeted_zero_shot_pulls_towards_the_target(service, scene):
 
 def test_clean_results_are_cached(service, scene, monkeypatch):
     cap = service.model("shapes-captioner")
-    calls = []
+    batches = []
     real = type(cap).generate
-    monkeypatch.setattr(type(cap), "generate", lambda self, px, **kw: calls.append(1) or real(self, px, **kw))
+    monkeypatch.setattr(type(cap), "generate", lambda self, px, **kw: batches.append(len(px)) or real(self, px, **kw))
     service.inspect(scene, request(defended={}, top_k=4))  # top_k=4: a clean-cache key no other test uses
-    n_first = len(calls)
     service.inspect(scene, request(defended={}, top_k=4, eps_k=2))  # only the adversarial side again
-    assert n_first == 2 and len(calls) == 3
+    assert batches == [2, 1]  # clean + adversarial in one batch, then the adversarial image alone
+
+
+def test_captions_and_answers_are_generated_in_one_batch_per_model(service, scene, monkeypatch):
+    """Every caption (answer) of a request comes from one batched call per model: the clean image once
+    and each side's adversarial image when both sides use the model. Each equals the caption (answer)
+    of that image generated alone."""
+    seen: dict[str, list[tuple[torch.Tensor, list[str]]]] = {"generate": [], "answer": []}
+    for name, method in (("shapes-captioner", "generate"), ("shapes-vqa", "answer")):
+        cls = type(service.model(name))
+        real = getattr(cls, method)
+
+        def spy(self, px, *a, _real=real, _key=method, **kw):
+            out = _real(self, px, *a, **kw)
+            seen[_key].append((px.clone(), out))
+            return out
+        monkeypatch.setattr(cls, method, spy)
+    rep = service.inspect(scene, request(top_k=6, steps=3)).report  # top_k=6: not cached by another test
+    assert [len(px) for px, _ in seen["generate"]] == [3] and [len(px) for px, _ in seen["answer"]] == [3]
+    (caps_px, caps), (ans_px, answers) = seen["generate"][0], seen["answer"][0]
+    cap, vqa = service.model("shapes-captioner"), service.model("shapes-vqa")
+    alone_caps = [cap.generate(caps_px[i:i + 1])[0] for i in range(3)]
+    alone_ans = [vqa.answer(ans_px[i:i + 1], [rep["question"]])[0] for i in range(3)]
+    assert caps == alone_caps and answers == alone_ans
+    reported_caps = [rep["models"]["shapes-captioner"]["clean"]["caption"],
+                     rep["models"]["shapes-captioner"]["adversarial"]["caption"],
+                     rep["models"]["shapes-captioner (defended)"]["adversarial"]["caption"]]
+    assert reported_caps == caps
+    assert rep["models"]["shapes-captioner (defended)"]["clean"]["caption"] == caps[0]
+    reported_ans = [rep["models"]["shapes-vqa"]["clean"]["answer"], rep["models"]["shapes-vqa"]["adversarial"]["answer"],
+                    rep["models"]["shapes-vqa (defended)"]["adversarial"]["answer"]]
+    assert reported_ans == answers
 
 
 def test_every_heatmap_and_attack_runs(service, scene):
@@ -290,21 +320,28 @@ def test_shipped_captioning_and_vqa_defenses_are_offered_and_inspected(service, 
 @pytest.mark.parametrize("precision, expect", [("auto", False), ("bf16", True)])
 def test_auto_precision_generates_text_in_fp32_on_the_cpu(scene, monkeypatch, precision, expect):
     """Under ``auto`` a request that runs its attacks in bf16 still decodes captions and answers in fp32
-    on a CPU (autocast re-casts frozen weights for every token); an explicit bf16 is obeyed."""
+    on a CPU (autocast re-casts frozen weights for every token), while the image encoders feeding the
+    decoders keep bf16; an explicit bf16 is obeyed everywhere."""
     service = InspectService(model_dirs=[], precision=precision)
     monkeypatch.setattr(InspectService, "precision_for", lambda self, models: "bf16")  # as for a big model
-    seen: dict[str, list[bool]] = {"generate": [], "answer": [], "attack": []}
-    for name, method in (("shapes-captioner", "generate"), ("shapes-vqa", "answer"), ("shapes-clip", "encode_image")):
-        cls = type(service.model(name))
+    cap, vqa, clip = (service.model(n) for n in ("shapes-captioner", "shapes-vqa", "shapes-clip"))
+    seen: dict[str, list[bool]] = {k: [] for k in ("decode caption", "decode answer", "caption encoder",
+                                                   "answer encoder", "attack")}
+    for key, cls, method in (("decode caption", type(cap.model), "generate"),
+                             ("decode answer", type(vqa.model.text_decoder), "generate"),
+                             ("caption encoder", type(cap.model.encoder), "forward"),
+                             ("answer encoder", type(vqa.model.vision_model), "forward"),
+                             ("attack", type(clip), "encode_image")):
         real = getattr(cls, method)
 
-        def spy(self, *a, _real=real, _key="attack" if method == "encode_image" else method, **kw):
+        def spy(self, *a, _real=real, _key=key, **kw):
             seen[_key].append(torch.is_autocast_enabled("cpu"))
             return _real(self, *a, **kw)
         monkeypatch.setattr(cls, method, spy)
     ins = service.inspect(scene, request(defended={}, steps=1))
     assert ins.report["runtime"] == {"device": "cpu", "precision": "bf16",
                                      "generation_precision": "bf16" if expect else "fp32"}
-    assert seen["generate"] and set(seen["generate"]) == {expect}
-    assert seen["answer"] and set(seen["answer"]) == {expect}
-    assert seen["attack"] and set(seen["attack"]) == {True}  # the attack itself runs in bf16 either way
+    assert seen["decode caption"] and set(seen["decode caption"]) == {expect}
+    assert seen["decode answer"] and set(seen["decode answer"]) == {expect}
+    for key in ("caption encoder", "answer encoder", "attack"):  # bf16 either way
+        assert seen[key] and True in seen[key], key

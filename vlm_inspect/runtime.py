@@ -8,10 +8,14 @@ One place for both choices, used by the app, ``inspect``, ``train`` and ``evalua
   pixels, perturbations and the attack's projection stay fp32. fp16 needs a GPU (CPU autocast has no
   fp16 kernels worth using); ``auto`` is bf16 on a GPU that has it and on a CPU with native bf16
   (AMX / AVX512-BF16, where it roughly halves a ViT-B-32 attack step, docs/BENCHMARKS.md), else fp32.
+- Token-by-token decoding (captions, answers) may run at its own precision: under ``auto`` on a CPU it
+  runs in fp32 while encoders and attacks keep bf16 (:func:`decoding_precision`). The models wrap their
+  decoding loops in :func:`decoding`, which applies the choice made by the enclosing :func:`autocast`.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import torch
 
@@ -62,11 +66,50 @@ def resolve_precision(precision: str | None, device: str) -> str:
     return precision
 
 
-def autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for ``precision`` on ``device`` (a no-op for fp32)."""
+# (device type, precision) of decoding loops inside the enclosing autocast(); None: as the autocast
+_DECODING: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("vlm_inspect_decoding",
+                                                                                   default=None)
+
+
+def decoding_precision(requested: str | None, precision: str, device: str) -> str:
+    """The precision of token-by-token decoding in a run whose attacks and encoders use ``precision``
+    (``requested`` is what the person asked for, before :func:`resolve_precision`).
+
+    ``fp32`` when ``auto`` was asked for on a CPU, else ``precision``. Decoding one token at a time is
+    bound by reading the weights, and CPU autocast re-casts frozen weights at every call (its cast
+    cache only keeps weights that require grad), so each token pays a bf16 copy of the whole decoder.
+    Measured on a Xeon with AMX (full-size random weights, 20 new tokens, docs/BENCHMARKS.md):
+    ViT-GPT2 caption 1.15 s in fp32 against 3.2 s under bf16 autocast. An explicit precision is obeyed."""
+    if str(requested or "fp32").strip().lower() == "auto" and torch.device(device).type == "cpu":
+        return "fp32"
+    return precision
+
+
+def _autocast_context(device_type: str, precision: str) -> contextlib.AbstractContextManager:
     if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=DTYPES[precision])
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=DTYPES[precision])
+
+
+@contextlib.contextmanager
+def autocast(device: str, precision: str, decoding: str | None = None):
+    """Autocast for ``precision`` on ``device`` (a no-op for fp32). Decoding loops inside it (those the
+    models wrap in :func:`decoding`) run at ``decoding`` instead when it is given and differs."""
+    kind = torch.device(device).type
+    token = _DECODING.set((kind, decoding) if decoding and decoding != precision else None)
+    try:
+        with (contextlib.nullcontext() if precision == "fp32" else _autocast_context(kind, precision)):
+            yield
+    finally:
+        _DECODING.reset(token)
+
+
+def decoding() -> contextlib.AbstractContextManager:
+    """The context a model's token-by-token decoding loop runs in: the decoding precision chosen by the
+    enclosing :func:`autocast` (outside one, or when none was chosen: nothing changes). Inputs coming
+    from an encoder that ran in bf16 must be cast to fp32 before they enter an fp32 decoder."""
+    chosen = _DECODING.get()
+    return contextlib.nullcontext() if chosen is None else _autocast_context(*chosen)
 
 
 def fp16_active() -> bool:

@@ -228,17 +228,18 @@ def evaluate(models: Sequence[str], data: Sequence[str] | None, attacks: Sequenc
              progress=None, precision: str = "fp32") -> list[dict[str, Any]]:
     """Rows of metrics for every model on every data set under every attack. ``precision`` is the
     autocast of attacks and predictions (:mod:`vlm_inspect.runtime`); the tables in docs/ use fp32."""
-    from ..runtime import autocast, resolve_device, resolve_precision
+    from ..runtime import autocast, decoding_precision, resolve_device, resolve_precision
 
     device = resolve_device(device)
-    precision = resolve_precision(precision, device)
+    requested, precision = precision, resolve_precision(precision, device)
+    decode = decoding_precision(requested, precision, device)  # captions / answers: fp32 under auto on a CPU
     rows: list[dict[str, Any]] = []
     for name in models:
         model = load(name, device=device, weights=(weights or {}).get(name, "default"))
         model.eval()
         for spec in (data or default_data(model.family)):
             t = time.time()
-            with autocast(device, precision):
+            with autocast(device, precision, decoding=decode):
                 rows += evaluate_model(model, spec, attacks, n, batch_size, seed)
             log.info("%s on %s: %.1fs", name, spec, time.time() - t)
             if progress:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import decoding
 from .base import Adapter, as_text_list, install_vit_stem
 
 
@@ -73,13 +74,18 @@ class CaptionerAdapter(Adapter):
 
     @torch.no_grad()
     def generate(self, pixels: torch.Tensor, max_new_tokens: int = 20, num_beams: int = 1) -> list[str]:
-        """Greedy (or beam) captions, one per image."""
+        """Greedy (or beam) captions, one per image. The image encoder runs at the enclosing autocast's
+        precision, the decoding loop at the decoding precision (:func:`vlm_inspect.runtime.decoding`)."""
+        from transformers.modeling_outputs import BaseModelOutput
+
         cfg = self.model.config
-        ids = self.model.generate(
-            pixel_values=self.normalize(pixels), max_new_tokens=max_new_tokens, num_beams=num_beams,
-            do_sample=False, decoder_start_token_id=cfg.decoder_start_token_id,
-            eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
-        )
+        image = self.model.encoder(pixel_values=self.normalize(pixels)).last_hidden_state.float()
+        with decoding():
+            ids = self.model.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=image), max_new_tokens=max_new_tokens,
+                num_beams=num_beams, do_sample=False, decoder_start_token_id=cfg.decoder_start_token_id,
+                eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+            )
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import decoding
 from .base import Adapter, as_text_list, install_vit_stem
 from .captioner import token_nll, pad_targets
 
@@ -37,6 +38,10 @@ class VqaAdapter(Adapter):
         image_embeds = self.vision_hidden(pixels)
         if image_index is not None:
             image_embeds = image_embeds[image_index]
+        return self._encode_questions(image_embeds, questions)
+
+    def _encode_questions(self, image_embeds: torch.Tensor, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, Lq, C) question states cross-attending to the (N, P, C) image tokens, and their mask."""
         q = self._questions(questions)
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
         question_embeds = self.model.text_encoder(
@@ -81,12 +86,22 @@ class VqaAdapter(Adapter):
 
     @torch.no_grad()
     def answer(self, pixels: torch.Tensor, questions: str | Sequence[str], max_new_tokens: int = 10) -> list[str]:
-        """Greedy answers, one per image."""
+        """Greedy answers, one per image, as ``BlipForQuestionAnswering.generate`` computes them (the
+        decoder starts from ``bos`` and attends every question position, as in BLIP's own inference).
+
+        The vision model and the question encoder (whose cross-attention reads every image token: compute
+        bound) run at the enclosing autocast's precision; the decoding loop at the decoding precision
+        (:func:`vlm_inspect.runtime.decoding`)."""
         questions = as_text_list(questions, pixels.shape[0], "questions")
-        q = self._questions(questions)
-        ids = self.model.generate(input_ids=q["input_ids"], attention_mask=q["attention_mask"],
-                                  pixel_values=self.normalize(pixels), max_new_tokens=max_new_tokens,
-                                  num_beams=1, do_sample=False)
+        question_embeds = self._encode_questions(self.vision_hidden(pixels), questions)[0].float()
+        tcfg = self.model.config.text_config
+        with decoding():
+            bos = torch.full((question_embeds.shape[0], 1), self.model.decoder_start_token_id, device=self.device)
+            ids = self.model.text_decoder.generate(
+                input_ids=bos, eos_token_id=tcfg.sep_token_id, pad_token_id=tcfg.pad_token_id,
+                encoder_hidden_states=question_embeds,
+                encoder_attention_mask=torch.ones(question_embeds.shape[:-1], dtype=torch.long, device=self.device),
+                max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
