@@ -1,6 +1,8 @@
 """Captioner adapter over transformers' VisionEncoderDecoderModel (ViT encoder + GPT-2 decoder)."""
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Any, Sequence
 
 import torch
@@ -9,6 +11,26 @@ from torch import nn
 
 from ..runtime import decoding
 from .base import Adapter, as_text_list, install_vit_stem
+
+
+class _UnpaddedBatch(logging.Filter):
+    """Drops transformers' warning that a batch's attention mask cannot be inferred when the pad token is
+    the end token (GPT-2's): every caption of a batch starts from the one start token, so no row is
+    padded and the all-ones mask transformers falls back to is right (tests/test_service.py checks a
+    batch against one image at a time)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "cannot be inferred from input because pad token is same as eos token" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_unpadded_batch():
+    logger, quiet = logging.getLogger("transformers.generation.utils"), _UnpaddedBatch()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -80,7 +102,7 @@ class CaptionerAdapter(Adapter):
 
         cfg = self.model.config
         image = self.model.encoder(pixel_values=self.normalize(pixels)).last_hidden_state.float()
-        with decoding():
+        with decoding(), _quiet_unpadded_batch():
             ids = self.model.generate(
                 encoder_outputs=BaseModelOutput(last_hidden_state=image), max_new_tokens=max_new_tokens,
                 num_beams=num_beams, do_sample=False, decoder_start_token_id=cfg.decoder_start_token_id,
