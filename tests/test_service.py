@@ -130,6 +130,21 @@ def test_captions_and_answers_are_generated_in_one_batch_per_model(service, scen
     assert reported_ans == answers
 
 
+def test_caption_target_batches_the_adversarial_captions(service, scene, monkeypatch):
+    """With the caption as the attack's target the clean caption is needed before the attack; the two
+    sides' adversarial captions still come from one batch, and a cached clean caption is reused only at
+    the precision it was computed at."""
+    cap = service.model("shapes-captioner")
+    batches = []
+    real = type(cap).generate
+    monkeypatch.setattr(type(cap), "generate", lambda self, px, **kw: batches.append(len(px)) or real(self, px, **kw))
+    service.inspect(scene, request(target="caption", top_k=7, steps=2))  # top_k=7: not cached by another test
+    assert batches == [1, 2]  # clean (before the attacks), then both adversarial images together
+    monkeypatch.setattr(InspectService, "precision_for", lambda self, models: "bf16")
+    service.inspect(scene, request(target="caption", top_k=7, steps=1))
+    assert batches == [1, 2, 1, 2]  # the fp32 clean caption is not served to a bf16 request
+
+
 def test_every_heatmap_and_attack_runs(service, scene):
     for attack, norm, heatmap, target in (("fgsm", "linf", "gradcam", "vqa"), ("bim", "l2", "attention", "caption"),
                                           ("pgd", "l2", "gradcam", "embedding")):
@@ -344,4 +359,4 @@ def test_auto_precision_generates_text_in_fp32_on_the_cpu(scene, monkeypatch, pr
     assert seen["decode caption"] and set(seen["decode caption"]) == {expect}
     assert seen["decode answer"] and set(seen["decode answer"]) == {expect}
     for key in ("caption encoder", "answer encoder", "attack"):  # bf16 either way
-        assert seen[key] and True in seen[key], key
+        assert seen[key] and set(seen[key]) == {True}, key

@@ -289,10 +289,12 @@ class TextBatch:
         if key is not None:
             self.pending[key] = out
 
-    def run(self) -> list[tuple[tuple, dict[str, Any]]]:
-        """Generate everything queued; returns the (key, outputs) of the completed keyed jobs."""
+    def run(self, clean_only: bool = False) -> list[tuple[tuple, dict[str, Any]]]:
+        """Generate everything queued (with ``clean_only``, only the clean outputs: the rest stays queued);
+        returns the (key, outputs) of the completed clean jobs."""
+        now = [j for j in self.jobs if j[4] is not None] if clean_only else self.jobs
         groups: dict[int, list] = {}
-        for job in self.jobs:
+        for job in now:
             groups.setdefault(id(job[0]), []).append(job)
         for jobs in groups.values():
             model, pixels = jobs[0][0], torch.cat([j[1] for j in jobs])
@@ -303,8 +305,8 @@ class TextBatch:
                     field, values = "answer", model.answer(pixels, [j[2] for j in jobs])
             for job, value in zip(jobs, values):
                 job[3][field] = value
-        done = [(j[4], j[3]) for j in self.jobs if j[4] is not None]
-        self.jobs.clear()
+        done = [(j[4], j[3]) for j in now if j[4] is not None]
+        self.jobs = [j for j in self.jobs if j[4] is None] if clean_only else []
         self.pending.clear()
         return done
 
@@ -323,7 +325,9 @@ class InspectService:
             model of the request is large (``AUTO_LOW_PRECISION_MIN_PARAMS``) and the hardware computes
             bf16 natively, else fp32. The small embedded models run *slower* in bf16 on a CPU (0.64x,
             docs/BENCHMARKS.md), so they stay fp32. Under ``auto`` on a CPU, captions and answers are
-            decoded in fp32 (:func:`vlm_inspect.runtime.decoding_precision`).
+            decoded in fp32 (:func:`vlm_inspect.runtime.decoding_precision`; the report's
+            ``runtime.generation_precision``): only the token-by-token loops, while the image (and BLIP's
+            question) encoders feeding them keep the request's precision.
         model_dirs: extra folders whose sub-folders holding a vlm_inspect checkpoint are offered as
             models (e.g. ``runs/`` where ``python -m vlm_inspect.train --out runs/NAME`` writes).
         max_models: how many models stay loaded (least recently used are dropped).
@@ -497,8 +501,8 @@ class InspectService:
                 attacked = side_models[TARGET_FAMILY[req.target]]
                 adv_px = None
                 if attacked is not None:
-                    if req.target in ("caption", "vqa"):
-                        self._generate(texts)  # the objective needs the clean caption / answer now
+                    if req.target in ("caption", "vqa"):  # the objective needs the clean caption / answer now
+                        self._generate(texts, clean_only=True)
                     px = self._pixels(attacked, img)
                     if clean_display is None:
                         clean_display = pixels_to_uint8(px)
@@ -607,8 +611,11 @@ class InspectService:
                        texts: "TextBatch | None" = None) -> dict[str, Any]:
         """The model's outputs on the clean image, cached. A caption or answer is queued in ``texts``
         (filled in, and cached, by :meth:`_generate`); without ``texts`` it is generated at once."""
+        kind = torch.device(self.device).type  # the precision the outputs are computed at is part of the key
+        precision = str(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else "fp32"
         key = (self._model_key(model.name), digest, model.family, tuple(req.prompts) if model.family == "clip" else (),
-               req.question if model.family == "vqa" else "", req.heatmap if model.family == "clip" else "", req.top_k)
+               req.question if model.family == "vqa" else "", req.heatmap if model.family == "clip" else "", req.top_k,
+               precision)
         hit = self._clean.get(key)
         if hit is not None:
             self._clean.move_to_end(key)
@@ -638,10 +645,10 @@ class InspectService:
         while len(self._clean) > 64:
             self._clean.popitem(last=False)
 
-    def _generate(self, texts: "TextBatch") -> None:
-        """Generate every queued caption and answer (one batched call per model) and cache the clean
-        ones, now complete."""
-        for key, out in texts.run():
+    def _generate(self, texts: "TextBatch", clean_only: bool = False) -> None:
+        """Generate the queued captions and answers (one batched call per model; with ``clean_only`` those
+        of the clean image) and cache the clean ones, now complete."""
+        for key, out in texts.run(clean_only):
             self._cache_clean(key, out)
 
     def _objective(self, model, req: InspectRequest, clean: dict[str, Any], px: torch.Tensor):

@@ -17,7 +17,8 @@ class _UnpaddedBatch(logging.Filter):
     """Drops transformers' warning that a batch's attention mask cannot be inferred when the pad token is
     the end token (GPT-2's): every caption of a batch starts from the one start token, so no row is
     padded and the all-ones mask transformers falls back to is right (tests/test_service.py checks a
-    batch against one image at a time)."""
+    batch against one image at a time). transformers emits it once per process (``warning_once``), so
+    once dropped here it stays silent for the rest of the process."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "cannot be inferred from input because pad token is same as eos token" not in record.getMessage()
