@@ -38,10 +38,6 @@ class VqaAdapter(Adapter):
         image_embeds = self.vision_hidden(pixels)
         if image_index is not None:
             image_embeds = image_embeds[image_index]
-        return self._encode_questions(image_embeds, questions)
-
-    def _encode_questions(self, image_embeds: torch.Tensor, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, Lq, C) question states cross-attending to the (N, P, C) image tokens, and their mask."""
         q = self._questions(questions)
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
         question_embeds = self.model.text_encoder(
@@ -93,7 +89,7 @@ class VqaAdapter(Adapter):
         bound) run at the enclosing autocast's precision; the decoding loop at the decoding precision
         (:func:`vlm_inspect.runtime.decoding`)."""
         questions = as_text_list(questions, pixels.shape[0], "questions")
-        question_embeds = self._encode_questions(self.vision_hidden(pixels), questions)[0].float()
+        question_embeds = self._encode(pixels, questions)[0].float()
         tcfg = self.model.config.text_config
         with decoding():
             bos = torch.full((question_embeds.shape[0], 1), self.model.decoder_start_token_id, device=self.device)
