@@ -80,20 +80,25 @@ def free_port() -> int:
         s.close()
 
 
-@pytest.fixture(scope="session")
-def app_url():
-    """The page, served in this process on a free local port, as `python app.py` builds it (with a 2 MB
-    upload cap so the over-size upload test stays small)."""
+def serve_app(service=None, **limits):
+    """The page, served in this process on a free local port through the same `serve` as `python app.py`
+    (a 2 MB upload cap so the over-size upload test stays small); returns (url, demo)."""
     from vlm_inspect.service import InspectService
     from vlm_inspect.ui import build_demo
-    from vlm_inspect.ui.launch import theme
+    from vlm_inspect.ui.serve import serve
 
-    demo = build_demo(InspectService(model_dirs=[]))
-    demo.queue(default_concurrency_limit=1)
+    demo = build_demo(service or InspectService(model_dirs=[]))
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False,
-                show_error=True, quiet=True, max_file_size="2mb", theme=theme())
-    yield f"http://127.0.0.1:{port}/"
+    serve(demo, port=port, max_file_size=limits.pop("max_file_size", "2mb"), block=False, quiet=True, **limits)
+    return f"http://127.0.0.1:{port}/", demo
+
+
+@pytest.fixture(scope="session")
+def app_url():
+    """The page as `python app.py` serves it, with a rate limit high enough for the many calls of the
+    API tests from one address (tests/test_security.py checks the default limits)."""
+    url, demo = serve_app(rate_per_minute=100_000, queue_size=64)
+    yield url
     demo.close()
 
 

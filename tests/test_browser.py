@@ -7,6 +7,7 @@ temporary folder.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -34,6 +35,25 @@ def ensure_chromium() -> str:
     return CHROMIUM
 
 
+@contextlib.contextmanager
+def opened_page(width: int, height: int):
+    """A Chromium page of ``width`` x ``height``, closed afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=ensure_chromium(), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": width, "height": height})
+        yield page
+        browser.close()
+
+
+def goto(page, url: str) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(url, wait_until="domcontentloaded")  # not networkidle: the page keeps a live connection
+    expect(page.locator("#run")).to_be_visible(timeout=60_000)
+
+
 def _results(page) -> dict[str, str]:
     return {
         "heat_adv": page.locator("#heat-baseline-adversarial img").first.get_attribute("src") or "",
@@ -44,17 +64,14 @@ def _results(page) -> dict[str, str]:
 
 
 def test_upload_slide_epsilon_and_see_results_change(app_url, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     shot = ROOT / "docs" / "screenshot.png" if os.environ.get("VLM_INSPECT_SCREENSHOT") == "1" \
         else tmp_path / "screenshot.png"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=ensure_chromium(), args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1600, "height": 1300})
+    with opened_page(1600, 1300) as page:
         requests: list[str] = []  # nothing may leave the machine, not even web fonts
         page.on("request", lambda r: requests.append(r.url))
-        page.goto(app_url, wait_until="domcontentloaded")  # not networkidle: the page keeps a live connection
-        expect(page.locator("#run")).to_be_visible(timeout=60_000)
+        goto(page, app_url)
         page.locator("#input-image input[type=file]").set_input_files(str(ROOT / "assets" / "shapes_plain_3.png"))
         expect(page.locator("#input-image img").first).to_be_visible(timeout=30_000)
         page.locator("#run").click()
@@ -80,23 +97,19 @@ def test_upload_slide_epsilon_and_see_results_change(app_url, tmp_path):
         assert second["label_adv"] != first["label_adv"], "the adversarial predictions did not change"
         assert page.locator(".toast-body.error, .toast-wrap .error").count() == 0, "the page shows an error"
         page.screenshot(path=str(shot), full_page=True)
-        browser.close()
     assert shot.stat().st_size > 50_000
     outside = [u for u in requests if not u.startswith((app_url, "data:", "blob:"))]
     assert len(requests) > len(outside) and not outside, f"the page requested outside URLs: {outside[:5]}"
 
 
 def test_a_corrupt_upload_shows_a_message_and_the_page_still_works(app_url, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     bad = tmp_path / "broken.png"
     good = (ROOT / "assets" / "shapes_plain_11.png").read_bytes()
     bad.write_bytes(good[: len(good) // 4])  # a truncated PNG: the browser may still preview part of it
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=ensure_chromium(), args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1500, "height": 1200})
-        page.goto(app_url, wait_until="domcontentloaded")  # not networkidle: the page keeps a live connection
-        expect(page.locator("#run")).to_be_visible(timeout=60_000)
+    with opened_page(1500, 1200) as page:
+        goto(page, app_url)
         page.locator("#input-image input[type=file]").set_input_files(str(bad))
         page.wait_for_timeout(1000)
         page.locator("#run").click()
@@ -108,7 +121,6 @@ def test_a_corrupt_upload_shows_a_message_and_the_page_still_works(app_url, tmp_
         expect(page.locator("#input-image img").first).to_be_visible(timeout=30_000)
         page.locator("#run").click()
         expect(page.locator("#label-baseline-clean")).to_contain_text("orange circle", timeout=120_000)
-        browser.close()
 
 
 def test_a_photo_sample_is_inspected_with_the_conse_photo_model(app_url):
@@ -116,13 +128,10 @@ def test_a_photo_sample_is_inspected_with_the_conse_photo_model(app_url):
     inspection then calls the cat a cat, says the model is not CLIP and shows the ImageNet classes."""
     import re
 
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=ensure_chromium(), args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1600, "height": 1300})
-        page.goto(app_url, wait_until="domcontentloaded")
-        expect(page.locator("#run")).to_be_visible(timeout=60_000)
+    with opened_page(1600, 1300) as page:
+        goto(page, app_url)
         page.locator("img[src$='photo_chelsea.jpg']").first.click()
         expect(page.locator("#classes textarea")).to_have_value(re.compile(r"\bcat\b"), timeout=30_000)
         page.locator("#run").click()
@@ -132,4 +141,41 @@ def test_a_photo_sample_is_inspected_with_the_conse_photo_model(app_url):
         expect(text).to_contain_text("not CLIP")
         expect(text).to_contain_text("ImageNet classes behind it")
         assert page.locator("#label-baseline-clean").inner_text().split("\n")[1].strip() == "cat"
-        browser.close()
+
+
+ROW = ["clean", "adv-baseline", "pert-baseline", "adv-defended", "pert-defended"]
+
+
+def test_a_photo_upload_is_inspected_with_the_photo_model_and_the_page_reads_at_a_glance(app_url, tmp_path):
+    """A photo that is not one of the samples: zero-shot switches to ConSE and everyday objects, the
+    shapes captioner says it knows only the shapes world, each side has a verdict, the five images stay
+    on one row at 1280 and 1920 px, and the empty export and curve panels are collapsed."""
+    import re
+
+    import matplotlib
+    from playwright.sync_api import expect
+
+    photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    shot = ROOT / "docs" / "screenshot_photo.png" if os.environ.get("VLM_INSPECT_SCREENSHOT") == "1" \
+        else tmp_path / "photo.png"
+    with opened_page(1280, 1000) as page:
+        goto(page, app_url)
+        page.locator("#input-image input[type=file]").set_input_files(str(photo))
+        expect(page.locator("#classes textarea")).to_have_value(re.compile(r"\bcat\b"), timeout=30_000)
+        page.locator("#run").click()
+        expect(page.locator("#sizes")).to_contain_text("eps 4/255", timeout=120_000)
+        text = page.locator("#text-baseline")
+        expect(text).to_contain_text("conse/efficientnet-lite0-minilm", timeout=30_000)
+        expect(text).to_contain_text("shapes-captioner knows only the shapes world")
+        expect(page.locator("#verdict-baseline")).to_contain_text(re.compile(r"fooled|held"))
+        assert page.locator(".toast-body.error, .toast-wrap .error").count() == 0, "the page shows an error"
+        for width in (1280, 1920):
+            page.set_viewport_size({"width": width, "height": 1000})
+            page.wait_for_timeout(500)
+            tops = [page.locator(f"#{e}").bounding_box()["y"] for e in ROW]
+            assert max(tops) - min(tops) < 2, (width, tops)  # one row, not wrapped
+            assert not page.locator("#curve").is_visible() and not page.locator("#export-btn").is_visible()
+        page.set_viewport_size({"width": 1280, "height": 1000})
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 50_000

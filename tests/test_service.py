@@ -272,10 +272,11 @@ def test_handlers_lay_out_an_inspection_and_export_it(service, scene):
 
     ins = service.inspect(scene, request(defended={}, eps_k=4, steps=2))
     out = H.inspection_outputs(ins)
-    assert len(out) == len(H.OUTPUT_IMAGES) + 1 + 3 * 2 + 1
+    assert len(out) == len(H.OUTPUT_IMAGES) + 1 + 4 * 2 + 1
     assert out[0].shape == (256, 256, 3)                       # clean
     assert out[H.OUTPUT_IMAGES.index("adversarial/defended")] is None
-    base_clean = out[len(H.OUTPUT_IMAGES) + 1]
+    assert ins.report["verdicts"]["baseline"]["text"] in out[len(H.OUTPUT_IMAGES) + 1]  # the verdict first
+    base_clean = out[len(H.OUTPUT_IMAGES) + 2]
     assert max(base_clean, key=base_clean.get) == "green square"
     assert "No defended model selected" in out[-2]
     png, js = H.export(ins)

@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,9 +28,14 @@ class CheckpointError(ValueError):
 
 
 def _atomic_path(final: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    return Path(tmp)
+    """A new, empty temp file beside ``final``, with the mode the umask gives (mkstemp's would be 0600)."""
+    while True:
+        tmp = final.parent / f".{final.name}.{os.urandom(6).hex()}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
 
 
 @contextlib.contextmanager
@@ -40,9 +44,16 @@ def _atomic(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _atomic_path(path)
+    mode = tmp.stat().st_mode & 0o7777  # what the umask gives a new file
     try:
         yield tmp
+        os.chmod(tmp, mode)  # safetensors renames its own 0600 temp file onto tmp
         os.replace(tmp, path)
+    except SafetensorError as e:  # its I/O errors (a full disk: "... (os error 28)") are OS errors to the caller
+        code = str(e).rpartition("(os error ")[2].rstrip(")")
+        if not code.isdigit():
+            raise
+        raise OSError(int(code), os.strerror(int(code)), str(path)) from e
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -67,13 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from .images import ImageError
     from .report import curve_figure, render_png, write_json
+    from .policy import ModelPolicy
     from .service import InputError, InspectRequest, InspectService
     from .checkpoints import CheckpointError, atomic_write_json
     from .models.presets import ModelUnavailableError
 
     try:
         apply_weights_dir(args)
-        service = InspectService(suite=args.suite, device=args.device, precision=args.precision)
+        service = InspectService(suite=args.suite, device=args.device, precision=args.precision,
+                                 policy=ModelPolicy.local())  # a local command: its user owns the machine
         fields = service.suite_fields(
             args.suite, {"baseline": parse_models(args.baseline, "baseline"),
                          "defended": parse_models(args.defended, "defended")},

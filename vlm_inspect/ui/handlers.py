@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import shutil
+import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
 
 from ..checkpoints import CheckpointError, file_sha256
-from ..images import ImageError
+from ..images import ImageError, load_image
 from ..models.presets import FAMILIES, PHOTO_CLIP, ModelUnavailableError
 from ..report import imagenet_text, render_png, side_entries, write_json
-from ..service import (DEFAULT_LABEL_SET, DEFAULT_QUESTION, SIDES, InputError, InspectRequest, InspectService,
-                       Inspection, label_sets)
+from ..service import (DEFAULT_LABEL_SET, DEFAULT_QUESTION, SIDES, Cancelled, InputError, InspectRequest,
+                       InspectService, Inspection, label_sets)
 
 NONE = "(none)"
 PERSON_ERRORS = (InputError, ImageError, ModelUnavailableError, CheckpointError)
@@ -35,6 +39,9 @@ def guarded(fn: Callable[..., Any], what: str = "inspection") -> Callable[..., A
             return fn(*args, **kwargs)
         except gr.Error:
             raise
+        except Cancelled as e:  # nobody is waiting for an answer
+            logging.getLogger(__name__).info("%s", e)
+            raise gr.Error(str(e), title="Cancelled") from None
         except PERSON_ERRORS as e:
             raise person_error(e) from None
         except Exception as e:  # noqa: BLE001 - the server must keep serving
@@ -92,7 +99,18 @@ def side_markdown(report: dict[str, Any], side: str) -> str:
         else:
             rows.append(f"**{name}**{mark}: “{e['clean']['question']}” → **{e['clean']['answer']}**"
                         + (f" → **{adv['answer']}**" if adv else ""))
+        if fam != "clip" and e.get("knows_only") and report["image"].get("kind") == "photo":
+            rows[-1] += (f"  \n*{name} knows only {e['knows_only']}: on a photo its words mean little. For photos, "
+                         "switch **Models → Model suite** to *pretrained* (ViT-GPT2, BLIP).*")
     return "\n\n".join(rows)
+
+
+def verdict_markdown(report: dict[str, Any], side: str) -> str:
+    v = report.get("verdicts", {}).get(side)
+    if v is None:
+        return ""
+    colour = "#b91c1c" if v["fooled"] else "#15803d"  # a coloured dot: emoji fonts are not everywhere
+    return f"#### <span style='color:{colour}'>●</span> {v['text']}"
 
 
 def label_value(report: dict[str, Any], side: str, which: str) -> dict[str, float] | None:
@@ -126,7 +144,8 @@ def inspection_outputs(ins: Inspection) -> list[Any]:
     out: list[Any] = [ins.images.get(k) for k in OUTPUT_IMAGES]
     out.append(perturbation_markdown(rep))
     for side in SIDES:
-        out += [label_value(rep, side, "clean"), label_value(rep, side, "adversarial"), side_markdown(rep, side)]
+        out += [verdict_markdown(rep, side), label_value(rep, side, "clean"), label_value(rep, side, "adversarial"),
+                side_markdown(rep, side)]
     out.append(warnings_markdown(ins))
     return out
 
@@ -135,8 +154,19 @@ def export(ins: Inspection | None) -> tuple[str, str]:
     """Write the current inspection as report.png + report.json in a fresh temporary folder."""
     if ins is None:
         raise gr.Error("nothing to export yet: run an inspection first")
-    folder = Path(tempfile.mkdtemp(prefix="vlm_inspect_"))
+    root = Path(tempfile.gettempdir()) / "vlm_inspect_exports"
+    root.mkdir(exist_ok=True)
+    for old in root.iterdir():  # Gradio serves a copy from its own cache: ours are not needed for long
+        try:
+            if old.stat().st_mtime < time.time() - EXPORT_TTL_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+    folder = Path(tempfile.mkdtemp(prefix="export_", dir=root))
     return str(render_png(ins, folder / "report.png")), str(write_json(ins, folder / "report.json"))
+
+
+EXPORT_TTL_S = 600
 
 
 def models_from_widgets(values: list[str | None]) -> dict[str, dict[str, str | None]]:
@@ -175,11 +205,55 @@ def suite_defaults(suite: str) -> tuple[str, str, str, str]:
     return (name, *label_set_values(name), DEFAULT_QUESTION[suite])
 
 
-def api_inspect(service: InspectService, image: Any, args: dict[str, Any]) -> dict[str, Any]:
-    """The ``/inspect`` API: arguments as :func:`layout.build_demo`'s ``inspect_api`` documents them."""
-    path = image.get("path") if isinstance(image, dict) else getattr(image, "path", image)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MAX_IMAGE_BYTES = 50_000_000
+NOT_AN_UPLOAD = ("send the image itself as a file upload (in Python: gradio_client.handle_file(path)); "
+                 "this server does not open paths on its own disk")
+
+
+def _inside(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def request_image(value: Any, assets: str | Path | None = None):
+    """The image a request sent, decoded: a file Gradio stored from an upload (or one of the shipped
+    samples), never any other path on the server. Every other path gets the same sentence, whether it
+    exists or not, and the file is opened without following links or waiting on a pipe."""
+    from gradio.utils import get_upload_folder
+
+    path = value.get("path") if isinstance(value, dict) else getattr(value, "path", value)
+    orig = value.get("orig_name") if isinstance(value, dict) else getattr(value, "orig_name", None)
     if not path:
-        raise InputError("no image was sent")
+        raise InputError("no image was sent: upload one or pick a sample")
+    path = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if not isinstance(path, str) or "\x00" in path:
+        raise InputError(NOT_AN_UPLOAD)
+    roots = [os.path.realpath(get_upload_folder())] + ([os.path.realpath(assets)] if assets else [])
+    lexical, real = os.path.abspath(path), os.path.realpath(path)
+    if not (_inside(lexical, roots) and _inside(real, roots)):
+        raise InputError(NOT_AN_UPLOAD)
+    name = Path(str(orig)).name if orig else Path(path).name
+    if Path(name).suffix.lower() not in IMAGE_SUFFIXES and Path(path).suffix.lower() not in IMAGE_SUFFIXES:
+        raise ImageError(f"{name[:80]!r} is not an image file: upload a PNG, JPEG, WebP, BMP, GIF or TIFF image")
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        raise InputError(NOT_AN_UPLOAD) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(NOT_AN_UPLOAD)
+        if st.st_size > MAX_IMAGE_BYTES:
+            raise ImageError(f"{name[:80]!r} is {st.st_size / 1e6:.0f} MB; images of at most "
+                             f"{MAX_IMAGE_BYTES / 1e6:.0f} MB are inspected")
+        data = f.read(MAX_IMAGE_BYTES + 1)
+    return load_image(data, name=name)
+
+
+def api_inspect(service: InspectService, image: Any, args: dict[str, Any],
+                cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """The ``/inspect`` API: arguments as :func:`layout.build_demo`'s ``inspect_api`` documents them."""
+    img = request_image(image)
     models: dict[str, dict[str, str | None]] = {"baseline": {}, "defended": {}}
     for side in SIDES:
         for fam in FAMILIES:
@@ -192,11 +266,22 @@ def api_inspect(service: InspectService, image: Any, args: dict[str, Any]) -> di
                         args["eps"], args["steps"], args["step_size"], args["random_start"], args["seed"],
                         args["target"], f["classes"], f["template"], f["question"], args["target_text"],
                         args["heatmap"])
-    try:
-        return service.inspect(path, req).report
-    except ImageError as e:  # name the file as the client sent it, not the server's temporary copy
-        orig = image.get("orig_name") if isinstance(image, dict) else getattr(image, "orig_name", None)
-        raise ImageError(str(e).replace(str(path), repr(orig) if orig else "the uploaded file")) from None
+    return service.inspect(img, req, cancelled=cancelled).report
+
+
+def client_gone(demo: gr.Blocks, request: gr.Request | None) -> Callable[[], bool]:
+    """True once the client of this queued job has disconnected (Gradio marks its job not alive)."""
+    session = getattr(request, "session_hash", None) if request is not None else None
+
+    def gone() -> bool:
+        queue = getattr(demo, "_queue", None)
+        if queue is None or session is None:
+            return False
+        jobs = [e for job in getattr(queue, "active_jobs", []) if job for e in job
+                if getattr(e, "session_hash", None) == session]
+        return bool(jobs) and not any(getattr(e, "alive", True) for e in jobs)
+
+    return gone
 
 
 PHOTO_LABEL_SET = "everyday objects (12)"
@@ -231,26 +316,50 @@ def sample_kind(path: str | None, assets: str | Path) -> str | None:
     return _sample_digests(str(assets)).get(digest) if digest else None
 
 
+def image_kind(path: str | None, assets: str | Path) -> str | None:
+    """``"photo"`` or ``"shapes"`` for an image the page holds: a shipped sample by its content, anything
+    else by :func:`vlm_inspect.data.scene_kind.is_shapes_scene`; None when it cannot be read."""
+    if not path:
+        return None
+    kind = sample_kind(path, assets)
+    if kind is not None:
+        return kind
+    from ..data.scene_kind import is_shapes_scene
+
+    try:
+        return "shapes" if is_shapes_scene(request_image(path, assets)) else "photo"
+    except (InputError, ImageError):
+        return None  # the inspection will say what is wrong with it
+
+
 def on_image(service: InspectService, assets: str | Path, path: str | None, suite: str, baseline_clip: str | None,
-             defended_clip: str | None, label_set: str) -> list[Any]:
-    """Picking a sample in the embedded suite: a photo sample switches the zero-shot model to the ConSE
-    photo model (the shapes models know only the shapes world; there is no defended ConSE, so the
-    defended side's zero-shot model is cleared) and the class preset to everyday objects; a shapes
-    sample switches back. Anything else (an upload, the pretrained suite, a typed-in model) is left as
-    it is. Returns updates for the two zero-shot dropdowns, the class preset, classes and template."""
+             defended_clip: str | None, label_set: str, classes: str | None = None) -> list[Any]:
+    """A new image in the embedded suite: a photo (a photo sample, or an upload that is not a shapes-world
+    scene) switches the zero-shot model to the ConSE photo model (the shapes models know only the shapes
+    world; there is no defended ConSE, so the defended side's zero-shot model is cleared) and the class
+    preset to everyday objects; a shapes scene switches back. Models the person chose and classes they
+    typed are kept, and the pretrained suite is left as it is. Returns updates for the two zero-shot
+    dropdowns, the class preset, classes and template."""
     keep = [gr.skip()] * 5
-    kind = sample_kind(path, assets) if suite == "embedded" else None
+    kind = image_kind(path, assets) if suite == "embedded" else None
     if kind is None:
         return keep
-    if kind == "photo" and (model_value(baseline_clip) is None or baseline_clip.startswith("shapes-")):
-        ups = [gr.update(value=PHOTO_CLIP), gr.update(value=NONE)]
-        if label_set != PHOTO_LABEL_SET:
-            return ups + [gr.update(value=PHOTO_LABEL_SET), *label_set_values(PHOTO_LABEL_SET)]
+    defaults = service.defaults(suite)["baseline"]["clip"], service.defaults(suite)["defended"]["clip"]
+    chosen_models = (model_value(baseline_clip) not in (None, defaults[0], PHOTO_CLIP)
+                     or model_value(defended_clip) not in (None, defaults[1]))
+    sets = label_sets()
+    typed_classes = classes is not None and label_set in sets and \
+        [c.strip() for c in classes.split(",") if c.strip()] != sets[label_set][0]
+    if kind == "photo":
+        ups = [gr.skip()] * 2 if chosen_models or baseline_clip == PHOTO_CLIP else \
+            [gr.update(value=PHOTO_CLIP), gr.update(value=NONE)]
+        if label_set == PHOTO_LABEL_SET or typed_classes:
+            return ups + [gr.skip()] * 3
+        return ups + [gr.update(value=PHOTO_LABEL_SET), *label_set_values(PHOTO_LABEL_SET)]
+    if baseline_clip != PHOTO_CLIP:
+        return keep
+    name = DEFAULT_LABEL_SET[suite]
+    ups = [gr.update(value=defaults[0] or NONE), gr.update(value=defaults[1] or NONE)]
+    if typed_classes or label_set == name:
         return ups + [gr.skip()] * 3
-    if kind == "shapes" and baseline_clip == PHOTO_CLIP:
-        defaults = service.defaults(suite)
-        name = DEFAULT_LABEL_SET[suite]
-        return [gr.update(value=defaults["baseline"]["clip"] or NONE),
-                gr.update(value=defaults["defended"]["clip"] or NONE),
-                gr.update(value=name), *label_set_values(name)]
-    return keep
+    return ups + [gr.update(value=name), *label_set_values(name)]

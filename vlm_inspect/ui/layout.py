@@ -11,6 +11,7 @@ from ..models.presets import FAMILIES
 from ..report import curve_figure
 from ..service import (CURVE_EPS_K, EPS_MAX_K, HEATMAPS, SIDES, STEPS_MAX, TARGETS, InspectService, label_sets)
 from . import handlers as H
+from .serve import UPLOAD_TTL_S
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 FAMILY_TITLES = {"clip": "CLIP (zero-shot)", "captioner": "Captioner", "vqa": "VQA"}
@@ -21,9 +22,9 @@ Upload an image (or pick a sample), choose an attack and slide **epsilon**: each
 attacked white-box on the chosen task, and every model of that side is shown the result. Release the
 slider to re-run; clean results are cached. Budgets are in k/255 of the pixel range; for L2 the
 radius is k/255·√(pixel values), the same root-mean-square change per pixel as L∞ at the same k.
-The shapes models know only their procedural world; the photo samples switch zero-shot to
-**ConSE**, a real ImageNet classifier + sentence encoder that works offline (for your own photos,
-pick `conse/efficientnet-lite0-minilm` under **Models**).
+The shapes models know only their procedural world: a photo (a sample or your own) switches
+zero-shot to **ConSE**, a real ImageNet classifier + sentence encoder that works offline; for
+captions and answers about photos, switch **Models → Model suite** to *pretrained*.
 """
 
 
@@ -31,13 +32,15 @@ def sample_images() -> list[str]:
     return [str(p) for p in sorted(ASSETS.glob("shapes_*.png")) + sorted(ASSETS.glob("photo_*.jpg"))]
 
 
-def build_demo(service: InspectService) -> gr.Blocks:
-    """The inspection page for ``service`` (models live in the service, never in ``gr.State``)."""
+def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.Blocks:
+    """The inspection page for ``service`` (models live in the service, never in ``gr.State``); uploads
+    and exports are deleted ``upload_ttl_s`` after they were made."""
     suite0 = service.suite
     preset0, classes0, template0, question0 = H.suite_defaults(suite0)
     defaults = service.defaults(suite0)
 
-    with gr.Blocks(title="vlm_inspect", analytics_enabled=False) as demo:
+    with gr.Blocks(title="vlm_inspect", analytics_enabled=False,
+                   delete_cache=(max(1, min(300, upload_ttl_s // 2)), upload_ttl_s)) as demo:
         gr.Markdown(INTRO)
         last = gr.State(None)  # the last Inspection (data only: images and report), for export
         with gr.Row():
@@ -89,62 +92,71 @@ def build_demo(service: InspectService) -> gr.Blocks:
             with gr.Column(scale=3):
                 warnings = gr.Markdown(elem_id="warnings")
                 with gr.Row():
-                    img_kw: dict[str, Any] = {"format": "png", "height": 200, "interactive": False}
-                    clean_img = gr.Image(label="Clean (model input)", elem_id="clean", **img_kw)
-                    adv_b = gr.Image(label="Adversarial: baseline", elem_id="adv-baseline", **img_kw)
-                    pert_b = gr.Image(label="Perturbation: baseline (amplified)", **img_kw)
-                    adv_d = gr.Image(label="Adversarial: defended", elem_id="adv-defended", **img_kw)
-                    pert_d = gr.Image(label="Perturbation: defended (amplified)", **img_kw)
+                    # five images side by side down to a 1280-px window (Gradio's default min width wraps them)
+                    img_kw: dict[str, Any] = {"format": "png", "height": 180, "interactive": False, "min_width": 100,
+                                              "buttons": ["fullscreen", "download"]}
+                    clean_img = gr.Image(label="Clean", elem_id="clean", **img_kw)
+                    adv_b = gr.Image(label="Adv. baseline", elem_id="adv-baseline", **img_kw)
+                    pert_b = gr.Image(label="δ baseline (amplified)", elem_id="pert-baseline", **img_kw)
+                    adv_d = gr.Image(label="Adv. defended", elem_id="adv-defended", **img_kw)
+                    pert_d = gr.Image(label="δ defended (amplified)", elem_id="pert-defended", **img_kw)
                 sizes = gr.Markdown(elem_id="sizes")
-                heat, labels, texts = {}, {}, {}
+                heat, labels, texts, verdicts = {}, {}, {}, {}
                 with gr.Row():
                     for side in SIDES:
                         with gr.Column():
                             gr.Markdown(f"### {side.capitalize()}")
+                            verdicts[side] = gr.Markdown(elem_id=f"verdict-{side}")
                             with gr.Row():
                                 for w in ("clean", "adversarial"):
                                     heat[side, w] = gr.Image(label=f"Heatmap ({w})", elem_id=f"heat-{side}-{w}",
-                                                             **{**img_kw, "height": 220})
+                                                             **{**img_kw, "height": 200})
                             with gr.Row():
                                 for w in ("clean", "adversarial"):
                                     labels[side, w] = gr.Label(num_top_classes=5, label=f"Zero-shot top-5 ({w})",
                                                                elem_id=f"label-{side}-{w}")
                             texts[side] = gr.Markdown(elem_id=f"text-{side}")
-                with gr.Row():
-                    export_btn = gr.Button("Export PNG + JSON", size="sm")
-                    png_file = gr.File(label="report.png", interactive=False)
-                    json_file = gr.File(label="report.json", interactive=False)
-                with gr.Row():
+                # empty until used: collapsed, so the results read at a glance
+                with gr.Accordion("Export PNG + JSON", open=False, elem_id="export-panel"):
+                    export_btn = gr.Button("Export PNG + JSON", size="sm", elem_id="export-btn")
+                    with gr.Row():
+                        png_file = gr.File(label="report.png", interactive=False, height=80)
+                        json_file = gr.File(label="report.json", interactive=False, height=80)
+                with gr.Accordion("Robustness curve", open=False, elem_id="curve-panel"):
                     curve_btn = gr.Button(f"Robustness curve (eps {', '.join(f'{e:g}' for e in CURVE_EPS_K)} /255)",
                                           size="sm", elem_id="curve-btn")
-                curve_plot = gr.Plot(label="Robustness curve", elem_id="curve")
+                    curve_plot = gr.Plot(label="Robustness curve", elem_id="curve")
 
         settings = [attack, norm, eps, steps, alpha, random_start, seed, target, classes, template, question,
                     target_text, heatmap]
         result_widgets = ([clean_img, adv_b, pert_b, adv_d, pert_d,
                            heat["baseline", "clean"], heat["baseline", "adversarial"],
                            heat["defended", "clean"], heat["defended", "adversarial"], sizes]
-                          + [w for s in SIDES for w in (labels[s, "clean"], labels[s, "adversarial"], texts[s])]
+                          + [w for s in SIDES for w in (verdicts[s], labels[s, "clean"], labels[s, "adversarial"],
+                                                       texts[s])]
                           + [warnings])
         # the image order inside result_widgets must follow handlers.OUTPUT_IMAGES
-        assert len(result_widgets) == len(H.OUTPUT_IMAGES) + 1 + 3 * len(SIDES) + 1
+        assert len(result_widgets) == len(H.OUTPUT_IMAGES) + 1 + 4 * len(SIDES) + 1
 
         def request_from(values: list[Any]):
             _suite, *rest = values  # the suite only decides what the dropdowns offer
             return H.build_request(H.models_from_widgets(rest[:6]), *rest[6:])
 
-        def on_inspect(img, suite_v, *rest, progress=gr.Progress()):
+        def on_inspect(request: gr.Request, img, suite_v, *rest, progress=gr.Progress()):
             if not img:
                 raise gr.Error("upload an image or pick a sample first", title="No image")
             req = request_from([suite_v, *rest])
-            ins = service.inspect(img, req, progress=lambda f, d: progress(f, desc=d))
+            ins = service.inspect(H.request_image(img, ASSETS), req, progress=lambda f, d: progress(f, desc=d),
+                                  cancelled=H.client_gone(demo, request))
             return [*H.inspection_outputs(ins), ins]
 
-        def on_curve(img, suite_v, *rest, progress=gr.Progress()):
+        def on_curve(request: gr.Request, img, suite_v, *rest, progress=gr.Progress()):
             if not img:
                 raise gr.Error("upload an image or pick a sample first", title="No image")
             req = request_from([suite_v, *rest])
-            return curve_figure(service.curve(img, req, progress=lambda f, d: progress(f, desc=d)))
+            return curve_figure(service.curve(H.request_image(img, ASSETS), req,
+                                              progress=lambda f, d: progress(f, desc=d),
+                                              cancelled=H.client_gone(demo, request)))
 
         inputs = [image, suite, *dropdowns, *settings]
         run_fn = H.guarded(on_inspect)
@@ -157,7 +169,7 @@ def build_demo(service: InspectService) -> gr.Blocks:
         label_set.change(H.label_set_values, [label_set], [classes, template], api_visibility="private")
 
         clip_dropdowns = [dropdowns[FAMILIES.index("clip")], dropdowns[len(FAMILIES) + FAMILIES.index("clip")]]
-        image.change(lambda *v: H.on_image(service, ASSETS, *v), [image, suite, *clip_dropdowns, label_set],
+        image.change(lambda *v: H.on_image(service, ASSETS, *v), [image, suite, *clip_dropdowns, label_set, classes],
                      [*clip_dropdowns, label_set, classes, template], api_visibility="private")
 
         def on_suite(suite_v):
@@ -173,11 +185,14 @@ def build_demo(service: InspectService) -> gr.Blocks:
                         heatmap: str = "attention", suite: str = "embedded",
                         baseline_clip: str = "default", baseline_captioner: str = "default",
                         baseline_vqa: str = "default", defended_clip: str = "default",
-                        defended_captioner: str = "default", defended_vqa: str = "default") -> dict:
-            """One inspection; returns the JSON report (DESIGN §3.6). eps and step_size are in k/255.
-            Model arguments: a model name, "default" (the suite's default) or "none". Empty classes,
-            template or question use the suite's defaults."""
-            return H.api_inspect(service, image, locals())
+                        defended_captioner: str = "default", defended_vqa: str = "default",
+                        request: gr.Request = None) -> dict:
+            """One inspection; returns the JSON report (its fields are described in the README). eps and
+            step_size are in k/255. Model arguments: a model name, "default" (the suite's default) or
+            "none". Empty classes, template or question use the suite's defaults. The image must be an
+            upload (gradio_client.handle_file)."""
+            args = {k: v for k, v in locals().items() if k != "request"}
+            return H.api_inspect(service, image, args, cancelled=H.client_gone(demo, request))
 
         gr.api(H.guarded(inspect_api), api_name="inspect", **CONCURRENCY)
     return demo

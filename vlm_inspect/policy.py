@@ -1,0 +1,188 @@
+"""What a request to a served app may name as a model (:class:`ModelPolicy`).
+
+The page and its ``/inspect`` API take model names typed by whoever can reach the server. Left open,
+such a name reads any folder on the server (and tells which exist), builds whatever architecture a
+config describes (a 10-billion-parameter random model fills the memory) and downloads any hub
+repository. So a served app lets a request name only its **catalog**: the presets, the folders in
+``checkpoints/`` and in the run folders (``runs/``), and the local copies in the operator's
+``--weights-dir``. The operator can allow more when starting the app:
+
+- ``--allow-model-paths DIR``: typed checkpoint folders inside ``DIR`` (resolved, so ``..`` and links
+  cannot leave it). Before anything is built, the folder's configs must be small, its weights must be
+  safetensors, no part may come from the hub, and the model its config describes, counted on the
+  ``meta`` device (no memory), must stay under ``max_params``.
+- ``--allow-hub PATTERN``: open_clip ``hf-hub:<org>/<repo>`` names matching the pattern (``*`` for
+  any); the repository must hold safetensors weights no larger than ``max_hub_bytes`` (asked of the
+  hub before downloading).
+
+Every refused name gets the same sentence, whatever is or is not on the disk: no oracle. The local
+commands (``inspect``, ``train``, ``evaluate``) use :meth:`ModelPolicy.open`: their user owns the
+machine.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+MAX_NAME_CHARS = 300
+HUB_NAME = re.compile(r"^hf-hub:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+CONFIG_FILES = ("config.json", "open_clip_config.json", "trainer.json")
+
+
+class ModelRefused(ValueError):
+    """A request named a model this server does not offer; the message is the same for every such name."""
+
+
+def refused(name: str) -> ModelRefused:
+    shown = name if len(name) <= 80 else name[:77] + "..."
+    return ModelRefused(f"model {shown!r} is not offered by this server: choose one from the model list "
+                        "(the operator can allow more with --allow-model-paths or --allow-hub)")
+
+
+def _hub_keys(data: Any) -> list[str]:
+    """Keys of an open_clip config that make open_clip fetch a part from the hub."""
+    if isinstance(data, dict):
+        found = [k for k, v in data.items() if k.startswith("hf_") and v]
+        return found + [k for v in data.values() for k in _hub_keys(v)]
+    if isinstance(data, list):
+        return [k for v in data for k in _hub_keys(v)]
+    return []
+
+
+@dataclass(frozen=True)
+class ModelPolicy:
+    """Which model names a request may use. ``open``: any (the local commands)."""
+
+    open: bool = False
+    model_paths: tuple[Path, ...] = ()
+    hub: tuple[str, ...] = ()
+    max_params: int = 500_000_000       # ViT-L-14 is 428 M
+    max_config_bytes: int = 1_000_000
+    max_hub_bytes: int = 2_000_000_000  # ViT-L-14's safetensors are 1.7 GB
+
+    @classmethod
+    def served(cls, model_paths: Iterable[str | Path] = (), hub: Iterable[str] = (), **limits: int) -> "ModelPolicy":
+        """The policy of an app served to others: the catalog, plus what the operator allows."""
+        return cls(open=False, model_paths=tuple(Path(p).expanduser().resolve() for p in model_paths),
+                   hub=tuple(hub), **limits)
+
+    @classmethod
+    def local(cls) -> "ModelPolicy":
+        return cls(open=True)
+
+    # -- the decision --
+    def admit(self, name: str, catalog: Callable[[], set[str]]) -> None:
+        """Raise :class:`ModelRefused` unless a request may name ``name``; ``catalog`` lists the offered names."""
+        if len(name) > MAX_NAME_CHARS:
+            raise ModelRefused(f"a model name has at most {MAX_NAME_CHARS} characters; this one has {len(name)}")
+        if self.open or name in catalog():
+            return
+        if name.startswith("hf-hub:"):
+            if HUB_NAME.match(name) and any(fnmatch.fnmatchcase(name.removeprefix("hf-hub:"), p.removeprefix("hf-hub:"))
+                                            for p in self.hub):
+                self.check_hub(name)
+                return
+            raise refused(name)
+        folder = self._allowed_folder(name)
+        if folder is None:
+            raise refused(name)
+        self.check_folder(folder, name)
+
+    def _allowed_folder(self, name: str) -> Path | None:
+        """``name`` resolved, if it is a folder inside an allowed directory (outside the upload folder)."""
+        if not self.model_paths or "\x00" in name:
+            return None
+        try:
+            path = Path(name).expanduser().resolve()
+        except (OSError, RuntimeError, ValueError):
+            return None
+        if not any(path == root or root in path.parents for root in self.model_paths):
+            return None
+        uploads = os.environ.get("GRADIO_TEMP_DIR")
+        if uploads and (path == Path(uploads).resolve() or Path(uploads).resolve() in path.parents):
+            return None  # an uploaded file is never a model
+        return path if path.is_dir() else None
+
+    def check_folder(self, folder: Path, name: str | None = None) -> None:
+        """Limits on an allowed folder, checked before anything is built."""
+        from .models.presets import meta_param_count  # the models layer counts; the policy decides
+
+        shown = name or str(folder)
+        for f in CONFIG_FILES:
+            p = folder / f
+            if p.is_file() and p.stat().st_size > self.max_config_bytes:
+                raise ModelRefused(f"{shown}: {f} is {p.stat().st_size:,} bytes; this server reads configs of at "
+                                   f"most {self.max_config_bytes:,}")
+        oc = folder / "open_clip_config.json"
+        if oc.is_file():
+            try:
+                keys = _hub_keys(json.loads(oc.read_text()))
+            except (OSError, ValueError) as e:
+                raise ModelRefused(f"{shown}: open_clip_config.json is not valid JSON ({e})") from None
+            if keys:
+                raise ModelRefused(f"{shown}: its open_clip config fetches parts from the hub ({keys[0]}); "
+                                   "this server loads only local safetensors")
+            if not (folder / "open_clip_model.safetensors").is_file():
+                raise ModelRefused(f"{shown}: no open_clip_model.safetensors in the folder; this server loads "
+                                   "safetensors weights only")
+        elif not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+            raise refused(shown)
+        try:
+            n = meta_param_count(folder)
+        except ModelRefused:
+            raise
+        except Exception as e:  # noqa: BLE001 - a config of any shape may be sent
+            raise ModelRefused(f"{shown}: its config does not describe a model this server can build "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        if n > self.max_params:
+            raise ModelRefused(f"{shown}: its config describes a model of {n / 1e6:,.0f} M parameters; this server "
+                               f"builds at most {self.max_params / 1e6:,.0f} M")
+
+    def check_hub(self, name: str) -> None:
+        """Ask the hub for the repository's files: safetensors weights, at most ``max_hub_bytes``."""
+        repo = name.removeprefix("hf-hub:")
+        try:
+            from huggingface_hub import HfApi
+
+            info = HfApi().model_info(repo, files_metadata=True)
+        except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated, rate limited...
+            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise ModelRefused(f"{name}: the hub could not be asked about it ({reason})") from None
+        files = {s.rfilename: (s.size or 0) for s in (info.siblings or [])}
+        weights = [f for f in files if f.endswith(".safetensors")]
+        if "open_clip_config.json" not in files or not weights:
+            raise ModelRefused(f"{name}: not an open_clip repository with safetensors weights")
+        size = max(files[f] for f in weights)
+        if size > self.max_hub_bytes:
+            raise ModelRefused(f"{name}: its weights are {size / 1e9:.1f} GB; this server downloads at most "
+                               f"{self.max_hub_bytes / 1e9:.1f} GB")
+
+    # -- while loading --
+    @contextlib.contextmanager
+    def loading(self, catalog_roots: Iterable[str | Path] = ()) -> Iterator[None]:
+        """While loading a model, check every checkpoint folder the models layer reads (a ``base`` named
+        in a config too): inside ``catalog_roots`` (the operator's folders) or an allowed directory."""
+        from .models.presets import load_guard
+
+        roots = [Path(r).resolve() for r in catalog_roots]
+
+        def guard(folder: Path) -> None:
+            try:
+                path = Path(folder).resolve()
+            except (OSError, RuntimeError, ValueError):
+                raise refused(str(folder)) from None
+            if any(path == r or r in path.parents for r in roots):
+                return
+            allowed = self._allowed_folder(str(path))
+            if allowed is None:
+                raise refused(str(folder))
+            self.check_folder(allowed)
+
+        with load_guard(None if self.open else guard):
+            yield
