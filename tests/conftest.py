@@ -97,7 +97,7 @@ def serve_app(service=None, **limits):
 def app_url():
     """The page as `python app.py` serves it, with a rate limit high enough for the many calls of the
     API tests from one address (tests/test_security.py checks the default limits)."""
-    url, demo = serve_app(rate_per_minute=100_000, queue_size=64)
+    url, demo = serve_app(rate_per_minute=100_000, queue_size=64, jobs_per_client=1000)
     yield url
     demo.close()
 

@@ -143,7 +143,14 @@ def test_an_allowed_folder_is_checked_before_anything_is_built(served):
     (hub / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"text_cfg": {"hf_model_name": "x/y"}}}))
     c = client(url)
     assert "M parameters; this server builds at most 500 M" in error_of(lambda: call(c, SCENE, defended_clip=str(big)))
-    assert "fetches parts from the hub (hf_model_name)" in error_of(lambda: call(c, SCENE, defended_clip=str(hub)))
+    assert "fetches parts from the hub or another folder (hf_model_name)" in error_of(lambda: call(c, SCENE, defended_clip=str(hub)))
+    outside = allowed / "names-another-folder"  # a vlm_inspect config whose architecture reads elsewhere
+    outside.mkdir()
+    (outside / "config.json").write_text(json.dumps({"format": "vlm_inspect-checkpoint-v1", "family": "clip",
+                                                     "model": {"builder": "open_clip", "architecture": {
+                                                         "open_clip_name": "local-dir:/etc"}}}))
+    (outside / "model.safetensors").write_bytes(b"")
+    assert "another folder (open_clip_name)" in error_of(lambda: call(c, SCENE, defended_clip=str(outside)))
     huge = allowed / "huge-config"
     huge.mkdir()
     (huge / "config.json").write_text(" " * 2_000_000 + "{}")
@@ -187,27 +194,47 @@ def test_hub_names_are_refused_without_the_operators_allow_list(app_url):
     assert NOT_OFFERED in msg  # refused before any connection (the test set-up forbids the network anyway)
 
 
-def test_an_allowed_hub_name_is_size_checked_before_download(monkeypatch):
+def test_an_allowed_hub_name_is_size_checked_before_download(monkeypatch, tmp_path):
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoSibling
 
     from vlm_inspect.policy import ModelRefused
 
+    import huggingface_hub
+
     class Info:
         siblings = [RepoSibling("open_clip_config.json", size=2_000), RepoSibling("open_clip_model.safetensors",
                                                                                      size=9_000_000_000)]
 
+    small = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                           "patch_size": 8},
+             "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}}
+    config = tmp_path / "open_clip_config.json"
     monkeypatch.setattr(HfApi, "model_info", lambda self, repo, files_metadata=False: Info())
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename: str(config))
     policy = ModelPolicy.served(hub=["chs20/*"])
     with pytest.raises(ModelRefused, match="its weights are 9.0 GB; this server downloads at most 2.0 GB"):
         policy.admit("hf-hub:chs20/fare2-clip", set)
     with pytest.raises(ModelRefused, match=NOT_OFFERED):
         policy.admit("hf-hub:elsewhere/fare2-clip", set)
-    Info.siblings = [RepoSibling("open_clip_config.json", size=2_000), RepoSibling("open_clip_pytorch_model.bin")]
-    with pytest.raises(ModelRefused, match="with safetensors weights"):
+    with pytest.raises(ModelRefused, match=NOT_OFFERED):
+        policy.admit("hf-hub:chs20/fare2-clip\n", set)
+    # open_clip would fall back to the pickled file: refused
+    Info.siblings = [RepoSibling("open_clip_config.json", size=2_000), RepoSibling("a.safetensors", size=10),
+                     RepoSibling("open_clip_pytorch_model.bin", size=100_000_000_000)]
+    with pytest.raises(ModelRefused, match="with open_clip_model.safetensors weights"):
         policy.admit("hf-hub:chs20/pickled", set)
-    Info.siblings[1] = RepoSibling("open_clip_model.safetensors", size=600_000_000)
-    policy.admit("hf-hub:chs20/fare2-clip", set)  # allowed and small enough
+    Info.siblings = [RepoSibling("open_clip_config.json", size=2_000),
+                     RepoSibling("open_clip_model.safetensors", size=600_000_000)]
+    config.write_text(json.dumps({"model_cfg": {**small, "text_cfg": {"hf_model_name": "x/y"}}}))
+    with pytest.raises(ModelRefused, match="fetches parts from the hub or another folder"):
+        policy.admit("hf-hub:chs20/fetches-more", set)
+    big = dict(small, vision_cfg=dict(small["vision_cfg"], width=4096, layers=48, head_width=64))
+    config.write_text(json.dumps({"model_cfg": big}))
+    with pytest.raises(ModelRefused, match="this server builds at most 500 M"):
+        policy.admit("hf-hub:chs20/huge-config", set)
+    config.write_text(json.dumps({"model_cfg": small}))
+    policy.admit("hf-hub:chs20/fare2-clip", set)  # allowed, small and self-contained
 
 
 # ---- 5. one client holding the server --------------------------------------------------------------
@@ -223,22 +250,79 @@ def test_one_client_is_rate_limited_and_a_full_queue_says_try_again():
     finally:
         demo.close()
 
-    url, demo = serve_app(rate_per_minute=1000, queue_size=1)
-    try:
-        c = client(url)
-        from gradio_client import handle_file
+    from gradio_client import handle_file
 
-        args = dict(api_name="/inspect", steps=100, classes=",".join(f"class {i}" for i in range(1000)))
-        jobs = [c.submit(handle_file(str(SCENE)), **args) for _ in range(4)]  # one runs, one waits, the rest...
+    args = dict(api_name="/inspect", steps=100, classes=",".join(f"class {i}" for i in range(1000)))
+
+    def outcomes(url: str, n: int) -> list[str]:
+        c = client(url)
+        jobs = [c.submit(handle_file(str(SCENE)), **args) for _ in range(n)]
         errors = []
         for j in jobs:
             try:
                 j.result(timeout=300)
             except Exception as e:  # noqa: BLE001 - collected
                 errors.append(str(e))
+        return errors
+
+    url, demo = serve_app(rate_per_minute=1000, queue_size=1, jobs_per_client=100)
+    try:  # one runs, one waits, the rest find the queue full
+        errors = outcomes(url, 4)
         assert any("queue is full" in e.lower() for e in errors), errors
     finally:
         demo.close()
+    url, demo = serve_app(rate_per_minute=1000, queue_size=16, jobs_per_client=2)
+    try:  # one address cannot fill the queue: past its share it is told to wait
+        errors = outcomes(url, 5)
+        assert errors and all("429" in e for e in errors), errors
+    finally:
+        demo.close()
+
+
+def test_only_the_routes_the_page_needs_take_a_post(app_url):
+    """The direct REST routes would skip the queue, its bound and its one worker; recordings and
+    component servers would store or hold request bodies without limits."""
+    r = upload(app_url, "scene.png", SCENE.read_bytes())
+    file = {"path": r.json()[0], "orig_name": "scene.png", "meta": {"_type": "gradio.FileData"}}
+    config = httpx.get(app_url + "config", timeout=30).json()
+    fn = next(i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == "inspect")
+    for route in ("gradio_api/api/inspect", "gradio_api/run/inspect", "gradio_api/run/predict"):
+        r = httpx.post(app_url + route, json={"data": [file], "fn_index": fn}, timeout=30)
+        assert r.status_code >= 400 and "join the queue" in r.text, (route, r.status_code, r.text)
+    for route in ("gradio_api/component_server", "gradio_api/vibe-edit", "gradio_api/stream/x", "login"):
+        r = httpx.post(app_url + route, json={"data": [file], "fn_index": 0}, timeout=30)
+        assert r.status_code == 404 and "does not offer that route" in r.text, (route, r.status_code, r.text)
+    r = httpx.post(app_url + "gradio_api/process_recording", files=[("video", ("v.mp4", b"x" * 100_000))])
+    assert r.status_code == 404
+    r = httpx.post(app_url + "gradio_api/queue/join", content=b"{" + b" " * 2_000_000 + b"}",
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "too large" in r.text
+
+
+def test_an_upload_leaves_nothing_but_its_images(app_url):
+    """Parts not named ``files`` and a request Gradio refuses half-way leave nothing in the upload folder."""
+    from gradio.utils import get_upload_folder
+
+    folder = Path(get_upload_folder())
+    before = set(folder.iterdir())
+    r = httpx.post(app_url + "gradio_api/upload", files=[("x", ("evil.html", b"<b>" * 9000))], timeout=30)
+    assert r.status_code == 200 and r.json() == []
+    r = httpx.post(app_url + "gradio_api/upload", files=[("files", ("evil.html", b"<b>" * 9000)),
+                                                         ("files", ("..", b"x"))], timeout=30)
+    assert r.status_code == 400
+    import io
+
+    fresh = io.BytesIO()  # content no earlier test uploaded (Gradio files an upload under its hash)
+    Image.fromarray(np.random.default_rng(int(time.time())).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+        fresh, format="PNG")
+    r = upload(app_url, "fresh.png", fresh.getvalue())
+    assert r.status_code == 200
+    new = set(folder.iterdir()) - before
+    assert new == {Path(r.json()[0]).parent}, new
+    many = [("files", (f"s{i}.png", SCENE.read_bytes())) for i in range(5)]
+    r = httpx.post(app_url + "gradio_api/upload", files=many, timeout=30)
+    assert r.status_code == 413 and "at most 4 files" in r.text
+    assert set(folder.iterdir()) - before == new
 
 
 @pytest.mark.parametrize("field, value, words", [
@@ -247,7 +331,7 @@ def test_one_client_is_rate_limited_and_a_full_queue_says_try_again():
     ("question", "what " * 70, "the question has at most 300 characters"),
     ("target_text", "y" * 301, "the target has at most 300 characters"),
     ("defended_clip", "z" * 10_000, "a model name has at most 300 characters; this one has 10000"),
-])
+], ids=["1001-classes", "long-class", "long-question", "long-target", "long-model-name"])
 def test_request_sizes_are_capped_with_one_sentence(app_url, field, value, words):
     assert words in error_of(lambda: call(client(app_url), SCENE, **{field: value}))
 
@@ -292,7 +376,7 @@ def test_a_job_whose_client_left_stops_between_attack_steps(caplog):
     ("scene.txt", SCENE.read_bytes()),                     # an image's content, not its name
     ("script.html", b"<script>alert(1)</script>"),
     ("empty.png", b""),
-])
+], ids=["text", "text-named-png", "png-named-txt", "html", "empty"])
 def test_only_images_are_accepted_as_uploads(app_url, name, data):
     from gradio.utils import get_upload_folder
 

@@ -24,15 +24,18 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 MAX_NAME_CHARS = 300
-HUB_NAME = re.compile(r"^hf-hub:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+HUB_NAME = re.compile(r"hf-hub:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")  # fullmatch
+OUTSIDE = ("local-dir:", "hf-hub:")  # open_clip names that read another folder or the hub
 CONFIG_FILES = ("config.json", "open_clip_config.json", "trainer.json")
+
+
+_ADMITTED_HUB: set[str] = set()  # hub names checked once by this process
 
 
 class ModelRefused(ValueError):
@@ -46,9 +49,11 @@ def refused(name: str) -> ModelRefused:
 
 
 def _hub_keys(data: Any) -> list[str]:
-    """Keys of an open_clip config that make open_clip fetch a part from the hub."""
+    """Keys of a config that make open_clip (or timm) fetch a part from the hub, or a value that names
+    another folder or a hub repository (``local-dir:...``, ``hf-hub:...``)."""
     if isinstance(data, dict):
-        found = [k for k, v in data.items() if k.startswith("hf_") and v]
+        found = [k for k, v in data.items() if (k.startswith("hf_") or k == "timm_model_pretrained") and v]
+        found += [k for k, v in data.items() if isinstance(v, str) and v.startswith(OUTSIDE)]
         return found + [k for v in data.values() for k in _hub_keys(v)]
     if isinstance(data, list):
         return [k for v in data for k in _hub_keys(v)]
@@ -65,6 +70,7 @@ class ModelPolicy:
     max_params: int = 500_000_000       # ViT-L-14 is 428 M
     max_config_bytes: int = 1_000_000
     max_hub_bytes: int = 2_000_000_000  # ViT-L-14's safetensors are 1.7 GB
+    max_hub_models: int = 8             # distinct hub models one server downloads
 
     @classmethod
     def served(cls, model_paths: Iterable[str | Path] = (), hub: Iterable[str] = (), **limits: int) -> "ModelPolicy":
@@ -84,7 +90,7 @@ class ModelPolicy:
         if self.open or name in catalog():
             return
         if name.startswith("hf-hub:"):
-            if HUB_NAME.match(name) and any(fnmatch.fnmatchcase(name.removeprefix("hf-hub:"), p.removeprefix("hf-hub:"))
+            if HUB_NAME.fullmatch(name) and any(fnmatch.fnmatchcase(name.removeprefix("hf-hub:"), p.removeprefix("hf-hub:"))
                                             for p in self.hub):
                 self.check_hub(name)
                 return
@@ -104,8 +110,13 @@ class ModelPolicy:
             return None
         if not any(path == root or root in path.parents for root in self.model_paths):
             return None
-        uploads = os.environ.get("GRADIO_TEMP_DIR")
-        if uploads and (path == Path(uploads).resolve() or Path(uploads).resolve() in path.parents):
+        try:
+            from gradio.utils import get_upload_folder
+
+            uploads = Path(get_upload_folder()).resolve()
+        except ImportError:  # no gradio: no uploads either
+            uploads = None
+        if uploads is not None and (path == uploads or uploads in path.parents):
             return None  # an uploaded file is never a model
         return path if path.is_dir() else None
 
@@ -119,15 +130,18 @@ class ModelPolicy:
             if p.is_file() and p.stat().st_size > self.max_config_bytes:
                 raise ModelRefused(f"{shown}: {f} is {p.stat().st_size:,} bytes; this server reads configs of at "
                                    f"most {self.max_config_bytes:,}")
+        for f in ("open_clip_config.json", "config.json"):
+            if not (folder / f).is_file():
+                continue
+            try:
+                keys = _hub_keys(json.loads((folder / f).read_text()))
+            except (OSError, ValueError) as e:
+                raise ModelRefused(f"{shown}: {f} is not valid JSON ({e})") from None
+            if keys:
+                raise ModelRefused(f"{shown}: its {f} fetches parts from the hub or another folder ({keys[0]}); "
+                                   "this server loads only the folder's own safetensors")
         oc = folder / "open_clip_config.json"
         if oc.is_file():
-            try:
-                keys = _hub_keys(json.loads(oc.read_text()))
-            except (OSError, ValueError) as e:
-                raise ModelRefused(f"{shown}: open_clip_config.json is not valid JSON ({e})") from None
-            if keys:
-                raise ModelRefused(f"{shown}: its open_clip config fetches parts from the hub ({keys[0]}); "
-                                   "this server loads only local safetensors")
             if not (folder / "open_clip_model.safetensors").is_file():
                 raise ModelRefused(f"{shown}: no open_clip_model.safetensors in the folder; this server loads "
                                    "safetensors weights only")
@@ -145,23 +159,43 @@ class ModelPolicy:
                                f"builds at most {self.max_params / 1e6:,.0f} M")
 
     def check_hub(self, name: str) -> None:
-        """Ask the hub for the repository's files: safetensors weights, at most ``max_hub_bytes``."""
+        """Ask the hub about the repository before anything large is downloaded: it must hold
+        ``open_clip_model.safetensors`` (what open_clip loads first; never its pickled fallback) of at
+        most ``max_hub_bytes``, and its config, read on its own, must fetch nothing else and describe
+        at most ``max_params`` parameters. Admitted names are remembered; at most ``max_hub_models``."""
+        if name in _ADMITTED_HUB:
+            return
+        if len(_ADMITTED_HUB) >= self.max_hub_models:
+            raise ModelRefused(f"{name}: this server has already downloaded {self.max_hub_models} hub models, "
+                               "its limit")
         repo = name.removeprefix("hf-hub:")
         try:
-            from huggingface_hub import HfApi
+            from huggingface_hub import HfApi, hf_hub_download
 
             info = HfApi().model_info(repo, files_metadata=True)
+            files = {s.rfilename: (s.size or 0) for s in (info.siblings or [])}
+            if "open_clip_config.json" not in files or "open_clip_model.safetensors" not in files:
+                raise ModelRefused(f"{name}: not an open_clip repository with open_clip_model.safetensors weights")
+            size = files["open_clip_model.safetensors"]
+            if size > self.max_hub_bytes:
+                raise ModelRefused(f"{name}: its weights are {size / 1e9:.1f} GB; this server downloads at most "
+                                   f"{self.max_hub_bytes / 1e9:.1f} GB")
+            if files["open_clip_config.json"] > self.max_config_bytes:
+                raise ModelRefused(f"{name}: its open_clip_config.json is too large")
+            config = Path(hf_hub_download(repo, "open_clip_config.json"))
+        except ModelRefused:
+            raise
         except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated, rate limited...
             reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
             raise ModelRefused(f"{name}: the hub could not be asked about it ({reason})") from None
-        files = {s.rfilename: (s.size or 0) for s in (info.siblings or [])}
-        weights = [f for f in files if f.endswith(".safetensors")]
-        if "open_clip_config.json" not in files or not weights:
-            raise ModelRefused(f"{name}: not an open_clip repository with safetensors weights")
-        size = max(files[f] for f in weights)
-        if size > self.max_hub_bytes:
-            raise ModelRefused(f"{name}: its weights are {size / 1e9:.1f} GB; this server downloads at most "
-                               f"{self.max_hub_bytes / 1e9:.1f} GB")
+        import shutil
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:  # the config alone, checked like an allowed folder
+            shutil.copy(config, Path(tmp) / "open_clip_config.json")
+            (Path(tmp) / "open_clip_model.safetensors").touch()
+            self.check_folder(Path(tmp), name)
+        _ADMITTED_HUB.add(name)
 
     # -- while loading --
     @contextlib.contextmanager

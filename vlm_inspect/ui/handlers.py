@@ -154,8 +154,10 @@ def export(ins: Inspection | None) -> tuple[str, str]:
     """Write the current inspection as report.png + report.json in a fresh temporary folder."""
     if ins is None:
         raise gr.Error("nothing to export yet: run an inspection first")
-    root = Path(tempfile.gettempdir()) / "vlm_inspect_exports"
-    root.mkdir(exist_ok=True)
+    global _EXPORTS
+    if _EXPORTS is None or not _EXPORTS.is_dir():  # private to this process (mkdtemp: mode 0700)
+        _EXPORTS = Path(tempfile.mkdtemp(prefix="vlm_inspect_exports_"))
+    root = _EXPORTS
     for old in root.iterdir():  # Gradio serves a copy from its own cache: ours are not needed for long
         try:
             if old.stat().st_mtime < time.time() - EXPORT_TTL_S:
@@ -167,6 +169,7 @@ def export(ins: Inspection | None) -> tuple[str, str]:
 
 
 EXPORT_TTL_S = 600
+_EXPORTS: Path | None = None
 
 
 def models_from_widgets(values: list[str | None]) -> dict[str, dict[str, str | None]]:
@@ -233,8 +236,6 @@ def request_image(value: Any, assets: str | Path | None = None):
     if not (_inside(lexical, roots) and _inside(real, roots)):
         raise InputError(NOT_AN_UPLOAD)
     name = Path(str(orig)).name if orig else Path(path).name
-    if Path(name).suffix.lower() not in IMAGE_SUFFIXES and Path(path).suffix.lower() not in IMAGE_SUFFIXES:
-        raise ImageError(f"{name[:80]!r} is not an image file: upload a PNG, JPEG, WebP, BMP, GIF or TIFF image")
     try:
         fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
@@ -243,6 +244,8 @@ def request_image(value: Any, assets: str | Path | None = None):
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise InputError(NOT_AN_UPLOAD)
+        if Path(name).suffix.lower() not in IMAGE_SUFFIXES and Path(path).suffix.lower() not in IMAGE_SUFFIXES:
+            raise ImageError(f"{name[:80]!r} is not an image file: upload a PNG, JPEG, WebP, BMP, GIF or TIFF image")
         if st.st_size > MAX_IMAGE_BYTES:
             raise ImageError(f"{name[:80]!r} is {st.st_size / 1e6:.0f} MB; images of at most "
                              f"{MAX_IMAGE_BYTES / 1e6:.0f} MB are inspected")

@@ -56,22 +56,22 @@ def main(argv: list[str] | None = None) -> None:
     ap = parser()
     args = ap.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from ..checkpoints import CheckpointError
-    from ..service import InspectService
-    from .layout import build_demo
-
-    from ..policy import ModelPolicy
-    from .serve import serve
-
     for d in args.allow_model_paths:
         if not Path(d).expanduser().is_dir():
             ap.error(f"--allow-model-paths {d}: no such folder")
     if args.rate_limit < 1 or args.queue_size < 1:
         ap.error("--rate-limit and --queue-size must be at least 1")
-    if "GRADIO_TEMP_DIR" not in os.environ:  # uploads in a folder of this server's own, removed at exit
+    # uploads in a folder of this server's own, removed at exit; set before Gradio is imported
+    if "GRADIO_TEMP_DIR" not in os.environ and "gradio" not in sys.modules:
         uploads = tempfile.mkdtemp(prefix="vlm_inspect_uploads_")
         os.environ["GRADIO_TEMP_DIR"] = uploads
         atexit.register(shutil.rmtree, uploads, True)
+    from ..checkpoints import CheckpointError
+    from ..policy import ModelPolicy
+    from ..service import InspectService
+    from .layout import build_demo
+    from .serve import serve
+
     try:
         apply_weights_dir(args)
         policy = ModelPolicy.served(model_paths=args.allow_model_paths, hub=args.allow_hub)

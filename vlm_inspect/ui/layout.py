@@ -169,14 +169,17 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
         label_set.change(H.label_set_values, [label_set], [classes, template], api_visibility="private")
 
         clip_dropdowns = [dropdowns[FAMILIES.index("clip")], dropdowns[len(FAMILIES) + FAMILIES.index("clip")]]
-        image.change(lambda *v: H.on_image(service, ASSETS, *v), [image, suite, *clip_dropdowns, label_set, classes],
+        image.change(H.guarded(lambda *v: H.on_image(service, ASSETS, *v), "image check"),
+                     [image, suite, *clip_dropdowns, label_set, classes],
                      [*clip_dropdowns, label_set, classes, template], api_visibility="private")
 
         def on_suite(suite_v):
             return [*H.dropdown_updates(service, suite_v), *H.suite_defaults(suite_v)]
 
-        suite.change(on_suite, [suite], [*dropdowns, label_set, classes, template, question], api_visibility="private")
-        refresh.click(lambda s, *cur: H.dropdown_updates(service, s, list(cur)), [suite, *dropdowns], dropdowns,
+        suite.change(H.guarded(on_suite, "suite change"), [suite], [*dropdowns, label_set, classes, template, question],
+                     api_visibility="private")
+        refresh.click(H.guarded(lambda s, *cur: H.dropdown_updates(service, s, list(cur)), "refresh"),
+                      [suite, *dropdowns], dropdowns,
                       api_visibility="private")
 
         def inspect_api(image: FileData, attack: str = "pgd", eps: float = 4.0, steps: int = 10, norm: str = "linf",
