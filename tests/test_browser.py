@@ -54,6 +54,21 @@ def goto(page, url: str) -> None:
     expect(page.locator("#run")).to_be_visible(timeout=60_000)
 
 
+def run_on_the_photo_model(page):
+    """After a photo was picked: the classes switch to everyday objects; run; the baseline's text names
+    the ConSE model. Returns the baseline text's locator."""
+    import re
+
+    from playwright.sync_api import expect
+
+    expect(page.locator("#classes textarea")).to_have_value(re.compile(r"\bcat\b"), timeout=30_000)
+    page.locator("#run").click()
+    expect(page.locator("#sizes")).to_contain_text("eps 4/255", timeout=120_000)
+    text = page.locator("#text-baseline")
+    expect(text).to_contain_text("conse/efficientnet-lite0-minilm", timeout=30_000)
+    return text
+
+
 def _results(page) -> dict[str, str]:
     return {
         "heat_adv": page.locator("#heat-baseline-adversarial img").first.get_attribute("src") or "",
@@ -126,18 +141,13 @@ def test_a_corrupt_upload_shows_a_message_and_the_page_still_works(app_url, tmp_
 def test_a_photo_sample_is_inspected_with_the_conse_photo_model(app_url):
     """Clicking a photo sample switches zero-shot to ConSE and the classes to everyday objects; the
     inspection then calls the cat a cat, says the model is not CLIP and shows the ImageNet classes."""
-    import re
 
     from playwright.sync_api import expect
 
     with opened_page(1600, 1300) as page:
         goto(page, app_url)
         page.locator("img[src$='photo_chelsea.jpg']").first.click()
-        expect(page.locator("#classes textarea")).to_have_value(re.compile(r"\bcat\b"), timeout=30_000)
-        page.locator("#run").click()
-        expect(page.locator("#sizes")).to_contain_text("eps 4/255", timeout=120_000)
-        text = page.locator("#text-baseline")
-        expect(text).to_contain_text("conse/efficientnet-lite0-minilm", timeout=30_000)
+        text = run_on_the_photo_model(page)
         expect(text).to_contain_text("not CLIP")
         expect(text).to_contain_text("ImageNet classes behind it")
         assert page.locator("#label-baseline-clean").inner_text().split("\n")[1].strip() == "cat"
@@ -161,11 +171,7 @@ def test_a_photo_upload_is_inspected_with_the_photo_model_and_the_page_reads_at_
     with opened_page(1280, 1000) as page:
         goto(page, app_url)
         page.locator("#input-image input[type=file]").set_input_files(str(photo))
-        expect(page.locator("#classes textarea")).to_have_value(re.compile(r"\bcat\b"), timeout=30_000)
-        page.locator("#run").click()
-        expect(page.locator("#sizes")).to_contain_text("eps 4/255", timeout=120_000)
-        text = page.locator("#text-baseline")
-        expect(text).to_contain_text("conse/efficientnet-lite0-minilm", timeout=30_000)
+        text = run_on_the_photo_model(page)
         expect(text).to_contain_text("shapes-captioner knows only the shapes world")
         expect(page.locator("#verdict-baseline")).to_contain_text(re.compile(r"fooled|held"))
         assert page.locator(".toast-body.error, .toast-wrap .error").count() == 0, "the page shows an error"
