@@ -16,6 +16,7 @@ import gradio as gr
 
 from ..checkpoints import CheckpointError, file_sha256
 from ..images import ImageError, load_image
+from .serve import IMAGE_SUFFIXES  # one list for the upload route and the handlers
 from ..models.presets import FAMILIES, PHOTO_CLIP, ModelUnavailableError
 from ..report import imagenet_text, render_png, side_entries, write_json
 from ..service import (DEFAULT_LABEL_SET, DEFAULT_QUESTION, SIDES, Cancelled, InputError, InspectRequest,
@@ -208,7 +209,6 @@ def suite_defaults(suite: str) -> tuple[str, str, str, str]:
     return (name, *label_set_values(name), DEFAULT_QUESTION[suite])
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_IMAGE_BYTES = 50_000_000
 NOT_AN_UPLOAD = ("send the image itself as a file upload (in Python: gradio_client.handle_file(path)); "
                  "this server does not open paths on its own disk")
