@@ -1,4 +1,5 @@
-"""Attacks and objectives: the contract of DESIGN §3.3, on every family of embedded model."""
+"""Attacks and objectives: the contract of docs/ARCHITECTURE.md ("Attacks", "Objectives"), for every
+registered attack, on every family of embedded model."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import embedded
-from vlm_inspect.attacks import ATTACKS, BIM, FGSM, PGD
+from vlm_inspect.attacks import ATTACKS, BIM, FGSM, NORMS, PGD
 from vlm_inspect.objectives import OBJECTIVES, answer_nll, caption_nll, embedding_cosine, zero_shot_ce
 
 PROMPTS = ["a photo of a red star", "a photo of a blue circle", "a photo of a green square"]
@@ -24,17 +25,14 @@ def make_objective(family: str, pixels: torch.Tensor, target: bool = False):
 
 
 def build(attack: str, norm: str):
+    """Any registered attack from one set of settings (each takes the ones it has)."""
     eps = EPS[norm]
-    if attack == "fgsm":
-        return FGSM(eps=eps, norm=norm)
-    if attack == "bim":
-        return BIM(eps=eps, alpha=eps / 2, steps=4, norm=norm)
-    return PGD(eps=eps, alpha=eps / 2, steps=4, norm=norm)
+    return ATTACKS.build(attack, eps=eps, alpha=eps / 2, steps=4, norm=norm)
 
 
 @pytest.mark.parametrize("family", ["clip", "captioner", "vqa"])
-@pytest.mark.parametrize("norm", ["linf", "l2"])
-@pytest.mark.parametrize("attack", ["fgsm", "bim", "pgd"])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("attack", ATTACKS.list())
 def test_attack_contract(attack, norm, family):
     pixels = torch.rand(2, 3, 64, 64)
     objective = make_objective(family, pixels)
@@ -257,7 +255,7 @@ def test_early_stop_keeps_the_first_fooling_iterate_and_attacks_the_rest_unchang
     """Early stop (robust-accuracy evaluation): an image the model gets wrong at some iterate keeps that
     iterate; the images still standing follow the very trajectory of the plain attack."""
     from vlm_inspect.data.shapes import ShapesDataset
-    from vlm_inspect.defenses.common import to_pixels
+    from vlm_inspect.images import to_pixels
     from vlm_inspect.models import load
 
     clip = load("shapes-clip")  # the shipped model: some images fall early, some late, some never

@@ -242,3 +242,27 @@ def test_options_from_the_command_line_are_parsed_or_refused():
                        ({"frozen_consistency": "maybe"}, "expected a bool"), ({"lamda": "1"}, "unknown option")]:
         with pytest.raises(ValueError, match=match):
             make_config(CAPTConfig, bad)
+
+
+def _every_defense_and_family():
+    return [(key, fam) for key in DEFENSES.list() for fam in DEFENSES.meta(key)["families"]]
+
+
+@pytest.mark.parametrize("key,family", _every_defense_and_family())
+def test_every_registered_defense_takes_a_step_on_each_of_its_families(key, family):
+    """Any defense registered in DEFENSES, on a random-weight embedded model of each family it names:
+    a finite loss, a gradient on the parameters it trains, and none on those it leaves frozen."""
+    model = load({"clip": "shapes-clip", "captioner": "shapes-captioner", "vqa": "shapes-vqa"}[family],
+                 weights="random")
+    task_cls = DEFENSES.get(key)
+    spec = "shapes-combo" if family == "clip" else "shapes-scenes"
+    data = ShapesDataset(spec, split="train", length=8)
+    task = task_cls(model, make_config(task_cls.Config, {}), data)
+    model.train()
+    loss, parts = task.loss(task.collate([data[i] for i in range(2)], 0))
+    assert torch.isfinite(loss) and parts and all(math.isfinite(v) for v in parts.values()), parts
+    loss.backward()
+    trained = task.trainable_parameters()
+    assert trained and any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+    ids = {id(p) for p in trained}
+    assert all(p.grad is None for p in model.model.parameters() if id(p) not in ids and not p.requires_grad)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlm_inspect.explain import attention_shift, grad_cam, overlay, text_guided_attention
+from vlm_inspect.explain import HEATMAPS, attention_shift, grad_cam, overlay, text_guided_attention
 
 
 def open_clip_tokens(model, pixels):
@@ -117,3 +117,18 @@ def test_overlay():
         overlay(img, torch.zeros(2, 8, 8))
     with pytest.raises(ValueError, match="alpha"):
         overlay(img, heat, alpha=2)
+
+
+@pytest.mark.parametrize("name", HEATMAPS.list())
+def test_every_registered_heatmap_maps_each_image_into_unit_range(name, shapes_clip):
+    """Any heatmap in HEATMAPS, with and without the tokens of the probabilities' forward pass."""
+    pixels = torch.rand(2, 3, 64, 64)
+    prompt = "a photo of a red star"
+    with torch.no_grad():
+        text = shapes_clip.encode_text([prompt])
+        tokens = shapes_clip.projected_tokens(pixels)
+    fn = HEATMAPS.get(name)
+    for kwargs in ({}, {"tokens": tokens}):
+        heat = fn(shapes_clip, pixels, prompt, text, **kwargs)
+        assert heat.shape == (2, 64, 64) and heat.min() >= 0 and heat.max() <= 1 + 1e-6
+        assert torch.isfinite(heat).all()

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from vlm_inspect.models import load
-from vlm_inspect.models.presets import APP_PRETRAINED, WEIGHTS_DIR_ENV, ModelUnavailableError
+from vlm_inspect.models import ModelUnavailableError
+from vlm_inspect.models.presets import APP_PRETRAINED
+from vlm_inspect.runtime import WEIGHTS_DIR_ENV
 from vlm_inspect.service import InputError, InspectRequest, InspectService
 
 ROOT = Path(__file__).resolve().parents[1]

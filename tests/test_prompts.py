@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import embedded
-from vlm_inspect.defenses.prompts import DeepPrompts, PromptedClip
+from vlm_inspect.models.prompted import DeepPrompts, PromptedClip
 from vlm_inspect.explain import text_guided_attention
 
 TEXTS = ["a photo of a red circle", "a photo of a blue star"]

@@ -213,6 +213,18 @@ def test_curve_is_one_batched_run_per_side(service, scene):
     assert curve["series"]["defended"]["values"] == pytest.approx(base, abs=1e-4)  # same model, same seed
 
 
+@pytest.mark.parametrize("target", ["caption", "vqa", "embedding"])
+def test_curve_of_every_task(service, scene, target):
+    """The curve of a caption, an answer or the embedding: one batched attack per side over the repeated
+    image (the caption and answer curves used to fail: one clean text for several images)."""
+    curve = service.curve(scene, request(defended={}, steps=2, target=target), eps_k=[0, 4, 16])
+    values = curve["series"]["baseline"]["values"]
+    assert len(values) == 3 and all(0 <= v <= 1 + 1e-6 for v in values)
+    assert values[0] > values[2]  # the attack lowers the metric
+    if target == "embedding":
+        assert values[0] == pytest.approx(1.0, abs=1e-5)
+
+
 def test_models_appear_and_reload_when_their_checkpoint_changes(tmp_path, scene):
     runs = tmp_path / "runs"
     (runs / "mine").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""Tests of the shapes world against SHAPES_WORLD.md (not just that the code runs).
+"""Tests of the shapes world against docs/SHAPES_WORLD.md (not just that the code runs).
 
 Geometry and language are checked against independent brute-force recomputations from the spec's
 definitions: exact pixel-centre sampling of each shape, answers recomputed from the scene.

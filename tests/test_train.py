@@ -186,7 +186,7 @@ def test_per_parameter_learning_rates():
 def test_prompt_defense_ships_prompts_only_and_resumes_exactly(tmp_path):
     """APD writes only the student's prompts (naming the base and its weights digest); the snapshots
     also hold the teacher, so a run resumed from an earlier snapshot ends where the straight run ends."""
-    from vlm_inspect.defenses.prompts import PromptedClip
+    from vlm_inspect.models.prompted import PromptedClip
 
     common = ["--defense", "apd", "--model", "shapes-clip", "--steps", "4", "--save-every", "2", "--eval-every", "0",
               "--set", "attack_eps=4/255", *TINY]

@@ -24,7 +24,7 @@ _EXPORTS = {
     "Registry": "registry",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__", *_EXPORTS.keys()]  # noqa: PLE0604 - the lazy exports are strings
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""Checkpoint folders: ``model.safetensors`` + ``config.json`` (DESIGN.md §3.5).
+"""Checkpoint folders: ``model.safetensors`` + ``config.json`` (docs/ARCHITECTURE.md, "Checkpoints").
 
 Writes are atomic (temp file in the same folder, then ``os.replace``). Loading never unpickles:
 safetensors and JSON only. A missing, truncated or mismatched file gives a :class:`CheckpointError`
@@ -155,38 +155,37 @@ def is_vlm_checkpoint(folder: str | Path) -> bool:
         return False
 
 
+def checkpoint_config(*, preset: str, family: str, model: dict[str, Any], base: str | None = None,
+                      defense: str | None = None, hyperparameters: dict[str, Any] | None = None, data: Any = None,
+                      seed: int | None = None, steps: int = 0, metrics: dict[str, Any] | None = None,
+                      **extra: Any) -> dict[str, Any]:
+    """The one layout of a checkpoint's ``config.json`` (docs/ARCHITECTURE.md, "Checkpoints"): format and
+    project version, preset name, family, the base model it sits on (prompt and partial checkpoints),
+    the model spec (builder, architecture, tokenizer reference), defense and hyper-parameters, data spec,
+    seed, steps, metrics, then any ``extra`` entries (training time, the prompts' shape, ``partial``)."""
+    from . import __version__
+
+    return {"format": FORMAT, "version": __version__, "preset": preset, "family": family, "base": base,
+            "model": model, "defense": defense, "hyperparameters": hyperparameters or {}, "data": data,
+            "seed": seed, "steps": steps, "metrics": metrics or {}, **extra}
+
+
 def save_adapter(adapter: Any, out_dir: str | Path, *, preset: str | None = None, defense: str | None = None,
                  hyperparameters: dict[str, Any] | None = None, data: Any = None, seed: int | None = None,
                  steps: int = 0, metrics: dict[str, Any] | None = None, base: str | None = None,
                  extra: dict[str, Any] | None = None) -> Path:
     """Write ``adapter`` as a checkpoint folder: weights, tokenizer files if needed, then config.json.
 
-    ``config.json`` holds everything DESIGN §3.5 lists: preset name, family, architecture, tokenizer
-    reference, defense and hyper-parameters, data spec, seed, steps, metrics and project version.
+    ``config.json`` is :func:`checkpoint_config`'s layout.
     """
-    from . import __version__
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = dict(adapter.spec)
     if spec.get("tokenizer", {}).get("kind") == "files":
         adapter.tokenizer.save_pretrained(str(out))
     atomic_save_weights(adapter.model, out / WEIGHTS_FILE, metadata={"format": FORMAT, "preset": preset or adapter.name})
-    config = {
-        "format": FORMAT,
-        "version": __version__,
-        "preset": preset or adapter.name,
-        "family": adapter.family,
-        "base": base,
-        "model": spec,
-        "defense": defense,
-        "hyperparameters": hyperparameters or {},
-        "data": data,
-        "seed": seed,
-        "steps": steps,
-        "metrics": metrics or {},
-    }
-    if extra:
-        config.update(extra)
+    config = checkpoint_config(preset=preset or adapter.name, family=adapter.family, model=spec, base=base,
+                               defense=defense, hyperparameters=hyperparameters, data=data, seed=seed, steps=steps,
+                               metrics=metrics, **(extra or {}))
     atomic_write_json(out / CONFIG_FILE, config)  # last: a folder with a config is complete
     return out

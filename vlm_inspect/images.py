@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -211,6 +212,24 @@ def pil_to_pixels(img: Image.Image) -> torch.Tensor:
     """(1, 3, H, W) float32 in [0, 1]."""
     arr = np.asarray(to_rgb(img), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+
+
+def image_pixels(image: Any, size: int) -> torch.Tensor:
+    """The one way an image becomes a model's input: any image :func:`load_image` reads -> (1, 3, size,
+    size) pixels in [0, 1], shorter side resized (bicubic) and the centre square taken, as CLIP does."""
+    return pil_to_pixels(resize_center_crop(load_image(image), size))
+
+
+def to_pixels(images: Iterable[Any], size: int) -> torch.Tensor:
+    """Stack images into (B, 3, size, size) pixels in [0, 1]; HxWx3 uint8 arrays already at ``size`` (a
+    data set's renders) are taken as they are, anything else goes through :func:`image_pixels`."""
+    out = []
+    for img in images:
+        if isinstance(img, np.ndarray) and img.shape[:2] == (size, size):
+            out.append(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)[None])
+        else:
+            out.append(image_pixels(img, size))
+    return torch.cat(out)
 
 
 def pixels_to_uint8(pixels: torch.Tensor) -> np.ndarray:

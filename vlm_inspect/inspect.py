@@ -1,7 +1,7 @@
 """``python -m vlm_inspect.inspect IMAGE [IMAGE ...] --out DIR``: the app's inspection without a browser.
 
 Runs the same :class:`~vlm_inspect.service.InspectService` inspection the page runs and writes
-``report.png`` (the panel a person sees) and ``report.json`` (DESIGN §3.6). With several images, each
+``report.png`` (the panel a person sees) and ``report.json`` (docs/ARCHITECTURE.md, "The report"). With several images, each
 gets its own sub-folder of DIR named after the file. ``--curve`` adds ``curve.png`` and ``curve.json``.
 """
 from __future__ import annotations
@@ -11,41 +11,40 @@ import os
 import sys
 from pathlib import Path
 
-from .evaluate.run import parse_eps
-from .models.presets import FAMILIES
+from .attacks import ATTACKS, NORMS, attack_help, parse_eps
+from .explain import HEATMAPS, heatmap_help
+from .models import FAMILIES, SUITES
 from .runtime import add_arguments, apply_weights_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .service import CURVE_EPS_K, HEATMAPS, TARGETS, label_sets
+    from .service import CURVE_EPS_K, label_sets, targets
 
     ap = argparse.ArgumentParser(prog="python -m vlm_inspect.inspect", description=__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--suite", choices=["embedded", "pretrained"], default="embedded", help="model suite")
+    ap.add_argument("--suite", choices=list(SUITES), default="embedded", help="model suite")
     ap.add_argument("--baseline", default="", metavar="FAMILY=NAME,...",
                     help="baseline models, e.g. 'clip=shapes-clip,vqa=none'; unnamed families use the suite default")
     ap.add_argument("--defended", default="", metavar="FAMILY=NAME,...",
                     help="defended models, e.g. 'clip=shapes-clip+tga-zsr'; default: the first <baseline>+<defense> "
                          "checkpoint, if any")
-    ap.add_argument("--attack", choices=["fgsm", "bim", "pgd"], default="pgd",
-                    help="FGSM (Goodfellow et al. 2015), BIM (Kurakin et al. 2017) or PGD (Madry et al. 2018)")
-    ap.add_argument("--norm", choices=["linf", "l2"], default="linf", help="threat model")
+    ap.add_argument("--attack", choices=ATTACKS.list(), default="pgd", help=attack_help())
+    ap.add_argument("--norm", choices=list(NORMS), default="linf", help="threat model")
     ap.add_argument("--eps", default="4/255", help="budget in pixel units, as k/255 or a decimal (at most 32/255)")
     ap.add_argument("--steps", type=int, default=10, help="iterations (BIM, PGD)")
     ap.add_argument("--alpha", default="0", help="step size as k/255 or a decimal; 0 = 2.5*eps/steps (Madry et al.)")
     ap.add_argument("--no-random-start", action="store_true", help="PGD without its random start")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random start")
-    ap.add_argument("--target", choices=list(TARGETS), default="zero-shot", help="the task whose loss is attacked")
+    ap.add_argument("--target", choices=targets(), default="zero-shot", help="the task whose loss is attacked")
     ap.add_argument("--target-text", default="", help="a class, caption or answer: makes the attack targeted")
     ap.add_argument("--label-set", choices=list(label_sets()), default=None,
                     help="class list and prompt template (default: the suite's)")
     ap.add_argument("--classes", default="", help="comma-separated class names (overrides --label-set)")
     ap.add_argument("--template", default="", help="prompt template with {} for the class")
     ap.add_argument("--question", default=None, help="VQA question (default: the suite's)")
-    ap.add_argument("--heatmap", choices=list(HEATMAPS), default="attention",
-                    help="text-guided attention (TGA-ZSR, Yu et al. 2024) or Grad-CAM (Selvaraju et al. 2017)")
+    ap.add_argument("--heatmap", choices=HEATMAPS.list(), default="attention", help=heatmap_help())
     ap.add_argument("--curve", action="store_true",
                     help=f"also write the robustness curve at eps {', '.join(map(str, CURVE_EPS_K))} /255")
     add_arguments(ap)
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from .policy import ModelPolicy
     from .service import InputError, InspectRequest, InspectService
     from .checkpoints import CheckpointError, atomic_write_json
-    from .models.presets import ModelUnavailableError
+    from .models import ModelUnavailableError
 
     try:
         apply_weights_dir(args)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from .runtime import inside
+
 MAX_NAME_CHARS = 300
 HUB_NAME = re.compile(r"hf-hub:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")  # fullmatch
 OUTSIDE = ("local-dir:", "hf-hub:")  # open_clip names that read another folder or the hub
@@ -108,7 +110,7 @@ class ModelPolicy:
             path = Path(name).expanduser().resolve()
         except (OSError, RuntimeError, ValueError):
             return None
-        if not any(path == root or root in path.parents for root in self.model_paths):
+        if not inside(path, self.model_paths):
             return None
         try:
             from gradio.utils import get_upload_folder
@@ -116,13 +118,13 @@ class ModelPolicy:
             uploads = Path(get_upload_folder()).resolve()
         except ImportError:  # no gradio: no uploads either
             uploads = None
-        if uploads is not None and (path == uploads or uploads in path.parents):
+        if uploads is not None and inside(path, [uploads]):
             return None  # an uploaded file is never a model
         return path if path.is_dir() else None
 
     def check_folder(self, folder: Path, name: str | None = None) -> None:
         """Limits on an allowed folder, checked before anything is built."""
-        from .models.presets import meta_param_count  # the models layer counts; the policy decides
+        from .models.loading import meta_param_count  # the models layer counts; the policy decides
 
         shown = name or str(folder)
         for f in CONFIG_FILES:
@@ -202,7 +204,7 @@ class ModelPolicy:
     def loading(self, catalog_roots: Iterable[str | Path] = ()) -> Iterator[None]:
         """While loading a model, check every checkpoint folder the models layer reads (a ``base`` named
         in a config too): inside ``catalog_roots`` (the operator's folders) or an allowed directory."""
-        from .models.presets import load_guard
+        from .models.loading import load_guard
 
         roots = [Path(r).resolve() for r in catalog_roots]
 
@@ -211,7 +213,7 @@ class ModelPolicy:
                 path = Path(folder).resolve()
             except (OSError, RuntimeError, ValueError):
                 raise refused(str(folder)) from None
-            if any(path == r or r in path.parents for r in roots):
+            if inside(path, roots):
                 return
             allowed = self._allowed_folder(str(path))
             if allowed is None:

@@ -1,10 +1,12 @@
-"""A tiny generic registry: register named things with metadata, get them back, list them.
+"""A tiny generic registry: register named things with metadata, get them back, list them, build them.
 
-Attacks, objectives and (later) defenses register here so that the CLI, the UI dropdowns and
-the tests pick up a new entry from one import line.
+Attacks, objectives, heatmaps, defenses, model builders and tokenizer kinds register here, so that the
+page, the command lines and the tests pick up a new entry from its one registration
+(docs/ARCHITECTURE.md, "Registries").
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -55,6 +57,36 @@ class Registry(Generic[T]):
             for k, m in self._meta.items()
             if all(v is None or m.get(f) == v for f, v in filters.items())
         ]
+
+    def describe(self, name: str) -> str:
+        """``label (paper)`` from the entry's metadata, for help texts (its name when it has no label)."""
+        meta = self.meta(name)
+        return meta.get("label", name) + (f" ({meta['paper']})" if meta.get("paper") else "")
+
+    def parameters(self, name: str) -> list[str]:
+        """The keyword settings the entry ``name`` takes (its constructor's or function's parameters)."""
+        item = self.get(name)
+        return [p.name for p in inspect.signature(item).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    def build(self, name: str, /, **settings: Any) -> Any:
+        """Call the entry ``name`` with the settings it takes; settings it does not take are left out, so
+        one set of settings (say, a page's attack controls) serves every entry (FGSM takes no ``steps``).
+
+        >>> attacks = Registry("attack")
+        >>> _ = attacks.register("step", lambda eps, steps=1: (eps, steps))
+        >>> attacks.build("step", eps=0.1, steps=3, seed=0)
+        (0.1, 3)
+        """
+        item = self.get(name)
+        takes = self.parameters(name)
+        return item(**{k: v for k, v in settings.items() if k in takes})
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (for throw-away entries in tests)."""
+        key = str(name).lower()
+        self._items.pop(key, None)
+        self._meta.pop(key, None)
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name.lower() in self._items

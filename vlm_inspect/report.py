@@ -9,48 +9,11 @@ from typing import Any
 import numpy as np
 
 from .checkpoints import atomic_write_json
-from .service import SIDES, Inspection
+from .service import SIDES, Inspection, side_entries, side_text
 
 
 def _fmt_eps(attack: dict[str, Any]) -> str:
     return f"{attack['name'].upper()} {attack['norm']} eps={attack['eps_k255']:g}/255, steps={attack['steps']}"
-
-
-def side_entries(report: dict[str, Any], side: str) -> dict[str, tuple[str, dict[str, Any]]]:
-    """``family -> (model name, entry)`` for the models of one side of a report."""
-    return {e["family"]: (name, e) for name, e in report["models"].items() if e["role"] == side}
-
-
-def imagenet_text(top: list) -> str:
-    """A ConSE model's ImageNet classes, ``[[name, p], ...]``, as "name 0.37, name 0.33"."""
-    return ", ".join(f"{name} {p:.2f}" for name, p in top)
-
-
-def side_text(report: dict[str, Any], side: str) -> str:
-    """Caption, answer and the attention/confidence numbers of one side, as short lines."""
-    lines = []
-    for fam, (name, e) in side_entries(report, side).items():
-        adv = e.get("adversarial", {})
-        if fam == "clip":
-            zs, zs_adv = e["clean"]["zero_shot"], adv.get("zero_shot")
-            line = f"[{name}] top-1: {zs['labels'][0]} ({zs['probs'][0]:.2f})"
-            if zs_adv:
-                line += f" -> {zs_adv['labels'][0]} ({zs_adv['probs'][0]:.2f})"
-            lines.append(line)
-            if "imagenet_top3" in e["clean"]:  # a ConSE model: the ImageNet classes behind its embedding
-                lines.append("  ImageNet: " + imagenet_text(e["clean"]["imagenet_top3"])
-                             + (f" -> {imagenet_text(adv['imagenet_top3'][:1])}" if adv.get("imagenet_top3") else ""))
-            if adv:
-                lines.append(f"  confidence change {adv['confidence_change']:+.3f}, "
-                             f"attention shift {adv['attention_shift']:.3f}")
-        elif fam == "captioner":
-            lines.append(f"[{name}] caption: {e['clean']['caption']}")
-            if adv:
-                lines.append(f"  adversarial: {adv['caption']}")
-        else:
-            lines.append(f"[{name}] Q: {e['clean']['question']}  A: {e['clean']['answer']}"
-                         + (f" -> {adv['answer']}" if adv else ""))
-    return "\n".join(lines) if lines else "(no model selected)"
 
 
 def render_png(inspection: Inspection, path: str | Path) -> Path:

@@ -17,6 +17,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
+from pathlib import Path
+
 import torch
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -77,9 +80,9 @@ def decoding_precision(requested: str | None, precision: str, device: str) -> st
 
     ``fp32`` when ``auto`` was asked for on a CPU, else ``precision``. Decoding one token at a time is
     bound by reading the weights, and CPU autocast re-casts frozen weights at every call (its cast
-    cache only keeps weights that require grad), so each token pays a bf16 copy of the whole decoder.
-    Measured on a Xeon with AMX (full-size random weights, 20 new tokens, docs/BENCHMARKS.md):
-    ViT-GPT2 caption 1.15 s in fp32 against 3.2 s under bf16 autocast. An explicit precision is obeyed."""
+    cache only keeps weights that require grad), so each token pays a bf16 copy of the whole decoder:
+    fp32 decoding is the faster one there (docs/BENCHMARKS.md has the measurement). An explicit
+    precision is obeyed."""
     if str(requested or "fp32").strip().lower() == "auto" and torch.device(device).type == "cpu":
         return "fp32"
     return precision
@@ -138,6 +141,51 @@ def add_arguments(parser, precision_default: str = "auto", device: bool = True, 
 def apply_weights_dir(args) -> None:
     """Make ``--weights-dir`` (if given) the place pretrained models load from."""
     if getattr(args, "weights_dir", None):
-        from .models.presets import set_weights_dir
-
         set_weights_dir(args.weights_dir)
+
+
+# ---- where weights live ---------------------------------------------------------------------------
+
+def checkpoints_dir() -> Path:
+    """Where embedded checkpoints live: ``$VLM_INSPECT_CHECKPOINTS`` or ``<repo>/checkpoints``."""
+    env = os.environ.get("VLM_INSPECT_CHECKPOINTS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+WEIGHTS_DIR_ENV = "VLM_INSPECT_WEIGHTS_DIR"
+
+
+def weights_dir() -> Path | None:
+    """The folder of local copies of pretrained weights (``--weights-dir`` / ``$VLM_INSPECT_WEIGHTS_DIR``):
+    ``<dir>/<name>`` holds the copy of ``<name>``, e.g. ``<dir>/openai/ViT-B-32`` or, for an open_clip hub
+    name ``hf-hub:org/repo``, ``<dir>/org/repo``."""
+    env = os.environ.get(WEIGHTS_DIR_ENV)
+    return Path(env) if env else None
+
+
+def set_weights_dir(folder: str | Path | None) -> None:
+    """Use ``folder`` for local copies of pretrained weights (an environment variable, so that worker
+    processes and ``torchrun`` ranks see it too); ``None`` switches it off."""
+    from .checkpoints import CheckpointError
+
+    if folder is None:
+        os.environ.pop(WEIGHTS_DIR_ENV, None)
+        return
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"--weights-dir {folder}: no such folder")
+    os.environ[WEIGHTS_DIR_ENV] = str(folder.resolve())
+
+
+def inside(path: str | Path, roots) -> bool:
+    """``path`` is one of ``roots`` or below one (both already resolved: no links, no ``..``)."""
+    path = Path(path)
+    return any(path == Path(r) or Path(r) in path.parents for r in roots)
+
+
+def local_copy_path(name: str, root: Path | None = None) -> Path | None:
+    """Where the local copy of ``name`` lives (whether or not it is there); None without a weights dir."""
+    root = root or weights_dir()
+    if root is None:
+        return None
+    return root / name.removeprefix("hf-hub:")

@@ -1,8 +1,25 @@
-"""FGSM, BIM and PGD in L-inf and L2 (DESIGN §3.3): ``atk(pixels, objective) -> AttackResult``."""
-from .base import ATTACKS, Attack, AttackResult, model_guard
-from .bim import BIM
+"""FGSM, BIM and PGD in L-inf and L2: ``atk(pixels, objective) -> AttackResult`` (docs/ARCHITECTURE.md,
+"Attacks"). Each attack is one module that registers its class in :data:`ATTACKS`;
+``ATTACKS.build(name, eps=..., steps=..., ...)`` constructs any of them from one set of settings.
+
+Adding an attack: a module here whose class subclasses :class:`Attack` and is decorated with
+``@ATTACKS.register("name", label=..., paper=...)``, plus its import line below.
+"""
+from .base import ATTACKS, Attack, AttackResult, eps_label, model_guard, parse_eps
+# registration order is the order the page and the help texts offer them: weakest first
 from .fgsm import FGSM
+from .bim import BIM
 from .pgd import PGD
 from .projection import NORMS
 
-__all__ = ["ATTACKS", "Attack", "AttackResult", "BIM", "FGSM", "NORMS", "PGD", "model_guard"]
+__all__ = ["ATTACKS", "Attack", "AttackResult", "BIM", "FGSM", "NORMS", "PGD", "eps_label", "model_guard", "parse_eps"]
+
+
+def attack_help() -> str:
+    """The registered attacks with their papers, for help texts: ``FGSM (Goodfellow et al. 2015), ...``."""
+    return ", ".join(ATTACKS.describe(name) for name in ATTACKS.list())
+
+
+def is_randomised(name: str) -> bool:
+    """Whether the attack ``name`` can start at random (so restarts differ)."""
+    return "random_start" in ATTACKS.parameters(name)

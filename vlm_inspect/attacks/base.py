@@ -1,14 +1,12 @@
 """Attack base class: argument checks, model guard (eval mode, frozen weights), the step loop."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
-from torch import nn
 
-from ..models.base import check_pixels
+from ..models.base import check_pixels, model_guard  # noqa: F401  (part of the attack API)
 from ..registry import Registry
 from ..runtime import fp16_active
 from . import projection as P
@@ -35,30 +33,6 @@ class AttackResult:
         return P.size(self.delta, norm)
 
 
-@contextlib.contextmanager
-def model_guard(module: nn.Module | None) -> Iterator[None]:
-    """Eval mode and ``requires_grad=False`` on every weight while attacking; both restored after.
-
-    Eval mode matters (BatchNorm statistics must not drift during an attack, DESIGN §5) and frozen
-    weights mean no graph is built for them (about a third faster on CPU) and no ``.grad`` is left.
-    """
-    if module is None or not isinstance(module, nn.Module):
-        yield
-        return
-    modes = [(m, m.training) for m in module.modules()]
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    try:
-        module.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 def parse_fraction(text: str) -> float:
     """A number written as a decimal or a fraction of decimals: '0.03', '4/255', '1.6/255'."""
     parts = str(text).strip().split("/")
@@ -68,6 +42,22 @@ def parse_fraction(text: str) -> float:
     if den == 0:
         raise ValueError(f"cannot read {text!r}: division by zero")
     return num / den
+
+
+def parse_eps(text: str) -> float:
+    """'4/255' -> 0.01568..., '0.03' -> 0.03."""
+    try:
+        v = parse_fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"cannot read eps {text!r}; write it as k/255 or a decimal") from None
+    if v < 0:
+        raise ValueError(f"eps must be >= 0, got {text}")
+    return v
+
+
+def eps_label(eps: float) -> str:
+    k = eps * 255
+    return f"{k:g}/255" if abs(k - round(k, 2)) < 1e-6 else f"{eps:g}"
 
 
 def pixel_eps(eps_normalised: float, std: Sequence[float]) -> float:

@@ -3,7 +3,7 @@ from __future__ import annotations
 from .base import ATTACKS, Attack
 
 
-@ATTACKS.register("bim")
+@ATTACKS.register("bim", label="BIM", paper="Kurakin et al. 2017")
 class BIM(Attack):
     """Basic Iterative Method — Kurakin et al., "Adversarial examples in the physical world",
     ICLR workshop 2017, https://arxiv.org/abs/1607.02533.

@@ -3,7 +3,7 @@ from __future__ import annotations
 from .base import ATTACKS, Attack
 
 
-@ATTACKS.register("fgsm")
+@ATTACKS.register("fgsm", label="FGSM", paper="Goodfellow et al. 2015")
 class FGSM(Attack):
     """Fast Gradient Sign Method — Goodfellow et al., "Explaining and Harnessing Adversarial
     Examples", ICLR 2015, https://arxiv.org/abs/1412.6572.

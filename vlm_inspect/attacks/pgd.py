@@ -3,7 +3,7 @@ from __future__ import annotations
 from .base import ATTACKS, Attack
 
 
-@ATTACKS.register("pgd")
+@ATTACKS.register("pgd", label="PGD", paper="Madry et al. 2018")
 class PGD(Attack):
     """Projected Gradient Descent — Madry et al., "Towards Deep Learning Models Resistant to
     Adversarial Attacks", ICLR 2018, https://arxiv.org/abs/1706.06083.

@@ -1,4 +1,4 @@
-"""Data: the procedural shapes world (``SHAPES_WORLD.md``) and loaders for real dataset formats."""
+"""Data: the procedural shapes world (``docs/SHAPES_WORLD.md``) and loaders for real dataset formats."""
 
 from .shapes import (
     CANVAS,

@@ -1,6 +1,6 @@
 """The shapes world: a procedural image world the embedded models are trained and evaluated on.
 
-This module implements ``SHAPES_WORLD.md`` (the spec) to the letter: scene sampling, rendering in
+This module implements the shapes world described in ``docs/SHAPES_WORLD.md``: scene sampling, rendering in
 three styles, canonical captions, unambiguous VQA pairs, and the zero-shot classification datasets.
 It imports only numpy and Pillow; :meth:`ShapesDataset.pixels` imports torch lazily.
 
@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -32,10 +33,11 @@ __all__ = [
     "HELD_OUT_PAIRS", "PAIRS", "TRAIN_PAIRS", "PLURALS", "SIZE_RANGES", "NOISE_STD",
     "SPLIT_OFFSET", "DATASETS", "ShapeObject", "Scene", "sample_scene", "shape_polygon",
     "object_masks", "render", "caption", "questions", "parse_spec", "sample_rng", "ShapesDataset",
+    "zero_shot_labels",
 ]
 
 # --------------------------------------------------------------------------------------------
-# Constants (every number below is from SHAPES_WORLD.md, in units of the 64-px reference canvas)
+# Constants (every number below is listed in docs/SHAPES_WORLD.md, in units of the 64-px reference canvas)
 # --------------------------------------------------------------------------------------------
 
 CANVAS = 64
@@ -715,3 +717,13 @@ class ShapesDataset:
         if isinstance(indices, (int, np.integer)):
             return [self._index(indices)]
         return [self._index(i) for i in indices]
+
+
+def zero_shot_labels(name: str, split: str = "test") -> tuple[list[str], str]:
+    """A zero-shot data set's class names and its prompt template written with one ``{}`` where the
+    class name goes (``shapes-combo``: ``["red circle", ...]``, ``"a photo of a {}"``)."""
+    data = ShapesDataset(name, split=split, length=0)
+    if not data.classes:
+        raise ValueError(f"{name} is not a zero-shot classification data set")
+    template = re.sub(r"\{\w+\}(?: \{\w+\})*", "{}", data.template)
+    return list(data.classes), template

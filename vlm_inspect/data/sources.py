@@ -2,7 +2,7 @@
 
 Specs:
 
-* ``shapes:<dataset>[@style]`` — the procedural shapes world (``SHAPES_WORLD.md``)
+* ``shapes:<dataset>[@style]`` — the procedural shapes world (``docs/SHAPES_WORLD.md``)
 * ``imagefolder:<dir>`` — one sub-folder per class; the Tiny-ImageNet layout (``wnids.txt``,
   ``words.txt``, ``train/<wnid>/images``, ``val/images`` + ``val/val_annotations.txt``) is recognised
 * ``coco:<images_dir>,<captions.json>`` — COCO captions annotation file

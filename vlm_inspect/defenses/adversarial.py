@@ -12,9 +12,10 @@ from torch import nn
 
 from ..attacks import PGD
 from ..objectives import ZeroShotCE
-from .common import Task, to_pixels
+from ..images import to_pixels
+from .common import Task
 from ..checkpoints import weights_digest
-from .prompts import DeepPrompts, PromptedClip, prompt_spec
+from ..models.prompted import DeepPrompts, PromptedClip, prompt_spec
 
 MODALITIES = ("both", "vision", "text")  # which encoders get prompts (APD's unimodal ablations)
 
@@ -29,7 +30,7 @@ def class_prompts(data: Any, defense: str) -> list[str]:
 
 
 def frozen_copy(adapter):
-    """A deep copy of ``adapter`` in eval mode with every weight frozen (θ0 in PAPERS.md)."""
+    """A deep copy of ``adapter`` in eval mode with every weight frozen (θ0 in docs/METHODS.md)."""
     frozen = copy.deepcopy(adapter)
     frozen.eval()
     for p in frozen.parameters():

@@ -1,7 +1,7 @@
 """``--defense apd``: Adversarial Prompt Distillation.
 
 "Adversarial Prompt Distillation for Vision-Language Models", arXiv 2411.15244,
-https://arxiv.org/abs/2411.15244. A re-implementation from the paper's text (PAPERS.md): the authors'
+https://arxiv.org/abs/2411.15244. A re-implementation from the paper's text (docs/METHODS.md): the authors'
 code was not available to us.
 
 Two CLIPs of the same (frozen) architecture with their own bimodal deep prompts: a **teacher** that sees
@@ -15,11 +15,11 @@ p(·) = softmax(s·f(·)·Tᵀ) with each model's own prompted image and class-p
 feedback from the student through β; each loss moves only its own prompts (the other model's
 distribution is detached in it). The shipped checkpoint is the student's prompts.
 
-Faithful (verified from the paper, PAPERS.md): bimodal learnable prompts; a clean teacher (not
+Faithful (verified from the paper, docs/METHODS.md): bimodal learnable prompts; a clean teacher (not
 adversarially pre-trained) and an adversarial student; online distillation with teacher feedback; PGD
 examples made on the fly; the ablation switches the paper reports (``modality`` vision / text
 prompts only; ``distillation = "offline"``: the teacher is not trained).
-Our choices (PAPERS.md): deep prompts in the IVLP shape of the co-author's codebase (2 visual + 2 text
+Our choices (docs/METHODS.md): deep prompts in the IVLP shape of the co-author's codebase (2 visual + 2 text
 context tokens, depth 9 — capped at the model's layer count, 4 on shapes-clip — initialised from
 ``a photo of a``); the two loss formulas above, with w = 0 and β = 1; an offline teacher keeps its
 initial prompts, i.e. it is the frozen clean CLIP (the paper's offline teacher is a separately
@@ -38,24 +38,24 @@ from torch import nn
 
 from .adversarial import PromptTuningTask, kl_per_sample
 from .common import DEFENSES
-from .prompts import PromptedClip
+from ..models.prompted import PromptedClip
 
 DISTILLATION = ("online", "offline")
 
 
 @dataclass
 class APDConfig:
-    attack_eps: float = 1 / 255        # training PGD budget (PAPERS.md: our choice; the paper evaluates at 1/255)
-    attack_step: float = 1 / 255       # PGD step size (PAPERS.md: our choice)
-    attack_steps: int = 2              # PGD steps (PAPERS.md: our choice)
-    n_vision: int = 2                  # visual context tokens (IVLP setting, PAPERS.md)
-    n_text: int = 2                    # text context tokens (IVLP setting, PAPERS.md)
+    attack_eps: float = 1 / 255        # training PGD budget (docs/METHODS.md: our choice; the paper evaluates at 1/255)
+    attack_step: float = 1 / 255       # PGD step size (docs/METHODS.md: our choice)
+    attack_steps: int = 2              # PGD steps (docs/METHODS.md: our choice)
+    n_vision: int = 2                  # visual context tokens (IVLP setting, docs/METHODS.md)
+    n_text: int = 2                    # text context tokens (IVLP setting, docs/METHODS.md)
     depth: int = 9                     # prompt depth (IVLP setting; capped at the layer count)
-    init_text: str = "a photo of a"    # text prompt initialisation (IVLP setting, PAPERS.md)
+    init_text: str = "a photo of a"    # text prompt initialisation (IVLP setting, docs/METHODS.md)
     modality: str = "both"             # both (paper) | vision | text: unimodal ablations (paper §ablation)
     distillation: str = "online"       # online (paper) | offline: the teacher is not trained (ablation)
-    teacher_feedback: float = 1.0      # β in the teacher loss (PAPERS.md: our choice)
-    student_ce: float = 0.0            # w, CE of the student on x' (PAPERS.md: our choice, default 0)
+    teacher_feedback: float = 1.0      # β in the teacher loss (docs/METHODS.md: our choice)
+    student_ce: float = 0.0            # w, CE of the student on x' (docs/METHODS.md: our choice, default 0)
 
 
 @DEFENSES.register("apd", families=("clip",))

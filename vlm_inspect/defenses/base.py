@@ -3,7 +3,7 @@
 * clip — symmetric contrastive (InfoNCE) loss between images and texts, CLIP's objective (Radford
   et al. 2021). Texts that are identical within a batch count as positives of each other (soft
   targets), because the shapes world repeats captions. On the shapes world the text side gets the
-  augmentations SHAPES_WORLD.md allows: a prefix (``a photo of`` / ``an image of`` / ``there is``),
+  augmentations docs/SHAPES_WORLD.md allows: a prefix (``a photo of`` / ``an image of`` / ``there is``),
   the count-bearing ``{one|two|three} shapes: <caption>``, and partial captions for single objects.
 * captioner — teacher-forced cross-entropy of the canonical (or a reference) caption.
 * vqa — teacher-forced cross-entropy of the answer. On the shapes world each image contributes every
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import DEFENSES, Task, to_pixels
+from ..images import to_pixels
+from .common import DEFENSES, Task
 
 COUNT_WORDS = ("one", "two", "three")
 
@@ -38,7 +39,7 @@ class BaseConfig:
 
 
 def shapes_text(record: dict[str, Any], rng: random.Random, cfg: BaseConfig) -> str:
-    """One training text for a shapes-world record, with the augmentations SHAPES_WORLD.md allows."""
+    """One training text for a shapes-world record, with the augmentations docs/SHAPES_WORLD.md allows."""
     scene = record["scene"]
     text = record["caption"]
     objects = scene.objects
@@ -78,21 +79,10 @@ def sample_rng(step: int, records: list[dict[str, Any]], seed: int) -> random.Ra
     return random.Random(f"{seed}:{step}:{records[0].get('index', 0) if records else 0}")
 
 
-@DEFENSES.register("base", families=("clip", "captioner", "vqa"))
-class BaseTask(Task):
-    families = ("clip", "captioner", "vqa")
-    Config = BaseConfig
-
-    def __init__(self, model, config, data) -> None:
-        super().__init__(model, config, data)
-        if config.vision_init:
-            if model.family != "vqa":
-                raise ValueError("the vision_init option applies to vqa models only")
-            from ..models import load
-            from ..models.vqa import copy_vit_encoder_into_blip
-
-            source = load("shapes-captioner", weights=config.vision_init)
-            copy_vit_encoder_into_blip(source.model.encoder, model.model.vision_model)
+class RecordBatches(Task):
+    """The batches of plain training, shared by every task that trains on records as they come: the
+    images with one augmented text each (CLIP), a reference caption (captioner), or the questions
+    (VQA: every question of a shapes scene when ``config.all_questions``)."""
 
     def collate(self, records: list[dict[str, Any]], step: int) -> dict[str, Any]:
         family = self.model.family
@@ -114,6 +104,23 @@ class BaseTask(Task):
             batch["questions"] = [r["question"] for r in records]
             batch["answers"] = [r["answer"] for r in records]
         return batch
+
+
+@DEFENSES.register("base", families=("clip", "captioner", "vqa"))
+class BaseTask(RecordBatches):
+    families = ("clip", "captioner", "vqa")
+    Config = BaseConfig
+
+    def __init__(self, model, config, data) -> None:
+        super().__init__(model, config, data)
+        if config.vision_init:
+            if model.family != "vqa":
+                raise ValueError("the vision_init option applies to vqa models only")
+            from ..models import load
+            from ..models.vqa import copy_vit_encoder_into_blip
+
+            source = load("shapes-captioner", weights=config.vision_init)
+            copy_vit_encoder_into_blip(source.model.encoder, model.model.vision_model)
 
     def lr_scales(self) -> dict[int, float]:
         if self.model.family != "vqa" or self.config.vision_lr_scale == 1.0:

@@ -1,7 +1,7 @@
 """``--defense capt``: Consistency-guided Adversarial Prompt Tuning.
 
 "Revisiting the Robust Generalization of Adversarial Prompt Tuning", arXiv 2405.11154,
-https://arxiv.org/abs/2405.11154. A re-implementation from the paper's text (PAPERS.md): the authors'
+https://arxiv.org/abs/2405.11154. A re-implementation from the paper's text (docs/METHODS.md): the authors'
 code was not available to us.
 
     L = CE(p_θ(x'), y) + λ · mean_i [ (1 − α_i) · KL(p_θ(x_i) ‖ p_θ(x'_i)) + α_i · KL(p_θ0(x_i) ‖ p_θ(x'_i)) ]
@@ -11,10 +11,10 @@ code was not available to us.
 adversarial prediction of the prompted model, gradients through both), the second lets the frozen
 CLIP's clean prediction guide the adversarial one.
 
-Faithful (verified from the paper, PAPERS.md): multimodal deep prompts in both encoders; PGD
+Faithful (verified from the paper, docs/METHODS.md): multimodal deep prompts in both encoders; PGD
 adversarial examples; CE on x' plus λ times the α-mix of the trained-model and frozen-model
 consistency terms above; α adapted from how reliable the frozen CLIP is.
-Our choices (PAPERS.md): α_i = the frozen CLIP's probability of the true class on the clean image
+Our choices (docs/METHODS.md): α_i = the frozen CLIP's probability of the true class on the clean image
 (a reliable teacher is leaned on more); λ = 1; the prompts' shape, initialisation and training attack
 are APD's (2 + 2 context tokens, depth 9 capped at the layer count, ``a photo of a``; PGD-Linf eps
 1/255, step 1/255, 2 steps, random start). ``frozen_consistency = False`` drops the frozen-model term
@@ -30,20 +30,20 @@ import torch.nn.functional as F
 
 from .adversarial import PromptTuningTask, kl_per_sample
 from .common import DEFENSES
-from .prompts import PromptedClip
+from ..models.prompted import PromptedClip
 
 
 @dataclass
 class CAPTConfig:
-    attack_eps: float = 1 / 255        # training PGD budget (PAPERS.md: our choice, as APD)
-    attack_step: float = 1 / 255       # PGD step size (PAPERS.md: our choice)
-    attack_steps: int = 2              # PGD steps (PAPERS.md: our choice)
-    n_vision: int = 2                  # visual context tokens (PAPERS.md: APD's prompt shape)
-    n_text: int = 2                    # text context tokens (PAPERS.md: APD's prompt shape)
+    attack_eps: float = 1 / 255        # training PGD budget (docs/METHODS.md: our choice, as APD)
+    attack_step: float = 1 / 255       # PGD step size (docs/METHODS.md: our choice)
+    attack_steps: int = 2              # PGD steps (docs/METHODS.md: our choice)
+    n_vision: int = 2                  # visual context tokens (docs/METHODS.md: APD's prompt shape)
+    n_text: int = 2                    # text context tokens (docs/METHODS.md: APD's prompt shape)
     depth: int = 9                     # prompt depth (capped at the layer count)
     init_text: str = "a photo of a"    # text prompt initialisation
     modality: str = "both"             # both (paper: multimodal prompts) | vision | text
-    consistency_weight: float = 1.0    # λ (PAPERS.md: our choice, default 1.0)
+    consistency_weight: float = 1.0    # λ (docs/METHODS.md: our choice, default 1.0)
     frozen_consistency: bool = True    # the frozen-CLIP term with adaptive α (paper); False: α = 0 (ablation)
 
 

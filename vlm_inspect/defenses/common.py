@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -12,21 +11,6 @@ from ..attacks.base import parse_fraction
 from ..registry import Registry
 
 DEFENSES: Registry = Registry("defense")
-
-
-def to_pixels(images: Iterable[Any], size: int) -> torch.Tensor:
-    """Stack HxWx3 uint8 arrays or PIL images into (B,3,size,size) pixels in [0,1]."""
-    from ..images import pil_to_pixels, resize_center_crop
-
-    out = []
-    for img in images:
-        if isinstance(img, np.ndarray) and img.shape[:2] == (size, size):
-            out.append(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)[None])
-        else:
-            from ..images import load_image
-
-            out.append(pil_to_pixels(resize_center_crop(load_image(img), size)))
-    return torch.cat(out)
 
 
 class Task:

@@ -1,7 +1,7 @@
 """``--defense fgsm-decoder``: adversarial training of an image captioner on FGSM images, decoder only.
 
 "AI Safety in Practice: Enhancing Adversarial Robustness in Multimodal Image Captioning",
-arXiv 2407.21174, https://arxiv.org/abs/2407.21174 (PAPERS.md; no code was available to us).
+arXiv 2407.21174, https://arxiv.org/abs/2407.21174 (docs/METHODS.md; no code was available to us).
 
 Faithful: a ViT encoder + GPT-2 decoder captioner; FGSM images with eps = 0.1 on the processor's
 normalised input (mean = std = 0.5, i.e. [-1, 1]), which is 0.05 = 12.75/255 in pixels - converted in

@@ -10,8 +10,7 @@ from typing import Any
 import torch
 
 from ..checkpoints import weights_digest
-from .base import BaseTask
-from .common import Task
+from .base import RecordBatches
 
 # decoder: the language side trains, the vision encoder is frozen (captioner: the GPT-2 decoder with its
 # cross-attention; VQA: BLIP's question encoder and answer decoder); full: everything; encoder: the
@@ -43,7 +42,7 @@ class GenerativeConfig:
     all_questions: bool = True   # vqa on the shapes world: every question of each scene per step (as --defense base)
 
 
-class GenerativeTask(BaseTask):
+class GenerativeTask(RecordBatches):
     """Fine-tuning of a trained captioner or VQA model; subclasses write :meth:`loss` with
     :meth:`logits` / :meth:`nll`. The checkpoint holds the trained part only (``partial``)."""
 
@@ -51,12 +50,9 @@ class GenerativeTask(BaseTask):
     Config = GenerativeConfig
 
     def __init__(self, model, config, data) -> None:
-        Task.__init__(self, model, config, data)
+        super().__init__(model, config, data)
         self.base_digest = weights_digest(model.model)  # the weights the partial checkpoint sits on
         select_part(model, config.part)
-
-    def lr_scales(self) -> dict[int, float]:
-        return {}
 
     def logits(self, batch: dict[str, Any], pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher-forced (logits, targets, mask) of the batch's reference captions or answers."""

@@ -2,7 +2,7 @@
 same fine-tune with plain cross-entropy, its control.
 
 "Partially Recentralization Softmax Loss for Vision-Language Models Robustness", arXiv 2402.03627,
-https://arxiv.org/abs/2402.03627 (PAPERS.md; re-implemented from the abstract, no code available).
+https://arxiv.org/abs/2402.03627 (docs/METHODS.md; re-implemented from the abstract, no code available).
 
 Faithful: fine-tuning of a captioner (ViT-GPT2 in the paper) and a VQA model (BLIP-2-OPT in the paper;
 BLIP here) with a softmax loss that restricts the top-K outputs, K a hyper-parameter; robustness is

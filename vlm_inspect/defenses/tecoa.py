@@ -2,7 +2,7 @@
 
 Mao et al., "Understanding Zero-Shot Adversarial Robustness for Large-Scale Models", ICLR 2023,
 https://arxiv.org/abs/2212.07016 (code: github.com/cvlab-columbia/ZSRobust4FoundationModel).
-The reference baseline every CLIP defense is compared with (PAPERS.md).
+The reference baseline every CLIP defense is compared with (docs/METHODS.md).
 
 Faithful: cross-entropy of the image-text logits ``s·f(x')·Tᵀ`` of PGD images against the true class,
 with the class prompts' text embeddings fixed (text encoder frozen) and the whole visual encoder

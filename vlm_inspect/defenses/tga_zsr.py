@@ -8,7 +8,7 @@ Models", NeurIPS 2024, https://arxiv.org/abs/2410.21802 (code: github.com/zhyblu
 A(x) is the text-guided attention map for the true class prompt (:mod:`vlm_inspect.explain.attention`),
 θ0 a frozen copy of the model before fine-tuning, d the L2 distance between maps.
 
-Faithful to the authors' code at 5f2b31c (PAPERS.md): the map (final LayerNorm and projection on every
+Faithful to the authors' code at 5f2b31c (docs/METHODS.md): the map (final LayerNorm and projection on every
 token, dot product with the normalised class-prompt embedding, min-max over patches, bilinear
 upsampling to the input size), with the code's channel-over-tokens normalisation (``token_norm =
 "authors-code"``; ``"feature"`` gives the paper's per-token one); α = 0.08 (attention refinement), β =

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..attacks import ATTACKS, NORMS, attack_help
 from ..attacks.base import parse_fraction
 from ..runtime import add_arguments, apply_weights_dir
 from .run import AttackSpec, parse_eps
@@ -18,18 +19,20 @@ from .run import AttackSpec, parse_eps
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m vlm_inspect.evaluate",
-        description="Clean and robust metrics of models on data sets, under FGSM / BIM / PGD.",
+        description=f"Clean and robust metrics of models on data sets, under {' / '.join(map(str.upper, ATTACKS.list()))}.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", required=True, help="comma-separated preset names or checkpoint folders")
     p.add_argument("--data", default=None,
                    help="comma-free list separated by ';' of data specs; default: every shapes data set of the family")
-    p.add_argument("--attack", default="pgd", help="comma-separated: none, fgsm, bim, pgd")
+    p.add_argument("--attack", default="pgd",
+                   help=f"comma-separated: none, {', '.join(ATTACKS.list())} ({attack_help()})")
     p.add_argument("--eps", default="1/255", help="comma-separated budgets, k/255 or decimals (pixel units)")
     p.add_argument("--steps", type=int, default=10, help="iterations of BIM / PGD")
     p.add_argument("--alpha", default=None, help="step size: k/255, or eps/<n> for a fraction of each budget; default 2.5*eps/steps")
     p.add_argument("--no-random-start", action="store_true", help="PGD starts at the clean image")
-    p.add_argument("--restarts", type=int, default=1, help="PGD restarts; worst case per sample")
-    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
+    p.add_argument("--restarts", type=int, default=1,
+                   help="restarts of the attacks with a random start; worst case per sample")
+    p.add_argument("--norm", default="linf", choices=list(NORMS))
     p.add_argument("--samples", type=int, default=500, help="samples per data set (test split)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="data and random starts")
@@ -42,8 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
 def attack_specs(args) -> list[AttackSpec]:
     names = [a.strip().lower() for a in args.attack.split(",") if a.strip()]
     eps = [parse_eps(e) for e in args.eps.split(",") if e.strip()]
-    from ..attacks import ATTACKS
-
     for n in names:
         if n != "none" and n not in ATTACKS:
             raise ValueError(f"unknown attack {n!r}; valid: none, {', '.join(ATTACKS.list())}")
@@ -68,7 +69,7 @@ def attack_specs(args) -> list[AttackSpec]:
 def training_info(name: str) -> dict[str, Any] | None:
     """How a checkpoint was trained (from its config.json): defense, part, steps, batch size, training time."""
     from ..checkpoints import CheckpointError, read_config
-    from ..models.presets import checkpoints_dir
+    from ..runtime import checkpoints_dir
 
     folder = Path(name) if Path(name).is_dir() else checkpoints_dir() / name
     try:
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m vlm_inspect.evaluate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     from ..checkpoints import CheckpointError
     from ..data.sources import DataError
-    from ..models.presets import ModelUnavailableError
+    from ..models import ModelUnavailableError
     from .run import evaluate
 
     try:

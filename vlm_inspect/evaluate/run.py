@@ -14,10 +14,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ..attacks import ATTACKS
-from ..attacks.base import parse_fraction
+from ..attacks import ATTACKS, is_randomised
+from ..attacks.base import eps_label, parse_eps  # noqa: F401  (parse_eps: part of this module's API)
 from ..data.sources import open_data
-from ..defenses.common import to_pixels
+from ..images import to_pixels
 from ..models import load
 from ..objectives import answer_nll, caption_nll, zero_shot_ce
 from .metrics import caption_scores, exact_match
@@ -25,22 +25,6 @@ from .metrics import caption_scores, exact_match
 log = logging.getLogger("vlm_inspect.evaluate")
 
 METRIC = {"clip": "top1", "captioner": "bleu4", "vqa": "exact_match"}
-
-
-def parse_eps(text: str) -> float:
-    """'4/255' -> 0.01568..., '0.03' -> 0.03."""
-    try:
-        v = parse_fraction(text)
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"cannot read eps {text!r}; write it as k/255 or a decimal") from None
-    if v < 0:
-        raise ValueError(f"eps must be >= 0, got {text}")
-    return v
-
-
-def eps_label(eps: float) -> str:
-    k = eps * 255
-    return f"{k:g}/255" if abs(k - round(k, 2)) < 1e-6 else f"{eps:g}"
 
 
 @dataclass
@@ -54,18 +38,19 @@ class AttackSpec:
     norm: str = "linf"
 
     def build(self):
-        cls = ATTACKS.get(self.name)
-        if self.name == "fgsm":
-            return cls(eps=self.eps, norm=self.norm)
-        if self.name == "bim":
-            return cls(eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm)
-        return cls(eps=self.eps, alpha=self.alpha, steps=self.steps, random_start=self.random_start, norm=self.norm)
+        return ATTACKS.build(self.name, eps=self.eps, alpha=self.alpha, steps=self.steps,
+                             random_start=self.random_start, norm=self.norm)
+
+    @property
+    def runs(self) -> int:
+        """Restarts apply to attacks that can start at random; a deterministic one runs once."""
+        return self.restarts if is_randomised(self.name) else 1
 
     def describe(self) -> dict[str, Any]:
         a = self.build()
         d = {"attack": self.name, "eps": eps_label(self.eps), "norm": self.norm, "steps": a.steps,
              "alpha": eps_label(a.alpha)}
-        if self.name == "pgd":
+        if is_randomised(self.name):
             d.update(random_start=self.random_start, restarts=self.restarts)
         return d
 
@@ -165,7 +150,7 @@ def evaluate_data(model, data, data_spec: str, attacks: Sequence[AttackSpec], n:
         for spec in specs:
             atk = spec.build()
             preds_all = list(clean) if fam == "clip" else None  # clip: a clean mistake stays a mistake
-            for r in range(spec.restarts if spec.name == "pgd" else 1):
+            for r in range(spec.runs):
                 gen = torch.Generator(device=model.device).manual_seed(seed * 1000 + r)
                 if fam == "clip":  # worst case over iterates and restarts; fooled images leave the batch
                     preds_all = attack_zero_shot(atk, pixels, labels, objective, predict, batch_size, gen,

@@ -16,7 +16,7 @@ import torch
 from captum.attr import LayerGradCam
 from torch import nn
 
-from ..attacks.base import model_guard
+from ..models.base import model_guard
 from ..models.base import as_text_list
 from .attention import minmax_over_patches, upsample_grid
 

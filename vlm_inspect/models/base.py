@@ -1,14 +1,15 @@
 """What every model adapter shares: pixel checks, normalisation, preprocessing, the conv stem."""
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from PIL import Image
 from torch import nn
 
-from ..images import load_image, pil_to_pixels, resize_center_crop
+from ..images import image_pixels
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +17,34 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF_MEAN = (0.5, 0.5, 0.5)
 HALF_STD = (0.5, 0.5, 0.5)
+
+
+class ModelUnavailableError(RuntimeError):
+    """Weights for a model could not be obtained (usually: no network, or a package is missing)."""
+
+
+@contextlib.contextmanager
+def model_guard(module: nn.Module | None) -> Iterator[None]:
+    """Eval mode and ``requires_grad=False`` on every weight while attacking; both restored after.
+
+    Eval mode matters (BatchNorm statistics must not drift during an attack) and frozen
+    weights mean no graph is built for them (about a third faster on CPU) and no ``.grad`` is left.
+    """
+    if module is None or not isinstance(module, nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in module.modules()]
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        module.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def check_pixels(pixels: Any, image_size: int | None = None) -> torch.Tensor:
@@ -59,7 +88,7 @@ class ConvStem(nn.Module):
     "Early Convolutions Help Transformers See Better"): ``log2(patch_size)`` 3x3 stride-2 convolutions,
     each but the last followed by ``extra`` 3x3 stride-1 convolutions, GELU between them, giving the
     same (B, width, H/p, W/p) grid as the patchify. No BatchNorm: it would change statistics during
-    attacks and collapse on the noisy style (DESIGN §5).
+    attacks and collapse on the noisy style (docs/ARCHITECTURE.md, "Design notes").
     """
 
     def __init__(self, width: int, patch_size: int, channels: Sequence[int] = (32, 64), extra: int = 0,
@@ -94,7 +123,8 @@ class ConvStem(nn.Module):
         return self.convs[0].weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Convolutions stay in fp32: bf16 autocast makes them several times slower on CPU (DESIGN §5).
+        # Convolutions stay in fp32: bf16 autocast makes them several times slower on CPU
+        # (docs/ARCHITECTURE.md, "Design notes").
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             with torch.autocast("cpu", enabled=False):
                 return self.convs(x.float())
@@ -191,8 +221,7 @@ class Adapter(nn.Module):
     def preprocess(self, image: Image.Image | str | Any) -> torch.Tensor:
         """Any PIL image (or path / array) -> (1, 3, H, W) pixels in [0, 1] at the model's input size,
         on the model's device: shorter side resized, centre crop."""
-        img = load_image(image)
-        return pil_to_pixels(resize_center_crop(img, self.image_size)).to(self.device)
+        return image_pixels(image, self.image_size).to(self.device)
 
     def image_embedding(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, D) L2-normalised image features, used by the task-agnostic embedding attack."""

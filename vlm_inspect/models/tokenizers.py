@@ -5,23 +5,32 @@ Nothing is read from a hub. One word-level vocabulary serves all three embedded 
 * ``<pad>`` = 0, ``<unk>`` = 1, ``<bos>`` = 2, then the words in a fixed order, and ``<eos>`` at the
   **largest** id. ``<bos>``/``<eos>`` frame every sequence (CLIP's start/end of text, the GPT-2
   decoder's start and end, BLIP's decoder start and ``[SEP]``). ``<eos>`` sits at the largest id so
-  that even open_clip's default argmax pooling finds it (DESIGN.md §5); our CLIP config also pools
+  that even open_clip's default argmax pooling finds it; our CLIP config also pools
   explicitly at ``eos_id``.
 * Text is lower-cased and split on white space and punctuation; words outside the vocabulary map
   to ``<unk>`` and :func:`unknown_words` reports them (the app flags them).
+
+A checkpoint names its tokenizer by a reference (``config.json`` -> ``model.tokenizer``, e.g.
+``{"kind": "shapes-word-v1", "digest": ...}``); :data:`TOKENIZERS` maps each kind to the function that
+builds it, and :func:`tokenizer_from_ref` is the one door.
 """
 from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
+from typing import Any, Callable
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from ..checkpoints import CheckpointError
+from ..registry import Registry
+
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 TOKENIZER_KIND = "shapes-word-v1"
 
-# Every word the shapes world can emit (SHAPES_WORLD.md): captions, caption prefixes, prompts of the
+# Every word the shapes world can emit (docs/SHAPES_WORLD.md): captions, caption prefixes, prompts of the
 # six zero-shot datasets, VQA questions and answers, TGA-ZSR's "this is a photo of a {}" template.
 _WORLD_WORDS = (
     # colours, shapes (+ plurals), sizes, positions, counts
@@ -139,3 +148,58 @@ def char_wordpiece_bert_standin(vocab_size: int = 30524) -> PreTrainedTokenizerF
     tok.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", bos_token="[DEC]", model_max_length=512)
+
+
+# ---- tokenizer references -------------------------------------------------------------------------
+
+TOKENIZERS: Registry[Callable[[dict[str, Any], Path | None], Any]] = Registry("tokenizer kind")
+
+
+def shapes_tokenizer_ref(_architecture: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The reference to the shapes-world tokenizer of this version (its vocabulary's digest included)."""
+    vocab = shapes_vocabulary()
+    return {"kind": TOKENIZER_KIND, "vocab_size": len(vocab), "digest": vocabulary_digest(vocab)}
+
+
+def tokenizer_from_ref(ref: dict[str, Any], folder: Path | str | None) -> Any:
+    """The tokenizer a checkpoint's reference names (``folder``: the checkpoint, for tokenizer files)."""
+    kind = ref.get("kind")
+    if kind not in TOKENIZERS:
+        raise CheckpointError(f"unknown tokenizer kind {kind!r} in {folder}")
+    return TOKENIZERS.get(kind)(ref, Path(folder) if folder is not None else None)
+
+
+@TOKENIZERS.register(TOKENIZER_KIND)
+def _shapes(ref: dict[str, Any], folder: Path | None) -> PreTrainedTokenizerFast:
+    vocab = shapes_vocabulary()
+    if ref.get("digest") not in (None, vocabulary_digest(vocab)):
+        raise CheckpointError(
+            f"{folder}: the checkpoint was trained with a different shapes vocabulary "
+            f"(digest {ref.get('digest')}, this version has {vocabulary_digest(vocab)})")
+    return build_shapes_tokenizer()
+
+
+@TOKENIZERS.register("open_clip")
+def _open_clip(ref: dict[str, Any], folder: Path | None) -> Any:
+    import open_clip
+
+    return open_clip.get_tokenizer(ref["name"])
+
+
+TOKENIZERS.register("gpt2-byte-standin", lambda ref, folder: byte_level_gpt2_standin(ref.get("eos_id", 50256)))
+TOKENIZERS.register("bert-char-standin", lambda ref, folder: char_wordpiece_bert_standin(ref.get("vocab_size", 30524)))
+
+
+@TOKENIZERS.register("files")
+def hf_tokenizer_from_folder(ref: dict[str, Any] | None, folder: Path | str | None) -> Any:
+    """The tokenizer files saved in ``folder`` (a transformers ``save_pretrained`` folder)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
+        raise CheckpointError(f"could not load the tokenizer files in {folder}: {e}") from e
+    if len(tok) == 0 or not tok("a test", add_special_tokens=False)["input_ids"]:
+        # transformers 5 can hand back an empty tokenizer without an error
+        raise CheckpointError(f"the tokenizer in {folder} is empty (missing vocabulary files?)")
+    return tok

@@ -1,11 +1,17 @@
-"""Per-sample losses that an untargeted attack ascends (DESIGN §3.3).
+"""Per-sample losses that an untargeted attack ascends (docs/ARCHITECTURE.md, "Objectives").
 
 An objective is a callable ``pixels (B,3,H,W) -> loss (B,)`` that also carries ``.model`` (the
 adapter), so attacks can put that model in eval mode and freeze its weights while they run.
 Fixed inputs (class-prompt embeddings, clean image features) are computed once, without a graph.
+
+:data:`OBJECTIVES` registers each with ``family`` (the models it applies to; None: any), ``inspects``
+(the family whose model the app attacks with it), and the names of the curve's metric. The app builds
+one from what the clean image gave (:class:`CleanView`, :meth:`Objective.for_inspection`), so a new
+objective is one class plus its registration.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -17,6 +23,23 @@ from ..registry import Registry
 OBJECTIVES: Registry = Registry("objective")
 
 
+@dataclass
+class CleanView:
+    """What an objective built for an inspection starts from: the request's texts and what the model said
+    about the clean image (untargeted attacks push away from it; ``target`` pulls towards a class,
+    caption or answer instead)."""
+
+    pixels: torch.Tensor                       # (1, 3, H, W) the clean image at the model's input size
+    prompts: Sequence[str] = ()
+    classes: Sequence[str] = ()
+    text_features: torch.Tensor | None = None  # (C, D) of ``prompts``, encoded once
+    top1: int | None = None                    # the clean top-1 class
+    caption: str | None = None                 # the clean caption
+    question: str = ""
+    answer: str | None = None                  # the clean answer
+    target: str = ""
+
+
 class Objective:
     """Base: subclasses set ``model`` and implement ``__call__``."""
 
@@ -25,6 +48,21 @@ class Objective:
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    @classmethod
+    def for_inspection(cls, model: Adapter, view: CleanView) -> "Objective":  # pragma: no cover - interface
+        """The objective an inspection of ``model`` attacks, from the clean image's :class:`CleanView`."""
+        raise NotImplementedError
+
+    def repeat(self, n: int) -> "Objective":
+        """The same objective for a batch of ``n`` copies of its image (a robustness curve)."""
+        return self
+
+    @staticmethod
+    def metric(loss: torch.Tensor) -> torch.Tensor:
+        """The curve's metric from the loss: ``exp(-loss)`` (the probability of a label, the per-token
+        probability of a text)."""
+        return torch.exp(-loss)
 
     # Objectives that can tell whether the inputs of their last call are already misclassified support
     # early stopping (``Attack(..., early_stop=True)``): they implement ``fooled`` and ``subset``.
@@ -42,7 +80,8 @@ class Objective:
                              f"{getattr(self.model, 'name', self.model)!r} ({getattr(self.model, 'family', '?')})")
 
 
-@OBJECTIVES.register("zero-shot", family="clip")
+@OBJECTIVES.register("zero-shot", family="clip", inspects="clip", metric="p(clean top-1 class)",
+                     target_metric="p(target class)")
 class ZeroShotCE(Objective):
     """Cross-entropy of the zero-shot logits against ``labels`` (indices into ``class_texts``)."""
 
@@ -79,12 +118,21 @@ class ZeroShotCE(Objective):
     def fooled(self) -> torch.Tensor:
         return self._fooled
 
+    @classmethod
+    def for_inspection(cls, model: Adapter, view: CleanView) -> "ZeroShotCE":
+        label = list(view.classes).index(view.target) if view.target else view.top1
+        return cls(model, view.prompts, [label], text_features=view.text_features)
+
+    def repeat(self, n: int) -> "ZeroShotCE":
+        return ZeroShotCE(self.model, self.class_texts, self.labels.repeat(n), text_features=self.text_features)
+
     def subset(self, index: torch.Tensor) -> "ZeroShotCE":
         labels = self.labels if self.labels.numel() == 1 else self.labels[index.to(self.labels.device)]
         return ZeroShotCE(self.model, self.class_texts, labels, text_features=self.text_features)
 
 
-@OBJECTIVES.register("caption", family="captioner")
+@OBJECTIVES.register("caption", family="captioner", inspects="captioner", metric="per-token p(clean caption)",
+                     target_metric="per-token p(target caption)")
 class CaptionNLL(Objective):
     """Mean token NLL of ``captions`` (the clean caption, or a target caption for targeted attacks)."""
 
@@ -98,8 +146,16 @@ class CaptionNLL(Objective):
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.caption_nll(pixels, self.captions)
 
+    @classmethod
+    def for_inspection(cls, model: Adapter, view: CleanView) -> "CaptionNLL":
+        return cls(model, [view.target or view.caption])
 
-@OBJECTIVES.register("vqa", family="vqa")
+    def repeat(self, n: int) -> "CaptionNLL":
+        return CaptionNLL(self.model, _repeat(self.captions, n))
+
+
+@OBJECTIVES.register("vqa", family="vqa", inspects="vqa", metric="per-token p(clean answer)",
+                     target_metric="per-token p(target answer)")
 class AnswerNLL(Objective):
     """Mean token NLL of ``answers`` to ``questions``."""
 
@@ -113,8 +169,18 @@ class AnswerNLL(Objective):
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.answer_nll(pixels, self.questions, self.answers)
 
+    @classmethod
+    def for_inspection(cls, model: Adapter, view: CleanView) -> "AnswerNLL":
+        return cls(model, [view.question], [view.target or view.answer])
 
-@OBJECTIVES.register("embedding", family=None)
+    def repeat(self, n: int) -> "AnswerNLL":
+        return AnswerNLL(self.model, _repeat(self.questions, n), _repeat(self.answers, n))
+
+
+# any family's image embedding; the app attacks the CLIP side's with it. It has no target, and its
+# gradient is zero at the clean image (so it needs an attack with a random start).
+@OBJECTIVES.register("embedding", family=None, inspects="clip", metric="cos(adversarial, clean embedding)",
+                     target_metric=None, needs_random_start=True)
 class EmbeddingCosine(Objective):
     """Task-agnostic feature attack: ``1 - cos(f(x'), f(x_clean))`` on the model's image embedding.
     Works for every family (CLIP image embedding, captioner/VQA vision encoder).
@@ -135,6 +201,19 @@ class EmbeddingCosine(Objective):
             ref = ref.expand(pixels.shape[0], -1)
         return 1.0 - F.cosine_similarity(self.model.image_embedding(pixels), ref, dim=-1)
 
+    @classmethod
+    def for_inspection(cls, model: Adapter, view: CleanView) -> "EmbeddingCosine":
+        return cls(model, view.pixels)
+
+    @staticmethod
+    def metric(loss: torch.Tensor) -> torch.Tensor:
+        return 1.0 - loss  # the cosine itself
+
+
+def _repeat(texts: str | Sequence[str], n: int) -> str | list[str]:
+    """One text per image for ``n`` copies of one image (a single string already serves every image)."""
+    return texts if isinstance(texts, str) else list(texts) * n
+
 
 def zero_shot_ce(model: Adapter, class_texts: Sequence[str], labels,
                  text_features: torch.Tensor | None = None) -> ZeroShotCE:
@@ -153,5 +232,5 @@ def embedding_cosine(model: Adapter, clean_pixels: torch.Tensor) -> EmbeddingCos
     return EmbeddingCosine(model, clean_pixels)
 
 
-__all__ = ["OBJECTIVES", "AnswerNLL", "CaptionNLL", "EmbeddingCosine", "Objective", "ZeroShotCE", "answer_nll",
+__all__ = ["OBJECTIVES", "CleanView", "AnswerNLL", "CaptionNLL", "EmbeddingCosine", "Objective", "ZeroShotCE", "answer_nll",
            "caption_nll", "embedding_cosine", "zero_shot_ce"]

@@ -9,11 +9,13 @@ import os
 import sys
 from pathlib import Path
 
+from ..defenses import DEFENSES
+from ..defenses.generative import PARTS
 from ..runtime import DEVICE_HELP, PRECISION_HELP, add_arguments, apply_weights_dir
 from .loop import TrainConfig
 
 HELP = {
-    "defense": "training objective: base (plain training) or a defense key",
+    "defense": "training objective: base (plain training) or a defense",
     "model": "preset name or checkpoint folder to train",
     "init": "start weights: random, default (shipped/hub) or a folder; auto = random for base, else default",
     "data": "data spec: shapes:<dataset>[@style], imagefolder:<dir>, coco:<imgs>,<captions.json>, "
@@ -39,11 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
         kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" |")[0].replace("'", ""), str)
         if f.name == "shots":
             kind = int
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=default,
-                       help=HELP.get(f.name, f.name.replace("_", " ")))
+        text = HELP.get(f.name, f.name.replace("_", " "))
+        if f.name == "defense":  # the registered defenses, with the families each applies to
+            text += ": " + ", ".join(f"{k} ({'/'.join(DEFENSES.meta(k)['families'])})"
+                                     for k in DEFENSES.list() if k != "base")
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=default, help=text)
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="a defense option (repeatable); see --list-options")
-    p.add_argument("--part", default=None, choices=["decoder", "full", "encoder"],
+    p.add_argument("--part", default=None, choices=list(PARTS),
                    help="captioning / VQA defenses: which part trains (same as --set part=...); "
                         "decoder = the language side with the vision encoder frozen")
     p.add_argument("--resume", default=None, metavar="OUT", help="continue the run in this folder from its last snapshot")
@@ -60,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ..checkpoints import CheckpointError
     from ..data.sources import DataError
-    from ..defenses import DEFENSES
     from .loop import train
     from .state import RunFolderError
 
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         options["part"] = args.part
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "options"}
     cfg = TrainConfig(**values, options=options)
-    from ..models.presets import ModelUnavailableError
+    from ..models import ModelUnavailableError
 
     try:
         apply_weights_dir(args)

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from .. import __version__
-from ..checkpoints import atomic_save_tensors, atomic_save_weights, atomic_write_json, CONFIG_FILE, FORMAT, WEIGHTS_FILE
-from ..data.sources import DataError, open_data
+from ..checkpoints import (CONFIG_FILE, FORMAT, WEIGHTS_FILE, atomic_save_tensors, atomic_save_weights, atomic_write_json,
+                           checkpoint_config)
+from ..data.sources import open_data
 from ..defenses import DEFENSES
 from ..defenses.common import make_config
 from ..models import load
@@ -303,12 +303,10 @@ def _save(out: Path, step: int, task, optimizer, scheduler, cfg: TrainConfig, op
     else:
         atomic_save_tensors(tensors, out / WEIGHTS_FILE, metadata=meta)
     partial = {"partial": True, "base_digest": task.base_digest} if tensors is not None else {}
-    atomic_write_json(out / CONFIG_FILE, {
-        "format": FORMAT, "version": __version__, "preset": _preset_name(cfg, model), "family": model.family,
-        "base": base, "model": model.spec, "defense": cfg.defense, "hyperparameters": hyper, "data": cfg.data,
-        "seed": cfg.seed, "steps": step, "train_seconds": round(elapsed, 1), "metrics": metrics,
-        **partial, **task.checkpoint_extra(),
-    })
+    atomic_write_json(out / CONFIG_FILE, checkpoint_config(
+        preset=_preset_name(cfg, model), family=model.family, model=model.spec, base=base, defense=cfg.defense,
+        hyperparameters=hyper, data=cfg.data, seed=cfg.seed, steps=step, metrics=metrics,
+        train_seconds=round(elapsed, 1), **partial, **task.checkpoint_extra()))
 
 
 def _preset_name(cfg: TrainConfig, model) -> str:

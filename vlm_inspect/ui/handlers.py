@@ -17,10 +17,11 @@ import gradio as gr
 from ..checkpoints import CheckpointError, file_sha256
 from ..images import ImageError, load_image
 from .serve import IMAGE_SUFFIXES  # one list for the upload route and the handlers
-from ..models.presets import FAMILIES, PHOTO_CLIP, ModelUnavailableError
-from ..report import imagenet_text, render_png, side_entries, write_json
+from ..models import FAMILIES, PHOTO_CLIP, ModelUnavailableError
+from ..report import render_png, write_json
+from ..runtime import inside
 from ..service import (DEFAULT_LABEL_SET, DEFAULT_QUESTION, SIDES, Cancelled, InputError, InspectRequest,
-                       InspectService, Inspection, label_sets)
+                       InspectService, Inspection, label_sets, side_entries, side_markdown)
 
 NONE = "(none)"
 PERSON_ERRORS = (InputError, ImageError, ModelUnavailableError, CheckpointError)
@@ -69,41 +70,6 @@ def build_request(models: dict[str, dict[str, str | None]], attack: str, norm: s
         classes=classes or "", template=template or "{}", question=question or "", target_text=target_text or "",
         heatmap=heatmap,
     ).validate()
-
-
-def side_markdown(report: dict[str, Any], side: str) -> str:
-    entries = side_entries(report, side)
-    if not entries:
-        if side == "defended":
-            return ("*No defended model selected.* Defended checkpoints (`<baseline>+<defense>`) appear under "
-                    "**Models** once `python -m vlm_inspect.train --defense ...` has written them (press ↻ "
-                    "Refresh); any model can also be compared against the baseline.")
-        return f"*No {side} model selected.*"
-    rows = []
-    for fam, (name, e) in entries.items():
-        adv = e.get("adversarial")
-        mark = " (attacked)" if e.get("attacked") else ""
-        if fam == "clip":
-            zs = e["clean"]["zero_shot"]
-            rows.append(f"**{name}**{mark}: top-1 **{zs['labels'][0]}** ({zs['probs'][0]:.2f})"
-                        + (f" → **{adv['zero_shot']['labels'][0]}** ({adv['zero_shot']['probs'][0]:.2f}); "
-                           f"confidence in the clean top-1 {adv['confidence_change']:+.3f}, "
-                           f"attention shift {adv['attention_shift']:.3f}" if adv else ""))
-            if e.get("about"):
-                rows[-1] += f"  \n*{e['about']}*"
-            if "imagenet_top3" in e["clean"]:
-                rows[-1] += "  \nImageNet classes behind it: " + imagenet_text(e["clean"]["imagenet_top3"]) \
-                    + (f" → {imagenet_text(adv['imagenet_top3'])}" if adv and "imagenet_top3" in adv else "")
-        elif fam == "captioner":
-            rows.append(f"**{name}**{mark}: caption “{e['clean']['caption']}”"
-                        + (f" → “{adv['caption']}”" if adv else ""))
-        else:
-            rows.append(f"**{name}**{mark}: “{e['clean']['question']}” → **{e['clean']['answer']}**"
-                        + (f" → **{adv['answer']}**" if adv else ""))
-        if fam != "clip" and e.get("knows_only") and report["image"].get("kind") == "photo":
-            rows[-1] += (f"  \n*{name} knows only {e['knows_only']}: on a photo its words mean little. For photos, "
-                         "switch **Models → Model suite** to *pretrained* (ViT-GPT2, BLIP).*")
-    return "\n\n".join(rows)
 
 
 def verdict_markdown(report: dict[str, Any], side: str) -> str:
@@ -214,10 +180,6 @@ NOT_AN_UPLOAD = ("send the image itself as a file upload (in Python: gradio_clie
                  "this server does not open paths on its own disk")
 
 
-def _inside(path: str, roots: list[str]) -> bool:
-    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
-
-
 def request_image(value: Any, assets: str | Path | None = None):
     """The image a request sent, decoded: a file Gradio stored from an upload (or one of the shipped
     samples), never any other path on the server. Every other path gets the same sentence, whether it
@@ -233,7 +195,7 @@ def request_image(value: Any, assets: str | Path | None = None):
         raise InputError(NOT_AN_UPLOAD)
     roots = [os.path.realpath(get_upload_folder())] + ([os.path.realpath(assets)] if assets else [])
     lexical, real = os.path.abspath(path), os.path.realpath(path)
-    if not (_inside(lexical, roots) and _inside(real, roots)):
+    if not (inside(lexical, roots) and inside(real, roots)):
         raise InputError(NOT_AN_UPLOAD)
     name = Path(str(orig)).name if orig else Path(path).name
     try:

@@ -15,21 +15,14 @@ from .serve import QUEUE_SIZE, RATE_PER_MINUTE
 MAX_FILE_SIZE = "25mb"  # uploads above this are refused before they reach the image decoder
 
 
-def theme():
-    """Gradio's default look with system fonts: the default theme fetches web fonts from Google, and on
-    the embedded suite nothing may leave the machine, not even from the browser."""
-    import gradio as gr
-
-    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                             font_mono=["ui-monospace", "Consolas", "monospace"])
-
-
 def parser() -> argparse.ArgumentParser:
+    from ..models import SUITES
+
     ap = argparse.ArgumentParser(
         prog="python app.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="vlm_inspect: see how FGSM/BIM/PGD change what CLIP, a captioner and a VQA model say, "
                     "for a baseline and a defended model side by side.")
-    ap.add_argument("--suite", choices=["embedded", "pretrained"], default="embedded",
+    ap.add_argument("--suite", choices=list(SUITES), default="embedded",
                     help="model suite shown first (embedded: offline shapes-world models in checkpoints/)")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the app to your network")
     ap.add_argument("--port", type=int, default=7860, help="port (the next free one is used if it is taken)")

@@ -7,9 +7,11 @@ from typing import Any
 import gradio as gr
 from gradio import FileData
 
-from ..models.presets import FAMILIES
+from ..attacks import ATTACKS, NORMS
+from ..explain import HEATMAPS
+from ..models import FAMILIES, SUITES
 from ..report import curve_figure
-from ..service import (CURVE_EPS_K, EPS_MAX_K, HEATMAPS, SIDES, STEPS_MAX, TARGETS, InspectService, label_sets)
+from ..service import CURVE_EPS_K, EPS_MAX_K, SIDES, STEPS_MAX, InspectService, label_sets, targets
 from . import handlers as H
 from .serve import UPLOAD_TTL_S
 
@@ -26,6 +28,12 @@ The shapes models know only their procedural world: a photo (a sample or your ow
 zero-shot to **ConSE**, a real ImageNet classifier + sentence encoder that works offline; for
 captions and answers about photos, switch **Models → Model suite** to *pretrained*.
 """
+
+
+def _taking(setting: str) -> str:
+    """The attacks that take ``setting`` (for a control's label), e.g. "BIM, PGD" for steps."""
+    return ", ".join(ATTACKS.meta(a).get("label", a.upper()) for a in ATTACKS.list()
+                     if setting in ATTACKS.parameters(a))
 
 
 def sample_images() -> list[str]:
@@ -52,7 +60,7 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
                     gr.Examples(examples=[[p] for p in samples], inputs=[image], label="Samples",
                                 examples_per_page=len(samples))
                 with gr.Accordion("Models", open=False):
-                    suite = gr.Radio(["embedded", "pretrained"], value=suite0, label="Model suite")
+                    suite = gr.Radio(list(SUITES), value=suite0, label="Model suite")
                     dropdowns = []
                     for side in SIDES:
                         gr.Markdown(f"**{side.capitalize()}**")
@@ -67,17 +75,17 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
                                 "Pretrained weights download on first use; offline, start the app with "
                                 "`--weights-dir` (see `python -m vlm_inspect.models.fetch --help`).")
                     refresh = gr.Button("↻ Refresh model lists", size="sm", elem_id="refresh-models")
-                attack = gr.Radio(["fgsm", "bim", "pgd"], value="pgd", label="Attack")
+                attack = gr.Radio(ATTACKS.list(), value="pgd", label="Attack")
                 eps = gr.Slider(0, EPS_MAX_K, value=4, step=0.5, label="Epsilon (k/255)", elem_id="eps")
                 with gr.Accordion("Attack settings", open=False):
-                    norm = gr.Radio(["linf", "l2"], value="linf", label="Norm")
-                    steps = gr.Slider(1, STEPS_MAX, value=10, step=1, label="Steps (BIM, PGD)")
+                    norm = gr.Radio(list(NORMS), value="linf", label="Norm")
+                    steps = gr.Slider(1, STEPS_MAX, value=10, step=1, label=f"Steps ({_taking('steps')})")
                     alpha = gr.Slider(0, EPS_MAX_K, value=0, step=0.25,
                                       label="Step size (k/255; 0 = 2.5·eps/steps)")
                     with gr.Row():
-                        random_start = gr.Checkbox(True, label="Random start (PGD)")
+                        random_start = gr.Checkbox(True, label=f"Random start ({_taking('random_start')})")
                         seed = gr.Number(0, precision=0, minimum=0, label="Seed")
-                target = gr.Radio(list(TARGETS), value="zero-shot", label="Attack objective (task)")
+                target = gr.Radio(targets(), value="zero-shot", label="Attack objective (task)")
                 target_text = gr.Textbox(label="Target (optional): a class, caption or answer for a targeted attack",
                                          placeholder="empty = untargeted")
                 with gr.Accordion("Prompts and question", open=True):
@@ -86,8 +94,8 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
                                          elem_id="classes")
                     template = gr.Textbox(template0, label="Prompt template ({} = class)")
                     question = gr.Textbox(question0, label="VQA question", elem_id="question")
-                    heatmap = gr.Radio(list(HEATMAPS), value="attention",
-                                       label="Heatmap (text-guided attention, or Grad-CAM)")
+                    heatmap = gr.Radio(HEATMAPS.list(), value="attention",
+                                       label=f"Heatmap ({', or '.join(HEATMAPS.meta(h).get('label', h) for h in HEATMAPS.list())})")
                 run = gr.Button("Inspect", variant="primary", elem_id="run")
             with gr.Column(scale=3):
                 warnings = gr.Markdown(elem_id="warnings")

@@ -229,6 +229,15 @@ async def _reply(send, status: int, message: str, extra: list[tuple[bytes, bytes
     await send({"type": "http.response.body", "body": body})
 
 
+def theme():
+    """Gradio's default look with system fonts: the default theme fetches web fonts from Google, and on
+    the embedded suite nothing may leave the machine, not even from the browser."""
+    import gradio as gr
+
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                             font_mono=["ui-monospace", "Consolas", "monospace"])
+
+
 def serve(demo, host: str = "127.0.0.1", port: int = 7860, max_file_size: str = "25mb",
           rate_per_minute: int = RATE_PER_MINUTE, queue_size: int = QUEUE_SIZE, upload_quota: int = UPLOAD_QUOTA,
           jobs_per_client: int = JOBS_PER_CLIENT, block: bool = True, **launch: Any):
@@ -238,7 +247,6 @@ def serve(demo, host: str = "127.0.0.1", port: int = 7860, max_file_size: str = 
     from gradio.utils import _parse_file_size
     from starlette.middleware import Middleware
 
-    from .launch import theme
 
     demo.queue(default_concurrency_limit=1, max_size=queue_size, api_open=False)
     guard = Middleware(ServeGuard, rate_per_minute=rate_per_minute, upload_quota=upload_quota,

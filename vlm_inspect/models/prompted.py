@@ -10,8 +10,12 @@ vision and the text transformer (the IVLP / VPT-deep shape APD and CAPT build on
   The sequence length, causal mask and end-of-text pooling are unchanged.
 
 With zero prompt tokens a :class:`PromptedClip` computes exactly what the plain model computes (tested).
-Our choices (PAPERS.md): insertion points and initialisation follow the IVLP setting of the APD
-co-authors' codebase as described there; deeper prompts start from N(0, 0.02²).
+Our choices (docs/METHODS.md, "Deep prompts"): insertion points and initialisation follow the IVLP
+setting of the APD co-authors' codebase; deeper prompts start from N(0, 0.02²).
+
+The prompted CLIP is an adapter like any other, so it lives with the adapters; APD and CAPT
+(:mod:`vlm_inspect.defenses`) train its prompts, and :func:`vlm_inspect.models.load` rebuilds it from a
+prompt-only checkpoint.
 """
 from __future__ import annotations
 
@@ -22,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import weights_digest
-from ..models.clip import ClipAdapter, class_token_pooling
+from ..checkpoints import WEIGHTS_FILE, CheckpointError, load_weights
+from .clip import ClipAdapter, class_token_pooling
 
 
 class DeepPrompts(nn.Module):
@@ -124,14 +128,10 @@ def prompt_spec(prompts: DeepPrompts, init_text: str) -> dict[str, Any]:
             "depth": max(len(prompts.vision), len(prompts.text)), "init_text": init_text}
 
 
-def load_prompted(folder: Path, config: dict[str, Any], name: str, device: str = "cpu") -> PromptedClip:
-    """A prompt-only checkpoint: the base CLIP it names (preset or folder), plus its prompts.
-
-    The base must be the model the prompts were trained on: its weights digest is checked."""
-    from ..checkpoints import WEIGHTS_FILE, CheckpointError, load_weights
-    from ..models.presets import load_base
-
-    base = load_base(folder, {"family": "clip", **config}, device, "its prompts were")  # a CLIP adapter
+def attach_prompts(base: ClipAdapter, folder: Path, config: dict[str, Any], name: str,
+                   device: str = "cpu") -> PromptedClip:
+    """A prompt-only checkpoint's prompts (``config["prompts"]``, weights in ``folder``) on ``base``, the
+    CLIP it names, already loaded and checked to be the model the prompts were trained on."""
     spec = config["prompts"]
     try:
         prompts = DeepPrompts(base, n_vision=int(spec["n_vision"]), n_text=int(spec["n_text"]),

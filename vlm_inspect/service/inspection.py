@@ -1,0 +1,245 @@
+"""One inspection and one robustness curve, step by step (:func:`run_inspection`, :func:`run_curve`).
+
+One inspection, for each *side* (baseline, defended):
+
+1. the clean image goes through every selected model of the side (CLIP zero-shot top-k and its
+   heatmap, captioner caption, VQA answer); these clean results are cached, so moving the epsilon
+   slider only recomputes the adversarial half;
+2. the model of the side that the attack targets (the family the objective ``inspects``: CLIP for
+   zero-shot and the embedding attack, the captioner for captions, the VQA model for answers) is
+   attacked **white-box**: each side gets its own adversarial image, crafted against its own model, so
+   a defended model is never judged on a perturbation made for another model;
+3. every model of the side then sees that side's adversarial image (the other tasks show how the
+   attack transfers across tasks of one side).
+
+Captions and answers are generated last, all those of one model in one batched call (clean and
+adversarial images, both sides when they share the model; :class:`~.outputs.TextBatch`).
+
+Untargeted attacks push the model away from its own clean output (its top-1 class, its clean caption,
+its clean answer); with a target they pull it towards the target class, caption or answer.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..data.scene_kind import is_shapes_scene
+from ..images import image_warnings, load_image, pixels_to_uint8
+from ..models.tokenizers import TOKENIZER_KIND as SHAPES_TOKENIZER
+from ..objectives import OBJECTIVES
+from ..runtime import autocast, decoding_precision
+from .outputs import ClipOutputs, TextBatch, amplify, display, image_digest, resize
+from .request import CURVE_EPS_K, EPS_MAX_K, SIDES, Cancelled, InputError, InspectRequest, make_attack, target_family
+from .summary import side_verdict
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class Inspection:
+    """What one inspection produced: a JSON-able ``report`` (docs/ARCHITECTURE.md, "The report") and
+    the images to show.
+
+    ``images`` keys: ``clean``; ``adversarial/<side>``, ``perturbation/<side>``; and for CLIP models
+    ``heatmap/<side>/clean``, ``heatmap/<side>/adversarial``; all HxWx3 uint8 at display size.
+    """
+
+    report: dict[str, Any]
+    images: dict[str, np.ndarray]
+    warnings: list[str]
+
+
+def weights_warnings(sides) -> list[str]:
+    """A model on random weights (its trained checkpoint is missing) must say so: its outputs mean nothing."""
+    names = dict.fromkeys(m.name for side in sides.values() for m in side.values()
+                          if m is not None and getattr(m, "weights", None) == "random")
+    return [f"{n} runs on random weights: no trained checkpoint was found for it (checkpoints/ is missing "
+            "or incomplete), so its outputs mean nothing" for n in names]
+
+
+def vocabulary_warnings(req: InspectRequest, sides) -> list[str]:
+    """Words of the request a model's closed vocabulary does not know (its answers about them mean little)."""
+    out: list[str] = []
+    family = target_family(req.target)
+    for side in SIDES:
+        for fam, texts in (("clip", req.prompts + ([req.target_text] if family == "clip" else [])),
+                           ("captioner", [req.target_text] if family == "captioner" else []),
+                           ("vqa", [req.question] + ([req.target_text] if family == "vqa" else []))):
+            m = sides[side].get(fam)
+            if m is None or not texts:
+                continue
+            words = sorted({w for t in texts if t for w in m.unknown_words(t)})
+            if words:
+                msg = f"{m.name} does not know the word(s) {', '.join(repr(w) for w in words)}: its answers about them mean little"
+                if msg not in out:
+                    out.append(msg)
+    return out
+
+
+def _step_progress(n_attacks: int, done: list[int], progress: Progress | None, cancelled):
+    def step(step: int, steps: int, loss: float) -> None:
+        if cancelled is not None and cancelled():
+            raise Cancelled(f"the client left; the inspection stopped after attack step {step} of {steps}")
+        if progress is not None:
+            progress((done[0] * steps + step) / max(1, n_attacks * steps), f"attack step {step}/{steps}")
+    return step
+
+
+# ``service`` is the InspectService (core.py) that calls these: its models, views, lock and precision.
+def run_inspection(service: Any, image: Any, request: InspectRequest, progress: Progress | None = None,
+                   cancelled: Callable[[], bool] | None = None) -> Inspection:
+    """:meth:`InspectService.inspect`."""
+    req = dataclasses.replace(request).validate()
+    img = load_image(image)
+    t0 = time.perf_counter()
+    views = service.views
+    family = target_family(req.target)
+    with service.lock, contextlib.ExitStack() as stack:
+        sides = {s: {f: (service.family_model(n, f, progress) if n else None) for f, n in getattr(req, s).items()}
+                 for s in SIDES}
+        precision = service.precision_for([m for side in sides.values() for m in side.values()])
+        generation = decoding_precision(service.precision, precision, service.device)
+        stack.enter_context(autocast(service.device, precision, decoding=generation))
+        warnings = image_warnings(img) + weights_warnings(sides) + vocabulary_warnings(req, sides)
+        attack = make_attack(req, 1)
+        if OBJECTIVES.meta(req.target).get("needs_random_start") and not attack.random_start:
+            warnings.append(f"the {req.target} attack needs PGD with a random start: at the clean image its "
+                            "gradient is zero, so FGSM and BIM leave the image unchanged")
+        digest = image_digest(img)
+        done = [0]
+        step_progress = _step_progress(sum(1 for s in SIDES if sides[s][family] is not None), done, progress, cancelled)
+        images: dict[str, np.ndarray] = {}
+        perturbation: dict[str, dict[str, float]] = {}
+        clean_display = None
+        texts = TextBatch()  # captions and answers of this request, generated together at the end
+        rows: list[tuple[str, str, Any, Any, Any, Any]] = []
+        for side in SIDES:
+            side_models = sides[side]
+            clean = {f: views.clean(m, img, digest, req, texts) for f, m in side_models.items() if m is not None}
+            attacked = side_models[family]
+            adv_px = None
+            if attacked is not None:
+                if not isinstance(clean[attacked.family], ClipOutputs):  # the objective needs its text now
+                    views.generate(texts, clean_only=True)
+                px = views.pixels(attacked, img)
+                if clean_display is None:
+                    clean_display = pixels_to_uint8(px)
+                atk = make_attack(req, px[0].numel())
+                res = atk(px, views.objective(attacked, req, clean[attacked.family], px),
+                          targeted=bool(req.target_text), generator=torch.Generator().manual_seed(req.seed),
+                          callback=step_progress)
+                done[0] += 1
+                adv_px = res.adv
+                perturbation[side] = {"linf": float(res.delta.abs().max()), "l2": float(res.delta.flatten().norm()),
+                                      "budget": atk.eps, "step_size": atk.alpha, "model": attacked.name}
+                images[f"adversarial/{side}"] = display(pixels_to_uint8(res.adv))
+                images[f"perturbation/{side}"] = display(amplify(res.delta))
+            for fam, m in side_models.items():
+                if m is None:
+                    continue
+                if clean_display is None:
+                    clean_display = pixels_to_uint8(views.pixels(m, img))
+                adv = None
+                if adv_px is not None:
+                    adv = views.adversarial(m, resize(adv_px, m.image_size), clean[fam], req, texts)
+                rows.append((side, fam, m, attacked, clean[fam], adv))
+        if progress is not None and texts:
+            progress(1.0, "captions and answers")
+        views.generate(texts)
+        report_models = _model_entries(rows, images)
+        images["clean"] = display(clean_display)
+        report = {
+            "version": __version__,
+            "image": {"sha256_16": digest, "width": img.width, "height": img.height,
+                      "kind": "shapes" if is_shapes_scene(img) else "photo"},
+            "attack": req.attack_config(),
+            "perturbation": {"linf": max((p["linf"] for p in perturbation.values()), default=0.0),
+                             "l2": max((p["l2"] for p in perturbation.values()), default=0.0),
+                             "sides": perturbation},
+            "classes": req.classes, "template": req.template, "question": req.question or None,
+            "heatmap": req.heatmap,
+            "selection": {s: getattr(req, s) for s in SIDES},
+            "models": report_models,
+            "warnings": warnings,
+            "runtime": {"device": service.device, "precision": precision, "generation_precision": generation},
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        report["verdicts"] = {side: v for side in SIDES if (v := side_verdict(report, side)) is not None}
+        return Inspection(report=report, images=images, warnings=warnings)
+
+
+def _model_entries(rows, images: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The report's ``models`` entries (and the heatmap images) from each model's clean and adversarial outputs."""
+    entries: dict[str, Any] = {}
+    for side, fam, m, attacked, clean_out, adv in rows:
+        key = m.name if m.name not in entries else f"{m.name} ({side})"
+        entry = {"role": side, "family": fam, "attacked": m is attacked, "clean": clean_out.public()}
+        if getattr(m, "description", None):  # a clip-family model that is not CLIP says what it is
+            entry["about"] = m.description
+        if m.spec.get("tokenizer", {}).get("kind") == SHAPES_TOKENIZER:  # a shapes-world vocabulary
+            entry["knows_only"] = "the shapes world"
+        if isinstance(clean_out, ClipOutputs):
+            images[f"heatmap/{side}/clean"] = clean_out.overlay
+        if adv is not None:
+            if isinstance(adv, ClipOutputs):
+                images[f"heatmap/{side}/adversarial"] = adv.overlay
+            entry["adversarial"] = adv.public()
+        entries[key] = entry
+    return entries
+
+
+def run_curve(service: Any, image: Any, request: InspectRequest, eps_k: Sequence[float] = CURVE_EPS_K,
+              progress: Progress | None = None, cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """:meth:`InspectService.curve`."""
+    req = dataclasses.replace(request).validate()
+    eps_k = [float(e) for e in eps_k]
+    if not eps_k or any(not 0 <= e <= EPS_MAX_K for e in eps_k):
+        raise InputError(f"curve budgets must be from 0 to {EPS_MAX_K} (k/255), got {eps_k}")
+    img = load_image(image)
+    digest = image_digest(img)
+    family = target_family(req.target)
+    meta = OBJECTIVES.meta(req.target)
+    out: dict[str, Any] = {"eps_k255": eps_k, "metric": meta["target_metric"] if req.target_text else meta["metric"],
+                           "target": req.target, "attack": req.attack_config(), "series": {}}
+    views = service.views
+    with service.lock, contextlib.ExitStack() as stack:
+        names = [(s, n) for s, n in ((s, getattr(req, s).get(family)) for s in SIDES) if n]
+        models = [service.family_model(name, family) for _, name in names]
+        precision = service.precision_for(models)
+        out["runtime"] = {"device": service.device, "precision": precision}
+        stack.enter_context(autocast(service.device, precision,
+                                     decoding=decoding_precision(service.precision, precision, service.device)))
+        for i, (side, name) in enumerate(names):
+            m = models[i]
+            px1 = views.pixels(m, img)
+            objective = views.objective(m, req, views.clean(m, img, digest, req), px1)
+
+            def cb(step, steps, loss, i=i, side=side):
+                if cancelled is not None and cancelled():
+                    raise Cancelled(f"the client left; the curve stopped after attack step {step} of {steps}")
+                if progress is not None:
+                    progress((i * steps + step) / (len(names) * steps), f"{side}: step {step}/{steps}")
+
+            attacked = [e for e in eps_k if e > 0]  # budget 0 is the clean image: no attack needed
+            loss_of: dict[float, float] = {}
+            with torch.no_grad():
+                if len(attacked) < len(eps_k):
+                    loss_of[0.0] = float(objective.repeat(1)(px1).float()[0])
+            if attacked:
+                obj = objective.repeat(len(attacked))
+                res = make_attack(req, px1[0].numel(), eps_k=attacked)(
+                    px1.repeat(len(attacked), 1, 1, 1), obj, targeted=bool(req.target_text),
+                    generator=torch.Generator().manual_seed(req.seed), callback=cb)
+                with torch.no_grad():
+                    loss_of.update(zip(attacked, obj(res.adv).float().tolist()))
+            # CE of one label = -log p(label); mean token NLL -> per-token probability; 1 - cos -> cos
+            values = objective.metric(torch.tensor([loss_of[e] for e in eps_k]))
+            out["series"][side] = {"model": name, "values": [round(float(v), 6) for v in values]}
+    return out

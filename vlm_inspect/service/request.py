@@ -1,0 +1,193 @@
+"""What one inspection asks for: :class:`InspectRequest`, its checks, and the ranges the page offers.
+
+The choices come from the registries: attacks from :data:`~vlm_inspect.attacks.ATTACKS`, norms from
+:data:`~vlm_inspect.attacks.NORMS`, the attacked task from :data:`~vlm_inspect.objectives.OBJECTIVES`
+(those registered with the family the app attacks, ``inspects``), heatmaps from
+:data:`~vlm_inspect.explain.HEATMAPS`, model families from :data:`~vlm_inspect.models.FAMILIES`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from ..attacks import ATTACKS, NORMS
+from ..explain import HEATMAPS
+from ..models import FAMILIES
+from ..objectives import OBJECTIVES
+
+SIDES = ("baseline", "defended")
+# Ranges the page's controls offer; the API and the headless twin check the same ones.
+EPS_MAX_K = 32        # epsilon slider, in k/255
+STEPS_MAX = 100
+TOP_K_MAX = 10
+CURVE_EPS_K = (0, 1, 2, 3, 4, 6, 8, 16)
+# Caps on what one request may ask for (a served app's worker is shared): ImageNet's 1000 classes fit.
+MAX_CLASSES = 1000
+MAX_CLASS_CHARS = 100
+MAX_TEXT_CHARS = 300  # question, target, template
+
+FIELD_LABELS = {"eps_k": "epsilon (k/255)", "alpha_k": "step size (k/255)", "steps": "steps", "seed": "seed",
+                "top_k": "top-k"}
+
+
+class InputError(ValueError):
+    """Something a person asked for cannot be done; the message says what and how to fix it."""
+
+
+class Cancelled(RuntimeError):
+    """The client that asked for an inspection has gone; the work stopped between two attack steps."""
+
+
+def targets() -> list[str]:
+    """The tasks an inspection can attack: the objectives registered with the family the app attacks."""
+    return [n for n in OBJECTIVES.list() if OBJECTIVES.meta(n).get("inspects")]
+
+
+def target_family(target: str) -> str:
+    """The family whose model an attack on ``target`` is crafted against."""
+    return OBJECTIVES.meta(target)["inspects"]
+
+
+def parse_classes(text: str | Sequence[str]) -> list[str]:
+    """Comma-separated (or a list of) class labels -> stripped, de-duplicated, in order."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    return list(dict.fromkeys(str(t).strip() for t in items if str(t).strip()))
+
+
+@dataclass
+class InspectRequest:
+    """Everything one inspection needs besides the image. ``eps_k`` and ``alpha_k`` are in k/255."""
+
+    baseline: dict[str, str | None] = field(default_factory=dict)   # family -> model name (or None)
+    defended: dict[str, str | None] = field(default_factory=dict)
+    attack: str = "pgd"
+    norm: str = "linf"
+    eps_k: float = 4.0
+    steps: int = 10
+    alpha_k: float = 0.0          # 0 = the default step size 2.5 * eps / steps (Madry et al.)
+    random_start: bool = True     # attacks that take one (FGSM and BIM start at the clean image by definition)
+    seed: int = 0
+    target: str = "zero-shot"     # which task's loss the attack ascends (or descends, with a target)
+    classes: list[str] = field(default_factory=list)
+    template: str = "a photo of a {}"
+    question: str = ""
+    target_text: str = ""         # a class, caption or answer: makes the attack targeted
+    heatmap: str = "attention"
+    top_k: int = 5
+
+    def _number(self, name: str, lo: float, hi: float, whole: bool = False) -> None:
+        v = getattr(self, name)
+        label = FIELD_LABELS.get(name, name)
+        if v is None or isinstance(v, bool):
+            raise InputError(f"{label} is missing: give a number from {lo:g} to {hi:g}")
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise InputError(f"{label} must be a number from {lo:g} to {hi:g}, got {v!r}") from None
+        if not lo <= f <= hi:
+            raise InputError(f"{label} must be from {lo:g} to {hi:g}, got {f:g}")
+        if whole and f != int(f):
+            raise InputError(f"{label} must be a whole number, got {f:g}")
+        setattr(self, name, int(f) if whole else f)
+
+    def validate(self) -> "InspectRequest":
+        """Check every field; raise :class:`InputError` with one clear sentence for the first problem."""
+        self.attack = str(self.attack or "").lower()
+        if self.attack not in ATTACKS.list():
+            raise InputError(f"unknown attack {self.attack!r}; choose one of {', '.join(ATTACKS.list())}")
+        self.norm = str(self.norm or "").lower().replace("-", "")
+        if self.norm not in NORMS:
+            raise InputError(f"unknown norm {self.norm!r}; choose {' or '.join(NORMS)}")
+        self._number("eps_k", 0, EPS_MAX_K)
+        self._number("steps", 1, STEPS_MAX, whole=True)
+        self._number("alpha_k", 0, EPS_MAX_K)
+        self._number("seed", 0, 2**31 - 1, whole=True)
+        self._number("top_k", 1, TOP_K_MAX, whole=True)
+        if self.target not in targets():
+            raise InputError(f"unknown attack target {self.target!r}; choose one of {', '.join(targets())}")
+        if self.heatmap not in HEATMAPS.list():
+            raise InputError(f"unknown heatmap {self.heatmap!r}; choose one of {', '.join(HEATMAPS.list())}")
+        self._check_texts()
+        for side in SIDES:
+            chosen = getattr(self, side)
+            unknown = set(chosen) - set(FAMILIES)
+            if unknown:
+                raise InputError(f"unknown model family {sorted(unknown)[0]!r}; valid: {', '.join(FAMILIES)}")
+            setattr(self, side, {f: (chosen.get(f) or None) for f in FAMILIES})
+        self._check_models()
+        return self
+
+    def _check_texts(self) -> None:
+        self.classes = parse_classes(self.classes)
+        if len(self.classes) > MAX_CLASSES:
+            raise InputError(f"at most {MAX_CLASSES} classes can be compared at once; got {len(self.classes)}")
+        long = next((c for c in self.classes if len(c) > MAX_CLASS_CHARS), None)
+        if long is not None:
+            raise InputError(f"a class name has at most {MAX_CLASS_CHARS} characters; one has {len(long)}")
+        for name, label in (("template", "the prompt template"), ("question", "the question"),
+                            ("target_text", "the target")):
+            value = str(getattr(self, name) or "")
+            if len(value) > MAX_TEXT_CHARS:
+                raise InputError(f"{label} has at most {MAX_TEXT_CHARS} characters; got {len(value)}")
+        self.template = str(self.template or "{}")
+        if self.template.count("{}") != 1:
+            raise InputError(f"the prompt template must contain {{}} exactly once (where the class goes), "
+                             f"got {self.template!r}")
+        self.question = str(self.question or "").strip()
+        self.target_text = str(self.target_text or "").strip()
+
+    def _check_models(self) -> None:
+        if not any(self.baseline.values()) and not any(self.defended.values()):
+            raise InputError("no model is selected: pick at least one baseline or defended model")
+        if any(m.get("clip") for m in (self.baseline, self.defended)) and len(self.classes) < 2:
+            raise InputError("zero-shot classification needs at least two class names (comma-separated)")
+        if any(m.get("vqa") for m in (self.baseline, self.defended)) and not self.question:
+            raise InputError("the VQA model needs a question: type one, or set the VQA models to none")
+        if self.question and not any(m.get("vqa") for m in (self.baseline, self.defended)):
+            raise InputError("a question was given but no VQA model is selected: pick a VQA model "
+                             "or clear the question")
+        family = target_family(self.target)
+        if not any(m.get(family) for m in (self.baseline, self.defended)):
+            raise InputError(f"the attack targets {self.target} but no {family} model is selected on either side")
+        if self.target_text:
+            if OBJECTIVES.meta(self.target).get("target_metric") is None:
+                raise InputError(f"the {self.target} attack has no target: clear the target or choose another task")
+            if family == "clip" and self.target_text not in self.classes:
+                raise InputError(f"the target class {self.target_text!r} is not among the classes: "
+                                 f"{', '.join(self.classes)}")
+
+    @property
+    def eps(self) -> float:
+        return self.eps_k / 255.0
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.template.replace("{}", c) for c in self.classes]
+
+    def attack_config(self) -> dict[str, Any]:
+        """The attack as a person set it. ``eps`` and ``alpha`` are in pixel units for L-inf; for L2
+        the radius each model was attacked with is in the report's ``perturbation.sides`` (``budget``)."""
+        atk = make_attack(self, 1)
+        takes_alpha = "alpha" in ATTACKS.parameters(self.attack)
+        return {"name": self.attack, "eps": self.eps, "eps_k255": self.eps_k,
+                "alpha": self.alpha_k / 255.0 if self.alpha_k > 0 else None, "alpha_rule":
+                "2.5*eps/steps" if not self.alpha_k and takes_alpha else None, "norm": self.norm,
+                "steps": atk.steps, "random_start": atk.random_start, "seed": self.seed,
+                "target": self.target, "targeted": bool(self.target_text), "target_text": self.target_text or None}
+
+
+def make_attack(req: InspectRequest, dim: int, eps_k: float | Sequence[float] | None = None):
+    """The attack a request describes, for a model whose input has ``dim`` pixel values. ``eps_k`` may
+    be one budget per image (robustness curves).
+
+    Budgets are given in k/255. For L-inf that is the radius; for L2 the radius is
+    ``k/255 * sqrt(dim)``: the L2 ball that allows the same root-mean-square change per pixel value as
+    the L-inf ball of the same k (so the slider means the same visible strength for both norms).
+    """
+    scale = math.sqrt(dim) / 255.0 if req.norm == "l2" else 1 / 255.0
+    many = isinstance(eps_k, (list, tuple))
+    eps = [e * scale for e in eps_k] if many else (req.eps_k if eps_k is None else eps_k) * scale
+    alpha = req.alpha_k * scale if req.alpha_k > 0 and not many else None
+    return ATTACKS.build(req.attack, eps=eps, alpha=alpha, steps=req.steps, random_start=req.random_start,
+                         norm=req.norm)
