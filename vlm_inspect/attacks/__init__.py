@@ -10,9 +10,10 @@ from .base import ATTACKS, Attack, AttackResult, eps_label, model_guard, parse_e
 from .fgsm import FGSM
 from .bim import BIM
 from .pgd import PGD
+from .apgd import APGD
 from .projection import NORMS
 
-__all__ = ["ATTACKS", "Attack", "AttackResult", "BIM", "FGSM", "NORMS", "PGD", "eps_label", "model_guard", "parse_eps"]
+__all__ = ["APGD", "ATTACKS", "Attack", "AttackResult", "BIM", "FGSM", "NORMS", "PGD", "eps_label", "model_guard", "parse_eps"]
 
 
 def attack_help() -> str:
