@@ -12,7 +12,7 @@ from vlm_inspect.attacks import APGD, ATTACKS
 from vlm_inspect.attacks.apgd import checkpoints
 
 pyautoattack = pytest.importorskip("pyautoattack", reason="pip install -r requirements-dev.txt")
-from pyautoattack.autopgd_base import APGDAttack  # noqa: E402
+from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted  # noqa: E402
 
 
 class Recorder(nn.Module):
@@ -98,3 +98,36 @@ def test_apgd_is_registered_with_its_settings():
     assert isinstance(atk, APGD) and atk.steps == 7 and atk.alpha == pytest.approx(8 / 255)  # 2 eps, not given
     with pytest.raises(ValueError, match="steps must be a whole number >= 1"):
         APGD(eps=4 / 255, steps=0)
+
+
+def test_dlr_losses_equal_the_reference():
+    from vlm_inspect.objectives import dlr, targeted_dlr
+
+    torch.manual_seed(0)
+    logits = torch.randn(64, 10) * 3
+    y = torch.randint(0, 10, (64,))
+    logits[:8, 0] = 20.0  # some images whose top-1 is the true class
+    y[:8] = 0
+    t = (y + 1 + torch.randint(0, 8, (64,))) % 10
+    ref = APGDAttack(lambda x: x, eps=1.0, device="cpu")
+    assert torch.allclose(dlr(logits, y), ref.dlr_loss(logits, y), atol=1e-6, rtol=0)
+    ref_t = APGDAttack_targeted(lambda x: x, eps=1.0, device="cpu")
+    ref_t.y_target = t
+    assert torch.allclose(targeted_dlr(logits, y, t), ref_t.dlr_loss_targeted(logits, y), atol=1e-6, rtol=0)
+
+
+def test_dlr_objectives_on_the_embedded_clip(shapes_clip):
+    from vlm_inspect.objectives import OBJECTIVES
+
+    prompts = ["a photo of a red star", "a photo of a blue circle", "a photo of a green square",
+               "a photo of a white cross"]
+    x = torch.rand(3, 3, 64, 64)
+    dlr_obj = OBJECTIVES.get("zero-shot-dlr")(shapes_clip, prompts, [0, 1, 2])
+    tgt = OBJECTIVES.get("zero-shot-dlr-targeted")(shapes_clip, prompts, [0, 1, 2], [3, 3, 3])
+    for obj in (dlr_obj, tgt):
+        res = APGD(eps=8 / 255, steps=5)(x, obj, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert (obj(res.adv) >= obj(x)).all()
+        assert obj.subset(torch.tensor([2])).labels.tolist() == [2]
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        OBJECTIVES.get("zero-shot-dlr-targeted")(shapes_clip, prompts[:3], [0], [1])

@@ -113,6 +113,9 @@ class ZeroShotCE(Objective):
             raise ValueError(f"got {labels.shape[0]} labels for {pixels.shape[0]} images")
         logits = self.logits(pixels)
         self._fooled = (logits.detach().argmax(-1) != labels)
+        return self._loss(logits, labels)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels, reduction="none")
 
     def fooled(self) -> torch.Tensor:
@@ -210,6 +213,91 @@ class EmbeddingCosine(Objective):
         return 1.0 - loss  # the cosine itself
 
 
+# ---- difference-of-logits-ratio losses -----------------------------------------------------------
+# Difference-of-logits-ratio losses for zero-shot classification — Croce & Hein, ICML 2020
+# (https://arxiv.org/abs/2003.01690), the losses of APGD-DLR and APGD-T.
+#
+# With the zero-shot logits ``z`` sorted decreasingly (``z_π1 ≥ z_π2 ≥ …``):
+#
+# - DLR: ``−(z_y − max_{i≠y} z_i) / (z_π1 − z_π3)``, which is invariant to shifting and rescaling the
+#   logits (so a model cannot hide behind a large or small logit scale); it needs three classes;
+# - targeted DLR (towards class ``t``): ``−(z_y − z_t) / (z_π1 − (z_π3 + z_π4) / 2)``; four classes.
+#
+# Both are climbed (an untargeted attack: ``targeted=False``), both tell which images are wrong
+# (``fooled``: the top-1 is no longer ``y``) and can be restricted to part of a batch. Faithful to the
+# paper's definitions (checked against the authors' code in tests/test_apgd.py, with its 1e-12 in the
+# denominator). They are registered without ``inspects``: the app's task list keeps the CE objective,
+# the ensemble uses these.
+
+def dlr(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) DLR of (B, C) logits for the true ``labels``."""
+    ranked = logits.sort(dim=1, descending=True).values
+    true = logits.gather(1, labels.view(-1, 1))[:, 0]
+    top_is_true = logits.argmax(1) == labels
+    other = torch.where(top_is_true, ranked[:, 1], ranked[:, 0])
+    return -(true - other) / (ranked[:, 0] - ranked[:, 2] + 1e-12)
+
+
+def targeted_dlr(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) targeted DLR of (B, C) logits: the true class against the target class."""
+    ranked = logits.sort(dim=1, descending=True).values
+    true = logits.gather(1, labels.view(-1, 1))[:, 0]
+    target = logits.gather(1, targets.view(-1, 1))[:, 0]
+    return -(true - target) / (ranked[:, 0] - 0.5 * (ranked[:, 2] + ranked[:, 3]) + 1e-12)
+
+
+@OBJECTIVES.register("zero-shot-dlr", family="clip")
+class ZeroShotDLR(ZeroShotCE):
+    """DLR of the zero-shot logits against ``labels`` (see the module docstring)."""
+
+    name = "zero-shot-dlr"
+    least_classes = 3
+
+    def __init__(self, model, class_texts: Sequence[str], labels, text_features: torch.Tensor | None = None):
+        super().__init__(model, class_texts, labels, text_features)
+        if len(self.class_texts) < self.least_classes:
+            raise ValueError(f"the {self.name} loss needs at least {self.least_classes} classes, "
+                             f"got {len(self.class_texts)}")
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return dlr(logits.float(), labels)
+
+    def subset(self, index: torch.Tensor) -> "ZeroShotDLR":
+        labels = self.labels if self.labels.numel() == 1 else self.labels[index.to(self.labels.device)]
+        return ZeroShotDLR(self.model, self.class_texts, labels, text_features=self.text_features)
+
+    def repeat(self, n: int) -> "ZeroShotDLR":
+        return ZeroShotDLR(self.model, self.class_texts, self.labels.repeat(n), text_features=self.text_features)
+
+
+@OBJECTIVES.register("zero-shot-dlr-targeted", family="clip")
+class ZeroShotTargetedDLR(ZeroShotDLR):
+    """Targeted DLR of the zero-shot logits: ``labels`` against ``targets`` (see the module docstring)."""
+
+    name = "zero-shot-dlr-targeted"
+    least_classes = 4
+
+    def __init__(self, model, class_texts: Sequence[str], labels, targets, text_features: torch.Tensor | None = None):
+        self.targets = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
+        super().__init__(model, class_texts, labels, text_features)
+        if self.targets.shape != self.labels.shape:
+            raise ValueError(f"got {self.targets.numel()} targets for {self.labels.numel()} labels")
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        targets = self.targets.to(labels.device).expand_as(labels) if self.targets.numel() == 1 else \
+            self.targets.to(labels.device)
+        return targeted_dlr(logits.float(), labels, targets)
+
+    def subset(self, index: torch.Tensor) -> "ZeroShotTargetedDLR":
+        pick = (lambda t: t if t.numel() == 1 else t[index.to(t.device)])
+        return ZeroShotTargetedDLR(self.model, self.class_texts, pick(self.labels), pick(self.targets),
+                                   text_features=self.text_features)
+
+    def repeat(self, n: int) -> "ZeroShotTargetedDLR":
+        return ZeroShotTargetedDLR(self.model, self.class_texts, self.labels.repeat(n), self.targets.repeat(n),
+                                   text_features=self.text_features)
+
+
 def _repeat(texts: str | Sequence[str], n: int) -> str | list[str]:
     """One text per image for ``n`` copies of one image (a single string already serves every image)."""
     return texts if isinstance(texts, str) else list(texts) * n
@@ -232,5 +320,5 @@ def embedding_cosine(model: Adapter, clean_pixels: torch.Tensor) -> EmbeddingCos
     return EmbeddingCosine(model, clean_pixels)
 
 
-__all__ = ["OBJECTIVES", "CleanView", "AnswerNLL", "CaptionNLL", "EmbeddingCosine", "Objective", "ZeroShotCE", "answer_nll",
+__all__ = ["OBJECTIVES", "CleanView", "ZeroShotDLR", "ZeroShotTargetedDLR", "dlr", "targeted_dlr", "AnswerNLL", "CaptionNLL", "EmbeddingCosine", "Objective", "ZeroShotCE", "answer_nll",
            "caption_nll", "embedding_cosine", "zero_shot_ce"]
