@@ -31,8 +31,7 @@ def build(attack: str, norm: str):
 
 
 @pytest.mark.parametrize("family", ["clip", "captioner", "vqa"])
-@pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("attack", ATTACKS.list())
+@pytest.mark.parametrize("attack,norm", [(a, n) for a in ATTACKS.list() for n in ATTACKS.meta(a).get("norms", NORMS)])
 def test_attack_contract(attack, norm, family):
     pixels = torch.rand(2, 3, 64, 64)
     objective = make_objective(family, pixels)

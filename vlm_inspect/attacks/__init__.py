@@ -11,9 +11,10 @@ from .fgsm import FGSM
 from .bim import BIM
 from .pgd import PGD
 from .apgd import APGD
+from .square import Square
 from .projection import NORMS
 
-__all__ = ["APGD", "ATTACKS", "Attack", "AttackResult", "BIM", "FGSM", "NORMS", "PGD", "eps_label", "model_guard", "parse_eps"]
+__all__ = ["APGD", "ATTACKS", "Attack", "AttackResult", "BIM", "FGSM", "NORMS", "PGD", "Square", "eps_label", "model_guard", "parse_eps"]
 
 
 def attack_help() -> str:

@@ -99,6 +99,10 @@ class InspectRequest:
         self.norm = str(self.norm or "").lower().replace("-", "")
         if self.norm not in NORMS:
             raise InputError(f"unknown norm {self.norm!r}; choose {' or '.join(NORMS)}")
+        norms = ATTACKS.meta(self.attack).get("norms", NORMS)  # an attack may support fewer norms
+        if self.norm not in norms:
+            raise InputError(f"the {self.attack} attack supports {' and '.join(norms)} only; choose "
+                             f"{' or '.join(norms)}, or another attack")
         self._number("eps_k", 0, EPS_MAX_K)
         self._number("steps", 1, STEPS_MAX, whole=True)
         self._number("alpha_k", 0, EPS_MAX_K)
