@@ -170,11 +170,38 @@ def test_task_choices_come_from_the_objectives():
     from vlm_inspect.service import target_family, targets
 
     assert targets() == [n for n in OBJECTIVES.list() if OBJECTIVES.meta(n).get("inspects")]
-    assert {"zero-shot", "caption", "vqa", "embedding"} <= set(targets())
+    # what the service's own tables said before the registry carried it
+    assert {t: target_family(t) for t in ("zero-shot", "caption", "vqa", "embedding")} == \
+        {"zero-shot": "clip", "caption": "captioner", "vqa": "vqa", "embedding": "clip"}
+    assert OBJECTIVES.meta("zero-shot")["metric"] == "p(clean top-1 class)"
+    assert OBJECTIVES.meta("caption")["target_metric"] == "per-token p(target caption)"
+    assert not OBJECTIVES.meta("embedding")["targetable"] and OBJECTIVES.meta("embedding")["needs_random_start"]
     for name in targets():
         meta = OBJECTIVES.meta(name)
-        assert target_family(name) == meta["inspects"]
         assert meta["family"] in (None, meta["inspects"])
+
+
+def test_the_registries_hold_what_ships():
+    """Parametrised tests shrink silently when a registration is lost: the shipped entries are pinned."""
+    from vlm_inspect.attacks import ATTACKS
+    from vlm_inspect.defenses import DEFENSES
+    from vlm_inspect.explain import HEATMAPS
+    from vlm_inspect.models import PRESETS
+
+    assert {"fgsm", "bim", "pgd", "apgd", "square"} <= set(ATTACKS.list())
+    assert {"attention", "gradcam"} <= set(HEATMAPS.list())
+    assert {"base", "tecoa", "tga-zsr", "apd", "capt", "prsl", "ce", "fgsm-decoder"} <= set(DEFENSES.list())
+    assert {"shapes-clip", "shapes-captioner", "shapes-vqa", "openai/ViT-B-32"} <= set(PRESETS)
+
+
+def test_every_module_is_in_a_layer():
+    import tomllib
+
+    layers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]["layers"]
+    named = {m.strip().removeprefix("vlm_inspect.") for layer in layers for m in layer.split("|")}
+    top = {p.stem if p.is_file() else p.name for p in (ROOT / "vlm_inspect").iterdir()
+           if (p.suffix == ".py" and p.stem != "__init__") or (p.is_dir() and (p / "__init__.py").is_file())}
+    assert top == named, top ^ named
 
 
 # ---- the repository explains itself ----------------------------------------------------------------

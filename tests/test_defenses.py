@@ -264,5 +264,3 @@ def test_every_registered_defense_takes_a_step_on_each_of_its_families(key, fami
     loss.backward()
     trained = task.trainable_parameters()
     assert trained and any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
-    ids = {id(p) for p in trained}
-    assert all(p.grad is None for p in model.model.parameters() if id(p) not in ids and not p.requires_grad)

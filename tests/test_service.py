@@ -213,6 +213,11 @@ def test_curve_is_one_batched_run_per_side(service, scene):
     assert curve["series"]["defended"]["values"] == pytest.approx(base, abs=1e-4)  # same model, same seed
 
 
+def test_embedding_attack_without_a_random_start_warns(service, scene):
+    ins = service.inspect(scene, request(defended={}, steps=1, attack="bim", target="embedding"))
+    assert any("needs an attack with a random start" in w and "BIM" in w for w in ins.warnings), ins.warnings
+
+
 @pytest.mark.parametrize("target", ["caption", "vqa", "embedding"])
 def test_curve_of_every_task(service, scene, target):
     """The curve of a caption, an answer or the embedding: one batched attack per side over the repeated

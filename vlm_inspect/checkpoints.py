@@ -186,6 +186,7 @@ def save_adapter(adapter: Any, out_dir: str | Path, *, preset: str | None = None
     atomic_save_weights(adapter.model, out / WEIGHTS_FILE, metadata={"format": FORMAT, "preset": preset or adapter.name})
     config = checkpoint_config(preset=preset or adapter.name, family=adapter.family, model=spec, base=base,
                                defense=defense, hyperparameters=hyperparameters, data=data, seed=seed, steps=steps,
-                               metrics=metrics, **(extra or {}))
+                               metrics=metrics)
+    config.update(extra or {})  # extra entries may also override the standard ones
     atomic_write_json(out / CONFIG_FILE, config)  # last: a folder with a config is complete
     return out

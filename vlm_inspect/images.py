@@ -214,10 +214,11 @@ def pil_to_pixels(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
 
 
-def image_pixels(image: Any, size: int) -> torch.Tensor:
+def image_pixels(image: Any, size: int, loaded: bool = False) -> torch.Tensor:
     """The one way an image becomes a model's input: any image :func:`load_image` reads -> (1, 3, size,
-    size) pixels in [0, 1], shorter side resized (bicubic) and the centre square taken, as CLIP does."""
-    return pil_to_pixels(resize_center_crop(load_image(image), size))
+    size) pixels in [0, 1], shorter side resized (bicubic) and the centre square taken, as CLIP does.
+    ``loaded``: ``image`` is what :func:`load_image` returned (a large photo is not converted again)."""
+    return pil_to_pixels(resize_center_crop(image if loaded else load_image(image), size))
 
 
 def to_pixels(images: Iterable[Any], size: int) -> torch.Tensor:

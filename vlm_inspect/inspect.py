@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .attacks import ATTACKS, NORMS, attack_help, parse_eps
+from .attacks import ATTACKS, NORMS, attack_help, parse_eps, taking
 from .explain import HEATMAPS, heatmap_help
 from .models import FAMILIES, SUITES
 from .runtime import add_arguments, apply_weights_dir
@@ -33,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--attack", choices=ATTACKS.list(), default="pgd", help=attack_help())
     ap.add_argument("--norm", choices=list(NORMS), default="linf", help="threat model")
     ap.add_argument("--eps", default="4/255", help="budget in pixel units, as k/255 or a decimal (at most 32/255)")
-    ap.add_argument("--steps", type=int, default=10, help="iterations (BIM, PGD)")
+    ap.add_argument("--steps", type=int, default=10, help=f"iterations ({taking('steps')})")
     ap.add_argument("--alpha", default="0", help="step size as k/255 or a decimal; 0 = 2.5*eps/steps (Madry et al.)")
-    ap.add_argument("--no-random-start", action="store_true", help="PGD without its random start")
+    ap.add_argument("--no-random-start", action="store_true", help=f"no random start ({taking('random_start')})")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random start")
     ap.add_argument("--target", choices=targets(), default="zero-shot", help="the task whose loss is attacked")
     ap.add_argument("--target-text", default="", help="a class, caption or answer: makes the attack targeted")

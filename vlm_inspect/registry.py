@@ -79,6 +79,8 @@ class Registry(Generic[T]):
         (0.1, 3)
         """
         item = self.get(name)
+        if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(item).parameters.values()):
+            return item(**settings)  # an entry with **kwargs takes them all
         takes = self.parameters(name)
         return item(**{k: v for k, v in settings.items() if k in takes})
 

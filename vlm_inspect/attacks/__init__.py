@@ -22,6 +22,11 @@ def attack_help() -> str:
     return ", ".join(ATTACKS.describe(name) for name in ATTACKS.list())
 
 
+def taking(setting: str) -> str:
+    """The attacks that take ``setting``, by label, for help texts: ``taking("steps")`` -> "BIM, PGD, ..."."""
+    return ", ".join(ATTACKS.meta(a).get("label", a.upper()) for a in ATTACKS.list() if setting in ATTACKS.parameters(a))
+
+
 def is_randomised(name: str) -> bool:
     """Whether the attack ``name`` can start at random (so restarts differ)."""
     return "random_start" in ATTACKS.parameters(name)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..attacks import ATTACKS, NORMS, attack_help
+from ..attacks import ATTACKS, NORMS, attack_help, taking
 from ..attacks.base import parse_fraction
 from ..runtime import add_arguments, apply_weights_dir
 from .run import AttackSpec, parse_eps
@@ -27,9 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", default="pgd",
                    help=f"comma-separated: none, {', '.join(ATTACKS.list())} ({attack_help()})")
     p.add_argument("--eps", default="1/255", help="comma-separated budgets, k/255 or decimals (pixel units)")
-    p.add_argument("--steps", type=int, default=10, help="iterations of BIM / PGD")
+    p.add_argument("--steps", type=int, default=10, help=f"iterations ({taking('steps')})")
     p.add_argument("--alpha", default=None, help="step size: k/255, or eps/<n> for a fraction of each budget; default 2.5*eps/steps")
-    p.add_argument("--no-random-start", action="store_true", help="PGD starts at the clean image")
+    p.add_argument("--no-random-start", action="store_true", help=f"start at the clean image ({taking('random_start')})")
     p.add_argument("--restarts", type=int, default=1,
                    help="restarts of the attacks with a random start; worst case per sample")
     p.add_argument("--norm", default="linf", choices=list(NORMS))

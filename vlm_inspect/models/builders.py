@@ -58,7 +58,7 @@ def build_module(spec: dict[str, Any], tokenizer: Any, device: str | None = None
     name, arch = spec.get("builder"), spec.get("architecture")
     if not isinstance(arch, dict):
         raise CheckpointError(f"the checkpoint's model spec has no architecture (builder {name!r})")
-    if name not in BUILDERS or BUILDERS.get(name).build is None:
+    if name not in BUILDERS.list() or BUILDERS.get(name).build is None:  # exact: a config is not retyped
         raise CheckpointError(f"unknown model builder {name!r}")
     return BUILDERS.get(name).build(arch, tokenizer, device)
 
@@ -66,7 +66,7 @@ def build_module(spec: dict[str, Any], tokenizer: Any, device: str | None = None
 def make_adapter(name: str, model: Any, tokenizer: Any, spec: dict[str, Any], weights: str = "random") -> Adapter:
     """Wrap ``model`` in its family's adapter, in eval mode, remembering where its weights came from."""
     family = spec["family"]
-    if family not in ADAPTERS:
+    if family not in ADAPTERS.list():
         raise CheckpointError(f"unknown model family {family!r}")
     adapter = ADAPTERS.get(family)(name, model, tokenizer, spec).eval()
     adapter.weights = weights

@@ -10,7 +10,7 @@ vision and the text transformer (the IVLP / VPT-deep shape APD and CAPT build on
   The sequence length, causal mask and end-of-text pooling are unchanged.
 
 With zero prompt tokens a :class:`PromptedClip` computes exactly what the plain model computes (tested).
-Our choices (docs/METHODS.md, "Deep prompts"): insertion points and initialisation follow the IVLP
+Our choices (docs/METHODS.md, "Deep prompts (IVLP shape)"): insertion points and initialisation follow the IVLP
 setting of the APD co-authors' codebase; deeper prompts start from N(0, 0.02²).
 
 The prompted CLIP is an adapter like any other, so it lives with the adapters; APD and CAPT

@@ -164,7 +164,7 @@ def shapes_tokenizer_ref(_architecture: dict[str, Any] | None = None) -> dict[st
 def tokenizer_from_ref(ref: dict[str, Any], folder: Path | str | None) -> Any:
     """The tokenizer a checkpoint's reference names (``folder``: the checkpoint, for tokenizer files)."""
     kind = ref.get("kind")
-    if kind not in TOKENIZERS:
+    if kind not in TOKENIZERS.list():  # exact: a config is not retyped
         raise CheckpointError(f"unknown tokenizer kind {kind!r} in {folder}")
     return TOKENIZERS.get(kind)(ref, Path(folder) if folder is not None else None)
 

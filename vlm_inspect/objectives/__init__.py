@@ -183,7 +183,7 @@ class AnswerNLL(Objective):
 # any family's image embedding; the app attacks the CLIP side's with it. It has no target, and its
 # gradient is zero at the clean image (so it needs an attack with a random start).
 @OBJECTIVES.register("embedding", family=None, inspects="clip", metric="cos(adversarial, clean embedding)",
-                     target_metric=None, needs_random_start=True)
+                     target_metric=None, targetable=False, needs_random_start=True)
 class EmbeddingCosine(Objective):
     """Task-agnostic feature attack: ``1 - cos(f(x'), f(x_clean))`` on the model's image embedding.
     Works for every family (CLIP image embedding, captioner/VQA vision encoder).

@@ -31,6 +31,7 @@ import torch
 
 from .. import __version__
 from ..data.scene_kind import is_shapes_scene
+from ..attacks import taking
 from ..images import image_warnings, load_image, pixels_to_uint8
 from ..models.tokenizers import TOKENIZER_KIND as SHAPES_TOKENIZER
 from ..objectives import OBJECTIVES
@@ -110,8 +111,9 @@ def run_inspection(service: Any, image: Any, request: InspectRequest, progress: 
         warnings = image_warnings(img) + weights_warnings(sides) + vocabulary_warnings(req, sides)
         attack = make_attack(req, 1)
         if OBJECTIVES.meta(req.target).get("needs_random_start") and not attack.random_start:
-            warnings.append(f"the {req.target} attack needs PGD with a random start: at the clean image its "
-                            "gradient is zero, so FGSM and BIM leave the image unchanged")
+            warnings.append(f"the {req.target} attack needs an attack with a random start ({taking('random_start')}): "
+                            f"at the clean image its gradient is zero, so {req.attack.upper()} without one leaves the "
+                            "image unchanged")
         digest = image_digest(img)
         done = [0]
         step_progress = _step_progress(sum(1 for s in SIDES if sides[s][family] is not None), done, progress, cancelled)

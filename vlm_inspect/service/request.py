@@ -155,7 +155,7 @@ class InspectRequest:
         if not any(m.get(family) for m in (self.baseline, self.defended)):
             raise InputError(f"the attack targets {self.target} but no {family} model is selected on either side")
         if self.target_text:
-            if OBJECTIVES.meta(self.target).get("target_metric") is None:
+            if not OBJECTIVES.meta(self.target).get("targetable", True):
                 raise InputError(f"the {self.target} attack has no target: clear the target or choose another task")
             if family == "clip" and self.target_text not in self.classes:
                 raise InputError(f"the target class {self.target_text!r} is not among the classes: "
@@ -175,7 +175,7 @@ class InspectRequest:
         atk = make_attack(self, 1)
         takes_alpha = "alpha" in ATTACKS.parameters(self.attack)
         return {"name": self.attack, "eps": self.eps, "eps_k255": self.eps_k,
-                "alpha": self.alpha_k / 255.0 if self.alpha_k > 0 else None, "alpha_rule":
+                "alpha": self.alpha_k / 255.0 if self.alpha_k > 0 and takes_alpha else None, "alpha_rule":
                 "2.5*eps/steps" if not self.alpha_k and takes_alpha else None, "norm": self.norm,
                 "steps": atk.steps, "random_start": atk.random_start, "seed": self.seed,
                 "target": self.target, "targeted": bool(self.target_text), "target_text": self.target_text or None}

@@ -33,7 +33,7 @@ class ModelViews:
         self._text: dict[tuple, torch.Tensor] = {}
 
     def pixels(self, model, img) -> torch.Tensor:
-        return image_pixels(img, model.image_size).to(self.device)
+        return image_pixels(img, model.image_size, loaded=True).to(self.device)  # run_* loaded it once
 
     def class_features(self, model, prompts: list[str]) -> torch.Tensor:
         """(C, D) text features of the class prompts, encoded once per model and prompt list."""

@@ -20,7 +20,7 @@ def parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(
         prog="python app.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="vlm_inspect: see how FGSM/BIM/PGD change what CLIP, a captioner and a VQA model say, "
+        description="vlm_inspect: see how adversarial attacks change what CLIP, a captioner and a VQA model say, "
                     "for a baseline and a defended model side by side.")
     ap.add_argument("--suite", choices=list(SUITES), default="embedded",
                     help="model suite shown first (embedded: offline shapes-world models in checkpoints/)")

@@ -7,7 +7,7 @@ from typing import Any
 import gradio as gr
 from gradio import FileData
 
-from ..attacks import ATTACKS, NORMS
+from ..attacks import ATTACKS, NORMS, taking as _taking
 from ..explain import HEATMAPS
 from ..models import FAMILIES, SUITES
 from ..report import curve_figure
@@ -28,12 +28,6 @@ The shapes models know only their procedural world: a photo (a sample or your ow
 zero-shot to **ConSE**, a real ImageNet classifier + sentence encoder that works offline; for
 captions and answers about photos, switch **Models → Model suite** to *pretrained*.
 """
-
-
-def _taking(setting: str) -> str:
-    """The attacks that take ``setting`` (for a control's label), e.g. "BIM, PGD" for steps."""
-    return ", ".join(ATTACKS.meta(a).get("label", a.upper()) for a in ATTACKS.list()
-                     if setting in ATTACKS.parameters(a))
 
 
 def sample_images() -> list[str]:
