@@ -66,6 +66,19 @@ def test_cli_writes_table_json_and_plot(tmp_path):
     assert data["rows"] and data["attacks"][0]["attack"] == "fgsm"
     assert [a["alpha"] for a in data["attacks"] if a["attack"] == "pgd"] == ["0.25/255", "0.5/255"]  # eps/4
     assert out.with_suffix(".png").stat().st_size > 1000
+    # one record per model x data set x threat model, as RobustBench keeps them
+    from vlm_inspect.checkpoints import weights_digest
+    from vlm_inspect.models import load
+
+    recs = data["records"]
+    assert len(recs) == 2 * 2 and {(r["data"], r["threat_model"]["eps"]) for r in recs} == \
+        {(d, e) for d in ("shapes:shapes-color", "shapes:shapes-size") for e in ("1/255", "2/255")}
+    r = next(r for r in recs if r["data"] == "shapes:shapes-color" and r["threat_model"]["eps"] == "2/255")
+    assert r["weights_digest"] == weights_digest(load("shapes-clip")) and r["samples"] == 8 and r["seed"] == 0
+    assert r["threat_model"]["norm"] == "linf" and [a["attack"] for a in r["attacks"]] == ["fgsm", "pgd"]
+    assert 0 <= r["robust"] <= min(r["per_attack"].values()) and r["clean"] >= r["robust"]  # worst case per sample
+    assert r["robust"] == next(x["value"] for x in data["rows"] if x["data"] == r["data"] and x["eps"] == "2/255"
+                               and x["attack"] == "worst")
 
 
 def test_cli_errors_are_clear(tmp_path):

@@ -13,7 +13,7 @@ from typing import Any
 from ..attacks import ATTACKS, NORMS, attack_help, taking
 from ..attacks.base import parse_fraction
 from ..runtime import add_arguments, apply_weights_dir
-from .run import AttackSpec, parse_eps
+from .run import AttackSpec, parse_eps, records
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table + "\n")
         out.with_suffix(".json").write_text(json.dumps({"command": command, "attacks": [s.describe() for s in specs],
-                                                        "rows": rows, "training": trained}, indent=1) + "\n")
+                                                        "rows": rows, "records": records(rows, specs, args.seed, args.norm),
+                                                        "training": trained}, indent=1) + "\n")
         plot(rows, out.with_suffix(".png"))
         print(f"wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
     return 0

@@ -16,6 +16,7 @@ import torch
 
 from ..attacks import ATTACKS, is_randomised
 from ..attacks.base import eps_label, parse_eps  # noqa: F401  (parse_eps: part of this module's API)
+from ..checkpoints import weights_digest
 from ..data.sources import open_data
 from ..images import to_pixels
 from ..models import load
@@ -222,11 +223,33 @@ def evaluate(models: Sequence[str], data: Sequence[str] | None, attacks: Sequenc
     for name in models:
         model = load(name, device=device, weights=(weights or {}).get(name, "default"))
         model.eval()
+        digest = weights_digest(model)  # the adapter: prompts and normalisation included
         for spec in (data or default_data(model.family)):
             t = time.time()
             with autocast(device, precision, decoding=decode):
-                rows += evaluate_model(model, spec, attacks, n, batch_size, seed)
+                rows += [{**r, "weights_digest": digest} for r in evaluate_model(model, spec, attacks, n, batch_size, seed)]
             log.info("%s on %s: %.1fs", name, spec, time.time() - t)
             if progress:
                 progress(name, spec)
     return rows
+
+
+def records(rows: list[dict[str, Any]], attacks: Sequence[AttackSpec], seed: int, norm: str) -> list[dict[str, Any]]:
+    """One entry per model, data set, threat model (norm, eps) and metric, as RobustBench records them, so
+    that results from different machines can be compared: the model's weights digest, the attacks with
+    their settings, the samples and seed, the clean and the robust value (the worst case per sample over
+    the attacks at that eps)."""
+    out = []
+    keys = list(dict.fromkeys((r["model"], r["data"], r["metric"]) for r in rows))
+    for model, data, metric in keys:
+        mine = [r for r in rows if (r["model"], r["data"], r["metric"]) == (model, data, metric)]
+        clean = next((r["value"] for r in mine if r["attack"] == "none"), None)
+        for eps in dict.fromkeys(r["eps"] for r in mine if r["eps"] != "0"):
+            at = [r for r in mine if r["eps"] == eps]
+            worst = next((r for r in at if r["attack"] == "worst"), at[0] if len(at) == 1 else None)
+            out.append({"model": model, "weights_digest": mine[0].get("weights_digest"), "data": data,
+                        "threat_model": {"norm": norm, "eps": eps}, "metric": metric, "samples": mine[0]["n"],
+                        "seed": seed, "attacks": [a.describe() for a in attacks if eps_label(a.eps) == eps],
+                        "clean": clean, "robust": worst["value"] if worst else min(r["value"] for r in at),
+                        "per_attack": {r["attack"]: r["value"] for r in at if r["attack"] != "worst"}})
+    return out
