@@ -141,6 +141,7 @@ class APGD(Attack):
             best, best_loss, best_grad = adv.clone(), loss.clone(), grad.clone()
             best_adv = adv.clone()  # the last iterate that fooled the model (objectives that tell)
             fooled = wrong.clone() if wrong is not None else torch.zeros(n, dtype=torch.bool, device=x.device)
+            fooled_at = torch.where(fooled, 0, -1)  # the iterate that first fooled each image
             history = torch.zeros(self.steps, n, device=x.device)  # the loss after each step
             halved_last = torch.ones(n, dtype=torch.bool, device=x.device)
             best_at_check = best_loss.clone()
@@ -166,6 +167,8 @@ class APGD(Attack):
                 grad[a], history[i, a] = grad_a, loss_a
                 if wrong_a is not None:
                     best_adv[a[wrong_a]] = new[wrong_a]
+                    first = a[wrong_a & ~fooled[a]]
+                    fooled_at[first] = i + 1
                     fooled[a] |= wrong_a
                 up = loss_a > best_loss[a]
                 best[a[up]], best_grad[a[up]], best_loss[a[up]] = new[up], grad_a[up], loss_a[up]
@@ -187,4 +190,5 @@ class APGD(Attack):
         final = torch.where(fooled.view(-1, 1, 1, 1), best_adv, best) if tells else best
         delta = (final - x).detach()
         return AttackResult(adv=x + delta, delta=delta, losses=losses[:self.steps],
-                            stopped=fooled.clone() if early_stop else None)
+                            stopped=fooled.clone() if early_stop else None,
+                            stopped_at=fooled_at if early_stop else None)

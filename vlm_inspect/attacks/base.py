@@ -27,6 +27,9 @@ class AttackResult:
     losses: list[float] = field(default_factory=list)
     # with early_stop: (B,) bool, the images the model got wrong at some iterate (``adv`` is that iterate)
     stopped: torch.Tensor | None = None
+    # with early_stop: (B,) long, the iterate (0: the start) or query at which each image was first
+    # fooled, -1 where it never was (the app's verdict says "broken by APGD-T at step 13")
+    stopped_at: torch.Tensor | None = None
 
     def size(self, norm: str = "linf") -> torch.Tensor:
         """(B,) size of each perturbation."""
@@ -159,6 +162,7 @@ class Attack:
         sign = -1.0 if targeted else 1.0
         eps, alpha = self._per_image(self.eps, pixels), self._per_image(self.alpha, pixels)
         stopped = torch.zeros(pixels.shape[0], dtype=torch.bool, device=pixels.device) if early_stop else None
+        stopped_at = torch.full((pixels.shape[0],), -1, dtype=torch.long, device=pixels.device) if early_stop else None
         active = torch.arange(pixels.shape[0], device=pixels.device)
         with model_guard(getattr(objective, "model", None)):
             if self.random_start and max(_as_tuple(self.eps)) > 0:
@@ -185,6 +189,7 @@ class Attack:
                     if early_stop:
                         keep = ~obj.fooled().to(pixels.device)  # fooled images keep the iterate just scored
                         stopped[active[~keep]] = True
+                        stopped_at[active[~keep]] = step
                         delta[active[keep]] = new[keep]
                         if not bool(keep.all()):
                             active = active[keep]
@@ -199,4 +204,4 @@ class Attack:
                 if early_stop and not len(active):
                     break
         delta = delta.detach()
-        return AttackResult(adv=pixels + delta, delta=delta, losses=losses, stopped=stopped)
+        return AttackResult(adv=pixels + delta, delta=delta, losses=losses, stopped=stopped, stopped_at=stopped_at)

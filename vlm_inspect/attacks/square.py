@@ -93,6 +93,7 @@ class Square(Attack):
             best = torch.where(take.view(-1, 1, 1, 1), stripes, x)
             best_score = torch.where(take, best_score, clean_score)
             fooled = wrong & take if wrong is not None else torch.zeros(n, dtype=torch.bool, device=dev)
+            fooled_at = torch.where(fooled, 0, -1)  # the query that first fooled each image
             losses = [sign * float(best_score.mean())]
             rows = torch.arange(h, device=dev).view(1, 1, h, 1)
             cols = torch.arange(w, device=dev).view(1, 1, 1, w)
@@ -115,6 +116,7 @@ class Square(Attack):
                 if new_wrong is not None:
                     keep |= new_wrong
                     fooled[active[new_wrong]] = True
+                    fooled_at[active[new_wrong]] = q
                 best[active[keep]] = new[keep]
                 best_score[active[keep]] = new_score[keep]
                 losses.append(sign * float(best_score.mean()))
@@ -122,4 +124,5 @@ class Square(Attack):
                     callback(q, self.steps - 1, losses[-1])
         delta = (best - x).detach()
         return AttackResult(adv=x + delta, delta=delta, losses=losses[:self.steps],
-                            stopped=fooled.clone() if early_stop else None)
+                            stopped=fooled.clone() if early_stop else None,
+                            stopped_at=fooled_at if early_stop else None)

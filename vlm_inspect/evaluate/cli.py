@@ -13,6 +13,7 @@ from typing import Any
 from ..attacks import ATTACKS, NORMS, attack_help, taking
 from ..attacks.base import parse_fraction
 from ..runtime import add_arguments, apply_weights_dir
+from . import autoattack as AA
 from .run import AttackSpec, parse_eps, records
 
 
@@ -25,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="comma-free list separated by ';' of data specs; default: every shapes data set of the family")
     p.add_argument("--attack", default="pgd",
-                   help=f"comma-separated: none, {', '.join(ATTACKS.list())} ({attack_help()})")
+                   help=f"comma-separated: none, {', '.join(ATTACKS.list())} ({attack_help()}), or {AA.NAME}: the "
+                        "standard ensemble for zero-shot models (APGD-CE, APGD-T, Square; their own budgets, "
+                        "not --steps)")
     p.add_argument("--eps", default="1/255", help="comma-separated budgets, k/255 or decimals (pixel units)")
     p.add_argument("--steps", type=int, default=10, help=f"iterations ({taking('steps')})")
     p.add_argument("--alpha", default=None, help="step size: k/255, or eps/<n> for a fraction of each budget; default 2.5*eps/steps")
@@ -46,8 +49,11 @@ def attack_specs(args) -> list[AttackSpec]:
     names = [a.strip().lower() for a in args.attack.split(",") if a.strip()]
     eps = [parse_eps(e) for e in args.eps.split(",") if e.strip()]
     for n in names:
-        if n != "none" and n not in ATTACKS:
-            raise ValueError(f"unknown attack {n!r}; valid: none, {', '.join(ATTACKS.list())}")
+        if n != "none" and n != AA.NAME and n not in ATTACKS:
+            raise ValueError(f"unknown attack {n!r}; valid: none, {', '.join(ATTACKS.list())}, {AA.NAME}")
+    for e in eps:
+        if args.norm == "linf":
+            AA.check_eps(e, "linf")
     if args.steps < 1 or args.restarts < 1 or args.samples < 1:
         raise ValueError("--steps, --restarts and --samples must be >= 1")
     text = (args.alpha or "").strip().replace(" ", "")
@@ -97,7 +103,9 @@ def markdown(rows: list[dict[str, Any]], command: str, specs: list[AttackSpec], 
         lines += [f"## {title}", ""]
     lines += ["Produced by:", "", "```", command, "```", ""]
     if specs:
-        desc = "; ".join(sorted({", ".join(f"{k}={v}" for k, v in s.describe().items() if k != "eps") for s in specs}))
+        shown = lambda v: " ".join(f"{k2} {v2}" for k2, v2 in v.items()) if isinstance(v, dict) else v  # noqa: E731
+        desc = "; ".join(sorted({", ".join(f"{k}={shown(v)}" for k, v in s.describe().items() if k != "eps")
+                                 for s in specs}))
         lines += [f"Attacks: {desc}. Samples per data set: {rows[0]['n'] if rows else 0}. "
                   "\"worst\" = worst case per sample over the attacks at that eps.", ""]
     for metric in metrics:
@@ -121,6 +129,23 @@ def markdown(rows: list[dict[str, Any]], command: str, specs: list[AttackSpec], 
                 lines.append(f"| {model} | **average** | " +
                              " | ".join(f"{sum(v) / len(v):.3f}" if v else "–" for v in vals.values()) + " |")
         lines.append("")
+    ensemble = [r for r in rows if r.get("stages") is not None]
+    if ensemble:
+        lines += [f"**{AA.NAME}**: robust accuracy after each attack, each run on the images still correct; "
+                  f"{AA.LEFT_OUT}", "",
+                  "| model | data | eps | clean | " + " | ".join(f"after {a}" for a in AA.LABELS.values()) +
+                  " | time | flags |", "|---|---|---|---|" + "---|" * len(AA.LABELS) + "---|---|"]
+        for r in ensemble:
+            clean = next((c["value"] for c in rows if c["model"] == r["model"] and c["data"] == r["data"]
+                          and c["attack"] == "none" and c["metric"] == r["metric"]), None)
+            after = {st["attack"]: st["robust"] for st in r["stages"]}
+            lines.append(f"| {r['model']} | {r['data'].removeprefix('shapes:')} | {r['eps']} | "
+                         f"{clean:.3f} | " + " | ".join(f"{after[a]:.3f}" if a in after else "–" for a in AA.LABELS.values())
+                         + f" | {sum(st['seconds'] for st in r['stages']):.0f} s | "
+                         + (", ".join(f["code"] for f in r["flags"]) or "–") + " |")
+        notes = list(dict.fromkeys(f"{f['code']}: {f['text']}" for r in ensemble for f in r["flags"]))
+        notes += list(dict.fromkeys(x for r in ensemble for x in r["skipped"] if x != AA.LEFT_OUT))
+        lines += [""] + [f"- {t}" for t in notes] + ([""] if notes else [])
     if trained:
         lines += ["**training** (from each checkpoint's config.json; loop time, without evaluation and saving)", "",
                   "| model | defense | options | from | steps x batch | precision | train time | s / step |",

@@ -21,6 +21,7 @@ from ..data.sources import open_data
 from ..images import to_pixels
 from ..models import load
 from ..objectives import answer_nll, caption_nll, zero_shot_ce
+from . import autoattack as AA
 from .metrics import caption_scores, exact_match
 
 log = logging.getLogger("vlm_inspect.evaluate")
@@ -37,17 +38,27 @@ class AttackSpec:
     random_start: bool = True
     restarts: int = 1
     norm: str = "linf"
+    budget: AA.Budget = AA.STANDARD  # the ensemble's (``name="autoattack"``); other attacks ignore it
+
+    @property
+    def ensemble(self) -> bool:
+        return self.name == AA.NAME
 
     def build(self):
+        if self.ensemble:
+            raise ValueError("autoattack is an ensemble of attacks, run by evaluate_data, not one attack")
         return ATTACKS.build(self.name, eps=self.eps, alpha=self.alpha, steps=self.steps,
                              random_start=self.random_start, norm=self.norm)
 
     @property
     def runs(self) -> int:
         """Restarts apply to attacks that can start at random; a deterministic one runs once."""
-        return self.restarts if is_randomised(self.name) else 1
+        return 1 if self.ensemble else self.restarts if is_randomised(self.name) else 1
 
     def describe(self) -> dict[str, Any]:
+        if self.ensemble:
+            return {"attack": AA.NAME, "eps": eps_label(self.eps), "norm": self.norm,
+                    "version": "standard without FAB-T", **self.budget.describe()}
         a = self.build()
         d = {"attack": self.name, "eps": eps_label(self.eps), "norm": self.norm, "steps": a.steps,
              "alpha": eps_label(a.alpha)}
@@ -149,6 +160,16 @@ def evaluate_data(model, data, data_spec: str, attacks: Sequence[AttackSpec], n:
         worst_cider: list[float] | None = None
         worst_ok: list[bool] | None = None
         for spec in specs:
+            if spec.ensemble:  # zero-shot only (evaluate() refuses it for other families before any work)
+                res = AA.autoattack(model, pixels, labels, prompts, eps, spec.norm, spec.budget, seed, batch_size,
+                                    text_features=text)
+                log.info("%s on %s:\n%s", model.name, data_spec, AA.summary(res, eps, spec.norm))
+                final = res.robust.tolist()
+                worst_ok = list(final) if worst_ok is None else [a and b for a, b in zip(worst_ok, final)]
+                row(eps_label(eps), spec.name, METRIC[fam], sum(final) / n)
+                rows[-1].update(stages=[vars(st) for st in res.stages], skipped=list(res.skipped),
+                                flags=[vars(f) for f in res.flags])
+                continue
             atk = spec.build()
             preds_all = list(clean) if fam == "clip" else None  # clip: a clean mistake stays a mistake
             for r in range(spec.runs):
@@ -187,11 +208,26 @@ def evaluate_data(model, data, data_spec: str, attacks: Sequence[AttackSpec], n:
                 worst_ok = list(final) if worst_ok is None else [a and b for a, b in zip(worst_ok, final)]
             for k, v in summarize(final).items():
                 row(eps_label(eps), spec.name, k, v)
+        _flag_overstated(rows, eps_label(eps), n)
         if len(specs) > 1:
             worst = caption_scores(worst_caps, refs) if fam == "captioner" else worst_ok
             for k, v in summarize(worst).items():
                 row(eps_label(eps), "worst", k, v)
     return rows
+
+
+def _flag_overstated(rows: list[dict[str, Any]], eps: str, n: int) -> None:
+    """The "PGD overstates" flag on the ensemble's row: every other attack at ``eps`` that left more
+    images standing than AutoAttack."""
+    at = [r for r in rows if r["eps"] == eps]
+    ensemble = next((r for r in at if r["attack"] == AA.NAME), None)
+    if ensemble is None:
+        return
+    for r in at:
+        if r["attack"] not in (AA.NAME, "worst") and r["metric"] == ensemble["metric"]:
+            flag = AA.overstated(r["attack"].upper(), r["value"], ensemble["value"], n)
+            if flag:
+                ensemble["flags"].append(vars(flag))
 
 
 def attack_zero_shot(atk, pixels: torch.Tensor, labels: torch.Tensor, objective, predict, batch_size: int,
@@ -223,6 +259,10 @@ def evaluate(models: Sequence[str], data: Sequence[str] | None, attacks: Sequenc
     for name in models:
         model = load(name, device=device, weights=(weights or {}).get(name, "default"))
         model.eval()
+        if model.family != "clip" and any(a.ensemble for a in attacks):
+            raise ValueError(f"autoattack is the zero-shot classification ensemble and {name} is a {model.family}; "
+                             "attack captions and answers with --attack apgd --restarts N (the worst metric per "
+                             "sample is kept)")
         digest = weights_digest(model)  # the adapter: prompts and normalisation included
         for spec in (data or default_data(model.family)):
             t = time.time()
@@ -252,4 +292,7 @@ def records(rows: list[dict[str, Any]], attacks: Sequence[AttackSpec], seed: int
                         "seed": seed, "attacks": [a.describe() for a in attacks if eps_label(a.eps) == eps],
                         "clean": clean, "robust": worst["value"] if worst else min(r["value"] for r in at),
                         "per_attack": {r["attack"]: r["value"] for r in at if r["attack"] != "worst"}})
+            for r in at:
+                if r.get("stages") is not None:
+                    out[-1].update(autoattack={"stages": r["stages"], "skipped": r["skipped"], "flags": r["flags"]})
     return out

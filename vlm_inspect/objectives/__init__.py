@@ -298,6 +298,32 @@ class ZeroShotTargetedDLR(ZeroShotDLR):
                                    text_features=self.text_features)
 
 
+# The score Square climbs in the ensemble: the margin ``max_{i≠y} z_i − z_y`` of the zero-shot logits
+# (positive once the image is misclassified), the authors' default loss for their Square attack.
+def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) best other logit minus the true logit."""
+    true = logits.gather(1, labels.view(-1, 1))[:, 0]
+    others = logits.scatter(1, labels.view(-1, 1), float("-inf"))
+    return others.max(1).values - true
+
+
+@OBJECTIVES.register("zero-shot-margin", family="clip")
+class ZeroShotMargin(ZeroShotCE):
+    """Logit margin of the zero-shot logits against ``labels`` (climbed: the best other class minus the true one)."""
+
+    name = "zero-shot-margin"
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return margin(logits.float(), labels)
+
+    def subset(self, index: torch.Tensor) -> "ZeroShotMargin":
+        labels = self.labels if self.labels.numel() == 1 else self.labels[index.to(self.labels.device)]
+        return ZeroShotMargin(self.model, self.class_texts, labels, text_features=self.text_features)
+
+    def repeat(self, n: int) -> "ZeroShotMargin":
+        return ZeroShotMargin(self.model, self.class_texts, self.labels.repeat(n), text_features=self.text_features)
+
+
 def _repeat(texts: str | Sequence[str], n: int) -> str | list[str]:
     """One text per image for ``n`` copies of one image (a single string already serves every image)."""
     return texts if isinstance(texts, str) else list(texts) * n
@@ -320,5 +346,5 @@ def embedding_cosine(model: Adapter, clean_pixels: torch.Tensor) -> EmbeddingCos
     return EmbeddingCosine(model, clean_pixels)
 
 
-__all__ = ["OBJECTIVES", "CleanView", "ZeroShotDLR", "ZeroShotTargetedDLR", "dlr", "targeted_dlr", "AnswerNLL", "CaptionNLL", "EmbeddingCosine", "Objective", "ZeroShotCE", "answer_nll",
+__all__ = ["OBJECTIVES", "CleanView", "ZeroShotDLR", "ZeroShotMargin", "margin", "ZeroShotTargetedDLR", "dlr", "targeted_dlr", "AnswerNLL", "CaptionNLL", "EmbeddingCosine", "Objective", "ZeroShotCE", "answer_nll",
            "caption_nll", "embedding_cosine", "zero_shot_ce"]

@@ -1,0 +1,165 @@
+"""Agreement and speed of ``evaluate --attack autoattack`` against the original AutoAttack (``pyautoattack``,
+the packaged reference implementation, ``version="standard"``), on the same images, in one run.
+
+    pip install -r requirements-dev.txt      # pyautoattack is a dev dependency
+    python benchmarks/autoattack_reference.py \\
+        --models shapes-clip,shapes-clip+tecoa,shapes-clip+tga-zsr,shapes-clip+apd,shapes-clip+capt \\
+        --eps 2/255,4/255 --samples 256 --out docs/autoattack_reference.json
+
+For every model and eps: the robust accuracy after each attack of ours (APGD-CE, APGD-T, Square; no
+FAB-T) and of the reference (APGD-CE, APGD-T, FAB-T, Square), the difference in points, and the time of
+each (reference time / ours = the speed ratio). One pair takes up to an hour on one CPU thread, so the
+output is written after every pair and a second run skips the pairs already in it (``--fresh`` redoes
+them). ``docs/REPRODUCTION.md`` and ``docs/BENCHMARKS.md`` show the tables this writes
+(``--table`` prints them from the JSON without running anything).
+
+The reference attacks the model as a user hands it over: eval mode, weights still requiring gradients,
+fp32. Ours runs as ``evaluate`` does: frozen weights, early stop, fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class Logits(nn.Module):
+    """pixels in [0, 1] -> zero-shot logits over fixed class prompts (what the reference attacks)."""
+
+    def __init__(self, clip, prompts):
+        super().__init__()
+        self.clip = clip
+        with torch.no_grad():
+            self.text = clip.encode_text(prompts)
+
+    def forward(self, pixels):
+        return self.clip.logits(self.clip.encode_image(pixels), self.text).float()
+
+
+class Collect(logging.Handler):
+    """The reference logs "robust accuracy after APGD-CE: 65.62% (total time 4.3 s)": keep those lines."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.after: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+        self.warnings: list[str] = []
+
+    def emit(self, record):
+        msg = record.getMessage()
+        m = re.match(r"robust accuracy after ([\w-]+): ([\d.]+)% \(total time ([\d.]+) s\)", msg)
+        if m:
+            self.after[m.group(1).lower()] = float(m.group(2)) / 100
+            self.seconds[m.group(1).lower()] = float(m.group(3))
+        elif record.levelno >= logging.WARNING:
+            self.warnings.append(msg)
+
+
+def run_pair(name: str, data_spec: str, eps: float, samples: int, seed: int, batch_size: int) -> dict:
+    from pyautoattack import AutoAttack
+
+    from vlm_inspect.data.sources import open_data
+    from vlm_inspect.evaluate.autoattack import autoattack
+    from vlm_inspect.images import to_pixels
+    from vlm_inspect.models import load
+
+    clip = load(name)
+    clip.eval()
+    data = open_data(data_spec, "test", seed=seed, length=samples, image_size=clip.image_size)
+    x = to_pixels([data[i]["image"] for i in range(len(data))], clip.image_size)
+    y = torch.tensor([data[i]["label"] for i in range(len(data))])
+
+    t = time.perf_counter()
+    ours = autoattack(clip, x, y, data.prompts, eps, seed=seed, batch_size=batch_size)
+    ours_s = time.perf_counter() - t
+
+    net = Logits(clip, data.prompts).eval()
+    for p in clip.parameters():  # as a user hands a model over
+        p.requires_grad_(True)
+    log = logging.getLogger("auto-attack")
+    log.setLevel(logging.DEBUG)
+    collect = Collect()
+    log.addHandler(collect)
+    try:
+        ref = AutoAttack(net, norm="Linf", eps=eps, version="standard", seed=seed, device="cpu")
+        t = time.perf_counter()
+        _, y_adv = ref.run_standard_evaluation(x, y, batch_size=batch_size)
+        ref_s = time.perf_counter() - t
+    finally:
+        log.removeHandler(collect)
+    ref_robust = float((y_adv == y).float().mean())
+    return {"model": name, "data": data_spec, "eps": round(eps * 255, 4), "samples": len(y), "seed": seed,
+            "clean": ours.clean_accuracy,
+            "ours": {"robust": ours.robust_accuracy, "seconds": round(ours_s, 1),
+                     "after": {s.attack.lower(): s.robust for s in ours.stages},
+                     "attack_seconds": {s.attack.lower(): s.seconds for s in ours.stages},
+                     "flags": [f.code for f in ours.flags]},
+            "reference": {"robust": ref_robust, "seconds": round(ref_s, 1), "after": collect.after,
+                          "warnings": collect.warnings},
+            "difference_points": round((ours.robust_accuracy - ref_robust) * 100, 2),
+            "speed_ratio": round(ref_s / ours_s, 2)}
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| model | eps | clean | ours: APGD-CE → APGD-T → Square | reference: APGD-CE → APGD-T → FAB-T → Square "
+             "| ours − reference (points) | time ours / reference | speed ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        o, f = r["ours"]["after"], r["reference"]["after"]
+        ours = " → ".join(f"{o[k]:.3f}" for k in ("apgd-ce", "apgd-t", "square") if k in o)
+        ref = " → ".join(f"{f[k]:.3f}" for k in ("apgd-ce", "apgd-t", "fab-t", "square") if k in f)
+        if len(f) < 4:  # the reference stops once no image is left standing
+            ref += f" (stopped: {r['reference']['robust']:.3f})"
+        lines.append(f"| {r['model']} | {r['eps']:g}/255 | {r['clean']:.3f} | {ours} | {ref} | "
+                     f"{r['difference_points']:+.2f} | {r['ours']['seconds']:.0f} s / {r['reference']['seconds']:.0f} s | "
+                     f"{r['speed_ratio']:.2f}× |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="shapes-clip,shapes-clip+tecoa,shapes-clip+tga-zsr,shapes-clip+apd,shapes-clip+capt")
+    ap.add_argument("--data", default="shapes:shapes-combo")
+    ap.add_argument("--eps", default="2/255,4/255")
+    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="docs/autoattack_reference.json")
+    ap.add_argument("--fresh", action="store_true", help="redo the pairs already in --out")
+    ap.add_argument("--table", action="store_true", help="print the table from --out and stop")
+    args = ap.parse_args()
+    from vlm_inspect.attacks.base import parse_eps
+
+    out = Path(args.out)
+    doc = json.loads(out.read_text()) if out.is_file() and not args.fresh else {"results": []}
+    if args.table:
+        print(table(doc["results"]))
+        return 0
+    torch.set_num_threads(args.threads)
+    doc.update(command="python " + " ".join(sys.argv), machine=f"{platform.machine()}, {args.threads} thread(s), "
+                                                                f"torch {torch.__version__}")
+    for eps_text in args.eps.split(","):
+        eps = parse_eps(eps_text)
+        for name in args.models.split(","):
+            key = (name, args.data, round(eps * 255, 4), args.samples, args.seed)
+            if any((r["model"], r["data"], r["eps"], r["samples"], r["seed"]) == key for r in doc["results"]):
+                continue
+            r = run_pair(name, args.data, eps, args.samples, args.seed, args.batch_size)
+            doc["results"].append(r)
+            out.write_text(json.dumps(doc, indent=1) + "\n")
+            print(table([r]).splitlines()[-1], flush=True)
+    print(table(doc["results"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
