@@ -13,7 +13,9 @@ checkpoint exists the baseline models stand in on the defended side, so both sid
 Two cases: a new image each call (clean results computed) and a slider move (same image, new eps:
 clean results come from the cache). Reports the median and 90th percentile over ``--n`` calls after
 two warm-up calls. ``--tasks zero-shot`` sets the captioner and VQA models to none on both sides.
-With ``--suite pretrained``, the weights folder holds full-size models (``python -m
+``--check`` also times the "check with AutoAttack" (``/check``, quick budget) on the zero-shot models of
+both sides: per call, and per side (the seconds each side's verdict reports), at eps 1/255 (the defended
+side mostly survives: every attack runs its whole budget) and 4/255. With ``--suite pretrained``, the weights folder holds full-size models (``python -m
 vlm_inspect.models.fetch --random --out W`` writes them with random weights: the real FLOPs).
 """
 from __future__ import annotations
@@ -53,6 +55,8 @@ def main() -> None:
     ap.add_argument("--defended-clip", default=None, help="the defended CLIP (default: the suite's, else the baseline)")
     ap.add_argument("--models-dir", default=None, help="the app's --models-dir")
     ap.add_argument("--tasks", default="all", choices=["all", "zero-shot"])
+    ap.add_argument("--check", action="store_true", help="also time the AutoAttack check (/check)")
+    ap.add_argument("--only-check", action="store_true", help="time the AutoAttack check only")
     ap.add_argument("--out", default=None, help="markdown file to append the results to")
     args = ap.parse_args()
 
@@ -110,11 +114,26 @@ def main() -> None:
             return time.perf_counter() - t
 
         results = {}
-        for p in paths[:2]:
-            timed(p, 4.0)
-        results["new image each call"] = [timed(p, 4.0) for p in paths[2:]]
-        results["slider move (same image, cached clean results)"] = [timed(paths[2], 1.0 + (i % 16))
-                                                                     for i in range(args.n)]
+        if not args.only_check:
+            for p in paths[:2]:
+                timed(p, 4.0)
+            results["new image each call"] = [timed(p, 4.0) for p in paths[2:]]
+            results["slider move (same image, cached clean results)"] = [timed(paths[2], 1.0 + (i % 16))
+                                                                         for i in range(args.n)]
+        if args.check or args.only_check:
+            timed.runtime = "as above"
+            ckw = {k: v for k, v in kw.items() if k not in ("heatmap",)}
+            for eps in (1.0, 4.0):
+                calls, sides, survived = [], [], 0
+                client.predict(handle_file(str(paths[0])), eps=eps, api_name="/check", **ckw)  # warm-up
+                for p in paths[2:]:
+                    t = time.perf_counter()
+                    res = client.predict(handle_file(str(p)), eps=eps, api_name="/check", **ckw)
+                    calls.append(time.perf_counter() - t)
+                    sides += [e["seconds"] for e in res["sides"].values()]
+                    survived += sum(e["survives"] for e in res["sides"].values())
+                results[f"AutoAttack check (quick), eps {eps:g}/255, both sides, per call"] = calls
+                results[f"AutoAttack check (quick), eps {eps:g}/255, per side ({survived} of {len(sides)} survived)"] = sides
         memory = peak_memory_mb(app.pid)
     finally:
         app.terminate()

@@ -27,7 +27,9 @@ def make_objective(family: str, pixels: torch.Tensor, target: bool = False):
 def build(attack: str, norm: str):
     """Any registered attack from one set of settings (each takes the ones it has)."""
     eps = EPS[norm]
-    return ATTACKS.build(attack, eps=eps, alpha=eps / 2, steps=4, norm=norm)
+    # a gradient attack rises in 4 steps; a random search (no gradient: Square) gets 8 queries per step
+    steps = 32 if ATTACKS.meta(attack).get("gradient_free") else 4
+    return ATTACKS.build(attack, eps=eps, alpha=eps / 2, steps=steps, norm=norm)
 
 
 @pytest.mark.parametrize("family", ["clip", "captioner", "vqa"])

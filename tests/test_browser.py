@@ -1,7 +1,8 @@
 """The page in a real browser: Debian's Chromium driven by playwright (never `playwright install`).
 
 Uploads an image, runs an inspection, drags the epsilon slider, waits for the new results and checks
-that the adversarial heatmap and predictions changed and that no error is shown. The screenshot goes
+that the adversarial heatmap and predictions changed and that no error is shown; then runs the AutoAttack
+check and finds a verdict next to each side. The screenshot goes
 to ``docs/screenshot.png`` (the one in the README) when ``VLM_INSPECT_SCREENSHOT=1``, else to a
 temporary folder.
 """
@@ -111,6 +112,13 @@ def test_upload_slide_epsilon_and_see_results_change(app_url, tmp_path):
         assert second["heat_adv"] != first["heat_adv"], "the adversarial heatmap did not change"
         assert second["label_adv"] != first["label_adv"], "the adversarial predictions did not change"
         assert page.locator(".toast-body.error, .toast-wrap .error").count() == 0, "the page shows an error"
+
+        # the AutoAttack check: a verdict next to each side's result
+        page.locator("#check").click()
+        for side in ("baseline", "defended"):
+            expect(page.locator(f"#check-{side}")).to_contain_text("AutoAttack (quick budget", timeout=120_000)
+        assert "is broken at" in page.locator("#check-baseline").inner_text()
+        assert page.locator(".toast-body.error, .toast-wrap .error").count() == 0, "the check shows an error"
         page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 50_000
     outside = [u for u in requests if not u.startswith((app_url, "data:", "blob:"))]

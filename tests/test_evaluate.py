@@ -127,3 +127,35 @@ def test_auto_precision_decodes_in_fp32_on_the_cpu(monkeypatch, precision, expec
     evaluate(["shapes-captioner"], ["shapes:shapes-scenes"], [AttackSpec("fgsm", 4 / 255)], n=2, precision=precision)
     assert seen["decode"] and set(seen["decode"]) == {expect}
     assert seen["encoder"] and set(seen["encoder"]) == {True}  # the image encoder keeps bf16 either way
+
+
+def _evaluate_json(args: list[str], out, nproc: int) -> list:
+    import os
+    import subprocess
+    import sys
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every process
+    r = subprocess.run([*launcher, "-m", "vlm_inspect.evaluate", *args, "--out", str(out)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (f"rank 1 of {nproc}" in r.stderr) == (nproc > 1)
+    doc = json.loads(out.with_suffix(".json").read_text())
+    for row in doc["rows"]:
+        for stage in row.get("stages", []):
+            stage.pop("seconds")  # the only thing allowed to differ
+    return doc["rows"]
+
+
+@pytest.mark.parametrize("args", [
+    ["--models", "shapes-clip", "--data", "shapes:shapes-combo", "--attack", "pgd,autoattack", "--eps", "8/255",
+     "--steps", "2", "--restarts", "2", "--samples", "10", "--batch-size", "3"],
+    ["--models", "shapes-captioner", "--data", "shapes:shapes-scenes", "--attack", "apgd", "--eps", "4/255",
+     "--steps", "2", "--restarts", "2", "--samples", "6", "--batch-size", "2"],
+], ids=["zero-shot", "captions"])
+def test_two_processes_equal_one(args, tmp_path):
+    """torchrun shards the batches across ranks and gathers the per-sample worst case: the same rows."""
+    one = _evaluate_json(args, tmp_path / "one" / "t.md", 1)
+    two = _evaluate_json(args, tmp_path / "two" / "t.md", 2)
+    assert one == two and len(one) >= 3

@@ -1,5 +1,6 @@
-"""The Square attack: the paper's schedule, the contract (budget, pixel range, no gradients needed),
-and the reason it is in the ensemble: it fools a model whose gradients are masked, where PGD cannot."""
+"""The Square attack, L-inf and L2: the paper's schedule, the contract (budget, pixel range, no gradients
+needed), and the reason it is in the ensemble: it fools a model whose gradients are masked, where PGD
+cannot."""
 from __future__ import annotations
 
 import pytest
@@ -62,18 +63,44 @@ def test_square_breaks_masked_gradients_where_pgd_does_not():
     assert (sq.size("linf") <= 16 / 255 + 1e-6).all() and sq.adv.min() >= 0 and sq.adv.max() <= 1
 
 
+def test_l2_square_breaks_masked_gradients_within_its_ball():
+    model = Masked().eval()
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 16, 16)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    objective = CE(model, y)
+    with torch.no_grad():
+        clean_loss = objective(x)
+    sq = Square(eps=1.0, steps=300, norm="l2")(x, objective, generator=torch.Generator().manual_seed(0), early_stop=True)
+    pgd = PGD(eps=1.0, steps=20, norm="l2", random_start=False)(x, CE(model, y))
+    with torch.no_grad():
+        sq_wrong = model(sq.adv).argmax(-1) != y
+        pgd_wrong = model(pgd.adv).argmax(-1) != y
+        sq_loss = CE(model, y)(sq.adv)
+    assert not pgd_wrong.any() and sq_wrong.float().mean() >= 0.2
+    assert torch.equal(sq.stopped, sq_wrong) and ((sq.stopped_at >= 0) == sq.stopped).all()
+    assert (sq.size("l2") <= 1.0 + 1e-5).all() and sq.adv.min() >= 0 and sq.adv.max() <= 1
+    assert (sq_loss >= clean_loss - 1e-6).all()  # the search never ends below the clean image's score
+
+
 def test_square_settings_and_bad_input():
     atk = ATTACKS.build("square", eps=4 / 255, alpha=1 / 255, steps=50, random_start=False, norm="linf")
     assert isinstance(atk, Square) and atk.steps == 50
-    with pytest.raises(ValueError, match="linf only"):
-        Square(eps=0.5, norm="l2")
+    assert Square(eps=0.5, norm="l2").norm == "l2"
     with pytest.raises(ValueError, match="steps must be a whole number >= 1"):
         Square(eps=4 / 255, steps=-5)
-    assert ATTACKS.meta("square")["norms"] == ("linf",)
+    with pytest.raises(ValueError, match="steps must be a whole number >= 1"):
+        Square(eps=4 / 255, steps=0)
 
 
-def test_a_norm_the_attack_lacks_is_one_sentence_in_the_service():
+def test_a_norm_an_attack_lacks_is_one_sentence_in_the_service():
+    from vlm_inspect.attacks import PGD
     from vlm_inspect.service import InputError, InspectRequest
 
-    with pytest.raises(InputError, match="the square attack supports linf only"):
-        InspectRequest(baseline={"clip": "shapes-clip"}, classes=["a", "b"], attack="square", norm="l2").validate()
+    ATTACKS.register("linf-only", label="L-inf only", norms=("linf",))(type("LinfOnly", (PGD,), {"name": "linf-only"}))
+    try:
+        with pytest.raises(InputError, match="the linf-only attack supports linf only"):
+            InspectRequest(baseline={"clip": "shapes-clip"}, classes=["a", "b"], attack="linf-only", norm="l2").validate()
+    finally:
+        ATTACKS.unregister("linf-only")

@@ -25,8 +25,21 @@ Our choices:
 - the stripes are kept only where they score above the clean image (else the search starts at the
   clean image), so the result never scores below it;
 - without ``early_stop`` every image uses its whole budget;
-- ``steps`` is the query budget per image (the start counts as one); L2 is not implemented yet (the
-  paper's L2 version places Gaussian-shaped squares): asking for it is one clear error.
+- ``steps`` is the query budget per image (the start counts as one).
+
+L2 (the paper's Section 3.2):
+
+- the window's profile is the paper's: two halves of opposite sign, each a sum of nested squares around
+  its centre weighted ``1/(k+1)^2``, of unit norm, turned by 90 degrees at random;
+- the start is a grid of such windows (side ``h // 5``), one sign per channel, scaled to ``‖δ‖₂ = ε``;
+- each query takes the mass of a second window and puts it, with a new profile and new signs, on the
+  first: per channel, the first window's new content has the norm its union with the second had, plus
+  an equal share of the budget left unused (``(ε² − ‖δ‖²) / c``); the whole δ is then scaled to ``ε``
+  and the image clipped to ``[0, 1]``;
+- the window side is ``√(p h w)`` rounded, odd, at least 3, with the same schedule of ``p``.
+
+Our choices for L2 are those of L∞ above (per-image windows, the objective as the score, the start kept
+only where it scores above the clean image).
 """
 from __future__ import annotations
 
@@ -47,21 +60,19 @@ def window_fraction(query: int, budget: int, p_init: float = P_INIT) -> float:
     return p_init / 2 ** sum(q > h for h in _HALVINGS)
 
 
-@ATTACKS.register("square", label="Square", paper="Andriushchenko et al. 2020", norms=("linf",))
+@ATTACKS.register("square", label="Square", paper="Andriushchenko et al. 2020", gradient_free=True)
 class Square(Attack):
     """Square Attack (see the module docstring).
 
     Args:
         eps: budget in pixel units (or one per image); steps: the query budget per image (>= 1);
-        norm: ``"linf"`` (L2 is not implemented yet).
+        norm: ``"linf"`` or ``"l2"``.
     """
 
     name = "square"
 
     def __init__(self, eps: float | Sequence[float], steps: int = 1000, norm: str = "linf") -> None:
         super().__init__(eps=eps, alpha=None, steps=steps, random_start=True, norm=norm)
-        if self.norm != "linf":
-            raise ValueError("the Square attack is implemented for linf only; choose linf or another attack")
         self.alpha = self.eps  # no step size: report the budget
 
     def __call__(self, pixels: torch.Tensor, objective: Objective, targeted: bool = False,
@@ -84,6 +95,9 @@ class Square(Attack):
             with torch.no_grad():
                 value = sign * obj(xs).float()
             return value, obj.fooled().to(dev) if early_stop else None
+
+        if self.norm == "l2":
+            return self._l2(x, eps, objective, score, draw_signs, generator, callback, early_stop, sign)
 
         with model_guard(getattr(objective, "model", None)):
             clean_score, _ = score(objective, x)
@@ -126,3 +140,114 @@ class Square(Attack):
         return AttackResult(adv=x + delta, delta=delta, losses=losses[:self.steps],
                             stopped=fooled.clone() if early_stop else None,
                             stopped_at=fooled_at if early_stop else None)
+
+    def _l2(self, x, eps, objective, score, draw_signs, generator, callback, early_stop, sign) -> AttackResult:
+        """The L2 search (see the module docstring): ``eps`` is (B, 1, 1, 1)."""
+        n, c, h, w = x.shape
+        dev = x.device
+        with model_guard(getattr(objective, "model", None)):
+            clean_score, _ = score(objective, x)
+            side = max(min(h, w) // 5, 1)
+            start = torch.zeros_like(x)
+            top0 = (h - 5 * side) // 2 if h >= 5 * side else 0
+            for i in range(top0, h - side + 1, side):  # a grid of windows, one sign per image and channel
+                for j in range(top0, w - side + 1, side):
+                    start[:, :, i:i + side, j:j + side] += _profile(side, dev, x.dtype) * draw_signs(n, c, 1, 1)
+            first = (x + _scaled(start, eps)).clamp(0.0, 1.0)
+            first_score, wrong = score(objective, first)
+            take = first_score > clean_score
+            best = torch.where(take.view(-1, 1, 1, 1), first, x)
+            best_score = torch.where(take, first_score, clean_score)
+            fooled = wrong & take if wrong is not None else torch.zeros(n, dtype=torch.bool, device=dev)
+            fooled_at = torch.where(fooled, 0, -1)
+            losses = [sign * float(best_score.mean())]
+            for q in range(1, self.steps):
+                active = (~fooled).nonzero().flatten()
+                if not len(active):
+                    break
+                k = len(active)
+                s = max(int(round(math.sqrt(window_fraction(q - 1, self.steps) * h * w))), 3)
+                s = min(s + (s % 2 == 0), h, w)
+                xa, ea = x[active], eps[active]
+                delta = best[active] - xa
+                rows1, cols1 = _placing(k, s, h, w, generator, dev, x.dtype)
+                rows2, cols2 = _placing(k, s, h, w, generator, dev, x.dtype)
+                mask1 = _place(torch.ones(k, 1, s, s, device=dev, dtype=x.dtype), rows1, cols1)
+                mask2 = _place(torch.ones(k, 1, s, s, device=dev, dtype=x.dtype), rows2, cols2)
+                old1 = _take(delta, rows1, cols1)                                   # (k, c, s, s)
+                union = _channel_norm(delta * torch.max(mask1, mask2))              # (k, c, 1, 1)
+                spare = (ea ** 2 - _image_norm(delta) ** 2).clamp(min=0.0) / c      # (k, 1, 1, 1)
+                shape = _profile(s, dev, x.dtype).expand(k, 1, s, s)
+                turn = torch.rand(k, 1, 1, 1, generator=generator, device=dev) < 0.5
+                shape = torch.where(turn, shape.transpose(-1, -2), shape)
+                new = shape * draw_signs(k, c, 1, 1) + old1 / (_channel_norm(old1) + 1e-12)
+                new = new / (_channel_norm(new) + 1e-12) * (spare + union ** 2).sqrt()
+                moved = delta * (1 - mask2) * (1 - mask1) + _place(new, rows1, cols1)
+                cand = (xa + _scaled(moved, ea)).clamp(0.0, 1.0)
+                obj = objective if k == n else objective.subset(active)
+                new_score, new_wrong = score(obj, cand)
+                keep = new_score > best_score[active]
+                if new_wrong is not None:
+                    keep |= new_wrong
+                    fooled_at[active[new_wrong & ~fooled[active]]] = q
+                    fooled[active[new_wrong]] = True
+                best[active[keep]] = cand[keep]
+                best_score[active[keep]] = new_score[keep]
+                losses.append(sign * float(best_score.mean()))
+                if callback is not None:
+                    callback(q, self.steps - 1, losses[-1])
+        delta = (best - x).detach()
+        return AttackResult(adv=x + delta, delta=delta, losses=losses[:self.steps],
+                            stopped=fooled.clone() if early_stop else None,
+                            stopped_at=fooled_at if early_stop else None)
+
+
+def _nested(rows: int, cols: int, device, dtype) -> torch.Tensor:
+    """Nested squares around the centre of a rows x cols block, the k-th weighted 1/(k+1)^2, unit norm."""
+    d = torch.zeros(rows, cols, device=device, dtype=dtype)
+    cr, cc = rows // 2, cols // 2
+    for k in range(max(rows, cols) // 2 + 1):
+        d[max(cr - k, 0):min(cr + k + 1, rows), max(cc - k, 0):min(cc + k + 1, cols)] += 1.0 / (k + 1) ** 2
+    return d / d.norm()
+
+
+def _profile(s: int, device, dtype) -> torch.Tensor:
+    """The L2 window of side ``s``: two halves of opposite sign (the paper's Figure 2), unit norm."""
+    if s < 2:
+        return torch.ones(1, 1, device=device, dtype=dtype)
+    top = s // 2
+    d = torch.cat([_nested(top, s, device, dtype), -_nested(s - top, s, device, dtype)], 0)
+    return d / d.norm()
+
+
+def _placing(k: int, s: int, h: int, w: int, generator, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random s x s window per image, as 0/1 matrices: rows (k, 1, h, s) and columns (k, 1, s, w)."""
+    top = torch.randint(0, h - s + 1, (k,), generator=generator, device=device)
+    left = torch.randint(0, w - s + 1, (k,), generator=generator, device=device)
+    i = torch.arange(s, device=device)
+    rows = (torch.arange(h, device=device).view(1, h, 1) == (top.view(k, 1, 1) + i.view(1, 1, s))).to(dtype)
+    cols = (torch.arange(w, device=device).view(1, 1, w) == (left.view(k, 1, 1) + i.view(1, s, 1))).to(dtype)
+    return rows.unsqueeze(1), cols.unsqueeze(1)
+
+
+def _place(block: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(k, c, s, s) blocks put at each image's window of an all-zero (k, c, h, w)."""
+    return rows @ block @ cols
+
+
+def _take(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Each image's window, (k, c, s, s)."""
+    return rows.transpose(-1, -2) @ images @ cols.transpose(-1, -2)
+
+
+def _channel_norm(v: torch.Tensor) -> torch.Tensor:
+    return (v ** 2).sum(dim=(-2, -1), keepdim=True).sqrt()
+
+
+def _image_norm(v: torch.Tensor) -> torch.Tensor:
+    return (v ** 2).flatten(1).sum(-1).sqrt().view(-1, 1, 1, 1)
+
+
+def _scaled(delta: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """``delta`` scaled to L2 norm ``eps`` per image."""
+    return delta / (_image_norm(delta) + 1e-12) * eps

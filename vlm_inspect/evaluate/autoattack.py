@@ -7,7 +7,7 @@ classified correctly, the worst case per sample (an image counts as broken once 
 1. **APGD-CE**: :class:`~vlm_inspect.attacks.APGD` on the zero-shot cross-entropy;
 2. **APGD-T**: APGD on the targeted DLR loss, once per target class, the targets being the classes the
    clean image ranks 2nd, 3rd, ... (``targets`` of them, at most the number of classes − 1);
-3. **Square**: the gradient-free :class:`~vlm_inspect.attacks.Square` on the logit margin (L∞ only).
+3. **Square**: the gradient-free :class:`~vlm_inspect.attacks.Square` on the logit margin.
 
 Faithful to the reference's ``version="standard"`` for L∞ and L2: 100 APGD iterations, one restart,
 9 target classes, 5000 Square queries, the attacks in that order on the still-correct images, and its
@@ -23,8 +23,7 @@ Our choices:
   other pairs stop (the reference tries the targets one after another on the images still standing:
   the same images break, for less waiting on a single image in the app);
 - every attack stops an image as soon as the model gets it wrong (early stop), and the labels may be the
-  clean predictions (the app: the user's image has no ground truth), as the reference does without ``y``;
-- L2: Square is skipped (our Square is L∞ only) and the result says so.
+  clean predictions (the app: the user's image has no ground truth), as the reference does without ``y``.
 """
 from __future__ import annotations
 
@@ -97,8 +96,14 @@ class EnsembleResult:
     broken_by: list[str | None]         # per image: the attack that broke it
     broken_at: list[int | None]         # per image: that attack's iteration (APGD) or query (Square)
     stages: list[Stage] = field(default_factory=list)
-    flags: list[Flag] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # attacks not run, with the reason
+    # what the checks counted: randomness (0/1), images with a zero gradient, images checked for it
+    checks: dict[str, int] = field(default_factory=lambda: {"randomness": 0, "zero_gradients": 0, "checked": 0})
+
+    @property
+    def flags(self) -> list[Flag]:
+        square = sum(s.broke for s in self.stages if s.attack == "Square")
+        return flags_of(self.checks, square)
 
     @property
     def clean_accuracy(self) -> float:
@@ -160,7 +165,7 @@ def autoattack(model, pixels: torch.Tensor, labels: torch.Tensor | Sequence[int]
     broken_at: list[int | None] = [None] * n
     result = EnsembleResult(clean=clean.cpu(), robust=robust, adv=adv, broken_by=broken_by, broken_at=broken_at,
                             skipped=[LEFT_OUT])
-    result.flags += _checks(model, x_all[chunks[0]] if n else x_all, y[chunks[0]] if n else y, texts, text, logits)
+    result.checks = _checks(model, x_all[chunks[0]] if n else x_all, y[chunks[0]] if n else y, texts, text, logits)
 
     def record(name: str, idx: torch.Tensor, res_adv: torch.Tensor, at: torch.Tensor | None) -> int:
         """The images of ``idx`` the model now gets wrong on ``res_adv`` leave the robust set."""
@@ -177,7 +182,7 @@ def autoattack(model, pixels: torch.Tensor, labels: torch.Tensor | Sequence[int]
     def run_stage(name: str, attack_batch: Callable[[torch.Tensor, Callable[[float], None]], int]) -> None:
         start, alive = time.perf_counter(), robust.nonzero().flatten()
         broke = 0
-        for k in range(0, len(alive), batch_size):
+        for k in range(0, len(alive) if eps > 0 else 0, batch_size):  # at eps 0 no image can change
             idx = alive[k:k + batch_size]
             base, share = k / max(len(alive), 1), len(idx) / max(len(alive), 1)
             tick = (lambda f, base=base, share=share: progress(LABELS[name], base + share * f)) if progress else (lambda f: None)
@@ -247,24 +252,15 @@ def autoattack(model, pixels: torch.Tensor, labels: torch.Tensor | Sequence[int]
         run_stage("apgd-t", apgd_t)
 
     # 3. Square: no gradients, the masking check
-    if norm != "linf":
-        result.skipped.append("Square is skipped: it is implemented for L-inf only")
-    else:
-        g_sq = gen()
+    g_sq = gen()
 
-        def square(idx, tick):
-            obj = ZeroShotMargin(model, texts, y[idx], text_features=text)
-            res = Square(eps, steps=budget.queries)(x_all[idx], obj, generator=g_sq, early_stop=True,
-                                                    callback=lambda s, t, _l: tick(s / max(t, 1)))
-            return record("square", idx, res.adv, res.stopped_at)
+    def square(idx, tick):
+        obj = ZeroShotMargin(model, texts, y[idx], text_features=text)
+        res = Square(eps, steps=budget.queries, norm=norm)(x_all[idx], obj, generator=g_sq, early_stop=True,
+                                                           callback=lambda s, t, _l: tick(s / max(t, 1)))
+        return record("square", idx, res.adv, res.stopped_at)
 
-        run_stage("square", square)
-        sq = next((s for s in result.stages if s.attack == "Square"), None)
-        if sq is not None and sq.broke > 0:
-            result.flags.append(Flag("masking", f"Square, which uses no gradients, broke {sq.broke} image(s) that "
-                                                "APGD-CE and APGD-T missed: the gradients may be masked, so the "
-                                                "robust accuracy of gradient attacks alone would overstate "
-                                                "robustness; try more Square queries or an adaptive attack"))
+    run_stage("square", square)
     result.robust = robust.cpu()
     result.adv = adv.detach()
     return result
@@ -298,27 +294,78 @@ class _Siblings:
         return _Siblings(self.inner.subset(index), self.owner[index], self.done, self.pair[index], self.truly)
 
 
-def _checks(model, x, y, texts, text, logits) -> list[Flag]:
+def _checks(model, x, y, texts, text, logits) -> dict[str, int]:
     """The reference's checks on the first batch: randomness (two identical passes differ) and zero gradients."""
-    flags: list[Flag] = []
+    out = {"randomness": 0, "zero_gradients": 0, "checked": len(x)}
     if not len(x):
-        return flags
+        return out
     with model_guard(model):
         a, b = logits(x), logits(x)
         unit = lambda v: v / (v.norm(dim=1, keepdim=True) + 1e-10)  # noqa: E731
-        if (unit(a) - unit(b)).norm(dim=1).max() > 1e-4 or bool((a.argmax(1) != b.argmax(1)).any()):
-            flags.append(Flag("randomness", "the model's outputs change between two identical passes: a randomised "
-                                            "defense needs an attack that averages over its randomness (EOT); "
-                                            "these numbers may overstate robustness"))
+        out["randomness"] = int((unit(a) - unit(b)).norm(dim=1).max() > 1e-4 or bool((a.argmax(1) != b.argmax(1)).any()))
         xs = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             loss = ZeroShotCE(model, texts, y, text_features=text)(xs).sum()
             (grad,) = torch.autograd.grad(loss, xs)
-    zero = int((grad.flatten(1).abs().sum(1) == 0).sum())
-    if zero:
-        flags.append(Flag("zero-gradients", f"{zero} of {len(x)} image(s) have a zero gradient at the clean point: "
-                                            "gradient attacks cannot move them, so their robustness may be masked"))
+    out["zero_gradients"] = int((grad.flatten(1).abs().sum(1) == 0).sum())
+    return out
+
+
+def flags_of(checks: dict[str, int], square_broke: int) -> list[Flag]:
+    """The flags the checks' counts raise, each in one sentence."""
+    flags = []
+    if checks.get("randomness"):
+        flags.append(Flag("randomness", "the model's outputs change between two identical passes: a randomised "
+                                        "defense needs an attack that averages over its randomness (EOT); "
+                                        "these numbers may overstate robustness"))
+    if checks.get("zero_gradients"):
+        flags.append(Flag("zero-gradients", f"{checks['zero_gradients']} of {checks['checked']} image(s) have a zero "
+                                            "gradient at the clean point: gradient attacks cannot move them, so "
+                                            "their robustness may be masked"))
+    if square_broke > 0:
+        flags.append(Flag("masking", f"Square, which uses no gradients, broke {square_broke} image(s) that "
+                                     "APGD-CE and APGD-T missed: the gradients may be masked, so the "
+                                     "robust accuracy of gradient attacks alone would overstate "
+                                     "robustness; try more Square queries or an adaptive attack"))
     return flags
+
+
+def tally(res: EnsembleResult) -> dict:
+    """What one run counted, as plain data (to gather from other processes and :func:`merge_tallies`)."""
+    return {"n": len(res.clean), "clean": int(res.clean.sum()), "checks": dict(res.checks),
+            "stages": [{"attack": s.attack, "ran_on": s.ran_on, "broke": s.broke, "seconds": s.seconds}
+                       for s in res.stages], "skipped": list(res.skipped)}
+
+
+def merge_tallies(tallies: list[dict], n: int) -> dict:
+    """Runs on disjoint batches of one data set as one: ``{stages, skipped, flags}`` over all ``n`` images,
+    each stage's ``robust`` the accuracy after it over all of them."""
+    clean = sum(t["clean"] for t in tallies)
+    checks = {k: sum(t["checks"].get(k, 0) for t in tallies) for k in ("randomness", "zero_gradients", "checked")}
+    stages: dict[str, dict] = {}
+    for t in tallies:
+        for s in t["stages"]:
+            m = stages.setdefault(s["attack"], {"attack": s["attack"], "ran_on": 0, "broke": 0, "seconds": 0.0})
+            m["ran_on"] += s["ran_on"]
+            m["broke"] += s["broke"]
+            m["seconds"] = round(m["seconds"] + s["seconds"], 3)
+    standing = clean
+    for m in stages.values():
+        standing -= m["broke"]
+        m["robust"] = standing / n if n else 0.0
+    square = stages.get("Square", {}).get("broke", 0)
+    return {"stages": list(stages.values()), "skipped": list(dict.fromkeys(x for t in tallies for x in t["skipped"])),
+            "flags": [vars(f) for f in flags_of(checks, square)], "clean_accuracy": clean / n if n else 0.0}
+
+
+def tally_text(merged: dict) -> str:
+    """The per-attack lines of :func:`merge_tallies`'s result, as the reference prints them."""
+    lines = [f"  clean accuracy {merged['clean_accuracy']:.2%}"]
+    for s in merged["stages"]:
+        lines.append(f"  robust accuracy after {s['attack']}: {s['robust']:.2%} "
+                     f"(broke {s['broke']} of {s['ran_on']}, {s['seconds']:.1f} s)")
+    lines += [f"  note: {x}" for x in merged["skipped"]] + [f"  flag ({f['code']}): {f['text']}" for f in merged["flags"]]
+    return "\n".join(lines)
 
 
 def overstated(attack_label: str, attack_robust: float, ensemble_robust: float, n: int) -> Flag | None:
@@ -332,9 +379,5 @@ def overstated(attack_label: str, attack_robust: float, ensemble_robust: float, 
 
 
 def summary(res: EnsembleResult, eps: float, norm: str) -> str:
-    """The per-attack table as the reference prints it, one line per attack."""
-    lines = [f"AutoAttack ({norm}, eps {eps_label(eps)}): clean accuracy {res.clean_accuracy:.2%}"]
-    for s in res.stages:
-        lines.append(f"  robust accuracy after {s.attack}: {s.robust:.2%} (broke {s.broke} of {s.ran_on}, {s.seconds:.1f} s)")
-    lines += [f"  note: {s}" for s in res.skipped] + [f"  flag ({f.code}): {f.text}" for f in res.flags]
-    return "\n".join(lines)
+    """The per-attack table of one run as the reference prints it, one line per attack."""
+    return f"AutoAttack ({norm}, eps {eps_label(eps)}):\n" + tally_text(merge_tallies([tally(res)], len(res.clean)))

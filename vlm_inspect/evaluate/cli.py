@@ -20,7 +20,9 @@ from .run import AttackSpec, parse_eps, records
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m vlm_inspect.evaluate",
-        description=f"Clean and robust metrics of models on data sets, under {' / '.join(map(str.upper, ATTACKS.list()))}.",
+        description=f"Clean and robust metrics of models on data sets, under {' / '.join(map(str.upper, ATTACKS.list()))} "
+                    "or the AutoAttack ensemble. Many processes: torchrun --nproc_per_node=N -m vlm_inspect.evaluate "
+                    "... shards the samples across them (the same table as one process).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", required=True, help="comma-separated preset names or checkpoint folders")
     p.add_argument("--data", default=None,
@@ -196,16 +198,31 @@ def main(argv: list[str] | None = None) -> int:
     from ..models import ModelUnavailableError
     from .run import evaluate
 
+    from .. import distributed as D
+
     try:
         specs = attack_specs(args)
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         data = [d.strip() for d in args.data.split(";") if d.strip()] if args.data else None
         apply_weights_dir(args)
-        rows = evaluate(models, data, specs, args.samples, args.batch_size, args.seed, args.device,
-                        precision=args.precision)
     except (DataError, CheckpointError, ValueError, ModelUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    shard = D.setup(args.device)  # under torchrun: the samples are sharded across the ranks
+    if shard.world > 1:
+        logging.getLogger("vlm_inspect.evaluate").info("rank %d of %d: every %d-th batch of samples",
+                                                       shard.rank, shard.world, shard.world)
+    try:
+        rows = evaluate(models, data, specs, args.samples, args.batch_size, args.seed, args.device,
+                        precision=args.precision, shard=shard)
+    except (DataError, CheckpointError, ValueError, ModelUnavailableError) as e:
+        if shard.main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        D.teardown(shard)
+    if not shard.main:  # rank 0 writes; every rank computed the same rows
+        return 0
     trained = [t for t in map(training_info, models) if t]
     table = markdown(rows, command, specs, args.title, trained)
     print(table)

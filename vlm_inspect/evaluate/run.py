@@ -16,6 +16,7 @@ import torch
 
 from ..attacks import ATTACKS, is_randomised
 from ..attacks.base import eps_label, parse_eps  # noqa: F401  (parse_eps: part of this module's API)
+from .. import distributed as D
 from ..checkpoints import weights_digest
 from ..data.sources import open_data
 from ..images import to_pixels
@@ -81,76 +82,97 @@ def _chunks(n: int, size: int):
 
 
 def evaluate_model(model, data_spec: str, attacks: Sequence[AttackSpec], n: int, batch_size: int = 100,
-                   seed: int = 0, split: str = "test") -> list[dict[str, Any]]:
+                   seed: int = 0, split: str = "test", shard: D.DistInfo | None = None) -> list[dict[str, Any]]:
     """Rows ``{model, data, eps, attack, metric, value, n}`` for one model and data set."""
     data = open_data(data_spec, split, seed=seed, length=n, image_size=model.image_size)
-    return evaluate_data(model, data, data_spec, attacks, n, batch_size, seed)
+    return evaluate_data(model, data, data_spec, attacks, n, batch_size, seed, shard)
+
+
+def _chunk_seed(seed: int, restart: int, chunk: int) -> int:
+    """The random-start seed of one batch of samples and one restart: a batch's attack depends on nothing
+    but its own samples, so sharded runs (``torchrun``) equal a single process exactly."""
+    return (seed * 1000 + restart) * 100_003 + chunk
 
 
 def evaluate_data(model, data, data_spec: str, attacks: Sequence[AttackSpec], n: int, batch_size: int = 100,
-                  seed: int = 0) -> list[dict[str, Any]]:
-    """:func:`evaluate_model` on an opened data set (``attacks=[]``: clean metrics only)."""
+                  seed: int = 0, shard: D.DistInfo | None = None) -> list[dict[str, Any]]:
+    """:func:`evaluate_model` on an opened data set (``attacks=[]``: clean metrics only).
+
+    The samples are split into batches of ``batch_size``, each attacked with its own seeded random
+    starts. With ``shard`` (the ranks of a ``torchrun``) each rank attacks every ``world``-th batch; the
+    per-sample results are gathered and every rank scores them all (corpus metrics such as CIDEr need
+    every caption), so the rows equal a single process's."""
+    shard = shard or D.DistInfo()
     n = min(n, len(data))
     fam = model.family
     records = [data[i] for i in range(n)]
     pixels = to_pixels([r["image"] for r in records], model.image_size)
+    mine = [(k, idx) for k, idx in enumerate(_chunks(n, batch_size)) if k % shard.world == shard.rank]
     rows: list[dict[str, Any]] = []
 
     def row(eps_text: str, attack: str, metric: str, value: float) -> None:
         rows.append({"model": model.name, "data": data_spec, "eps": eps_text, "attack": attack, "metric": metric,
                      "value": round(float(value), 4), "n": n})
 
-    # ---- per-family: predict, score, build the objective ----
+    # ---- per-family: predict (per sample), score (the list of every sample's prediction), objective ----
     if fam == "clip":
         prompts = data.prompts
         labels = torch.tensor([r["label"] for r in records])
         with torch.no_grad():
             text = model.encode_text(prompts)
 
-        def predict(x):
+        def predict(x, idx):  # right or wrong, per sample
             with torch.no_grad():
-                return model.logits(model.encode_image(x.to(model.device)), text).argmax(-1).cpu()
+                pred = model.logits(model.encode_image(x.to(model.device)), text).argmax(-1).cpu()
+            return (pred == labels[idx]).tolist()
 
         def objective(idx):
             return zero_shot_ce(model, prompts, labels[idx], text_features=text)
 
-        def score(preds):  # per-sample correctness
-            return (torch.cat(preds) == labels).tolist()
+        def score(preds):
+            return list(preds)
     elif fam == "captioner":
         refs = [r.get("captions") or [r["caption"]] for r in records]
 
-        def predict(x):
+        def predict(x, idx):
             return model.generate(x.to(model.device))
 
         def objective(idx):
             return caption_nll(model, [refs[i][0] for i in idx])
 
         def score(preds):
-            return caption_scores(sum(preds, []), refs)
+            return caption_scores(list(preds), refs)
     else:
         questions = [r["question"] for r in records]
         answers = [r["answer"] for r in records]
 
-        def predict(x, idx=None):
+        def predict(x, idx):
             return model.answer(x.to(model.device), [questions[i] for i in idx])
 
         def objective(idx):
             return answer_nll(model, [questions[i] for i in idx], [answers[i] for i in idx])
 
         def score(preds):
-            return exact_match(sum(preds, []), answers)
-
-    def run_predict(x, idx):
-        return predict(x, idx) if fam == "vqa" else predict(x)
+            return exact_match(list(preds), answers)
 
     def summarize(result) -> dict[str, float]:
         if fam == "captioner":
             return {"bleu4": result["bleu4"], "cider": result["cider"], "rouge_l": result["rouge_l"]}
         return {METRIC[fam]: sum(result) / len(result)}
 
-    clean = score([run_predict(pixels[idx], idx) for idx in _chunks(n, batch_size)])
-    for k, v in summarize(clean).items():
-        row("0", "none", k, v)
+    def gathered(per_sample: dict[int, Any]) -> list[Any]:
+        """This rank's ``{sample: value}`` merged with every other rank's, in sample order."""
+        merged: dict[int, Any] = {}
+        for part in D.all_gather_objects(per_sample, shard):
+            merged.update(part)
+        return [merged[i] for i in range(n)]
+
+    clean_mine: dict[int, Any] = {}
+    for _, idx in mine:
+        clean_mine.update(zip(idx, predict(pixels[idx], idx)))
+    clean = gathered(clean_mine)
+    for key, v in summarize(score(clean)).items():
+        row("0", "none", key, v)
 
     by_eps: dict[float, list[AttackSpec]] = {}
     for a in attacks:
@@ -161,37 +183,52 @@ def evaluate_data(model, data, data_spec: str, attacks: Sequence[AttackSpec], n:
         worst_ok: list[bool] | None = None
         for spec in specs:
             if spec.ensemble:  # zero-shot only (evaluate() refuses it for other families before any work)
-                res = AA.autoattack(model, pixels, labels, prompts, eps, spec.norm, spec.budget, seed, batch_size,
-                                    text_features=text)
-                log.info("%s on %s:\n%s", model.name, data_spec, AA.summary(res, eps, spec.norm))
-                final = res.robust.tolist()
+                ok_mine, parts = {}, []
+                for k, idx in mine:
+                    res = AA.autoattack(model, pixels[idx], labels[idx], prompts, eps, spec.norm, spec.budget,
+                                        _chunk_seed(seed, 0, k), batch_size, text_features=text)
+                    ok_mine.update(zip(idx, res.robust.tolist()))
+                    parts.append(AA.tally(res))
+                final = gathered(ok_mine)
+                merged = AA.merge_tallies([t for part in D.all_gather_objects(parts, shard) for t in part], n)
+                log.info("%s on %s, eps %s:\n%s", model.name, data_spec, eps_label(eps), AA.tally_text(merged))
                 worst_ok = list(final) if worst_ok is None else [a and b for a, b in zip(worst_ok, final)]
                 row(eps_label(eps), spec.name, METRIC[fam], sum(final) / n)
-                rows[-1].update(stages=[vars(st) for st in res.stages], skipped=list(res.skipped),
-                                flags=[vars(f) for f in res.flags])
+                rows[-1].update(merged)
                 continue
             atk = spec.build()
-            preds_all = list(clean) if fam == "clip" else None  # clip: a clean mistake stays a mistake
+            if fam == "clip":  # worst case over iterates and restarts; fooled images leave the batch
+                ok_mine = {}
+                for k, idx in mine:
+                    ok = [clean[i] for i in idx]  # a clean mistake stays a mistake
+                    for r in range(spec.runs):
+                        gen = torch.Generator(device=model.device).manual_seed(_chunk_seed(seed, r, k))
+                        ok = attack_zero_shot(atk, pixels, idx, ok, objective, predict, gen)
+                    ok_mine.update(zip(idx, ok))
+                final = gathered(ok_mine)
+                worst_ok = list(final) if worst_ok is None else [a and b for a, b in zip(worst_ok, final)]
+                for key, v in summarize(final).items():
+                    row(eps_label(eps), spec.name, key, v)
+                continue
+            runs_mine: dict[int, list[Any]] = {}  # per sample: the prediction after each restart
+            for k, idx in mine:
+                for r in range(spec.runs):
+                    gen = torch.Generator(device=model.device).manual_seed(_chunk_seed(seed, r, k))
+                    adv = atk(pixels[idx].to(model.device), objective(idx), generator=gen).adv
+                    for i, p in zip(idx, predict(adv, idx)):
+                        runs_mine.setdefault(i, []).append(p)
+            runs = gathered(runs_mine)
+            preds_all = None
             for r in range(spec.runs):
-                gen = torch.Generator(device=model.device).manual_seed(seed * 1000 + r)
-                if fam == "clip":  # worst case over iterates and restarts; fooled images leave the batch
-                    preds_all = attack_zero_shot(atk, pixels, labels, objective, predict, batch_size, gen,
-                                                 preds_all)
-                    continue
-                preds = []
-                for idx in _chunks(n, batch_size):
-                    x = pixels[idx].to(model.device)
-                    adv = atk(x, objective(idx), generator=gen).adv
-                    preds.append(run_predict(adv, idx))
+                preds = [runs[i][r] for i in range(n)]
                 result = score(preds)
-                if fam == "captioner":
-                    caps = sum(preds, [])
+                if fam == "captioner":  # the caption with the lowest CIDEr per sample, over the restarts
                     each = result["cider_per_sample"]
                     if preds_all is None:
-                        preds_all, cid = caps, each
+                        preds_all, cid = preds, each
                     else:
                         pick = [c2 < c1 for c1, c2 in zip(cid, each)]
-                        preds_all = [b if p else a for a, b, p in zip(preds_all, caps, pick)]
+                        preds_all = [b if p else a for a, b, p in zip(preds_all, preds, pick)]
                         cid = [min(a, b) for a, b in zip(cid, each)]
                 else:
                     preds_all = result if preds_all is None else [a and b for a, b in zip(preds_all, result)]
@@ -206,13 +243,13 @@ def evaluate_data(model, data, data_spec: str, attacks: Sequence[AttackSpec], n:
             else:
                 final = preds_all
                 worst_ok = list(final) if worst_ok is None else [a and b for a, b in zip(worst_ok, final)]
-            for k, v in summarize(final).items():
-                row(eps_label(eps), spec.name, k, v)
+            for key, v in summarize(final).items():
+                row(eps_label(eps), spec.name, key, v)
         _flag_overstated(rows, eps_label(eps), n)
         if len(specs) > 1:
             worst = caption_scores(worst_caps, refs) if fam == "captioner" else worst_ok
-            for k, v in summarize(worst).items():
-                row(eps_label(eps), "worst", k, v)
+            for key, v in summarize(worst).items():
+                row(eps_label(eps), "worst", key, v)
     return rows
 
 
@@ -230,26 +267,27 @@ def _flag_overstated(rows: list[dict[str, Any]], eps: str, n: int) -> None:
                 ensemble["flags"].append(vars(flag))
 
 
-def attack_zero_shot(atk, pixels: torch.Tensor, labels: torch.Tensor, objective, predict, batch_size: int,
-                     gen: torch.Generator, ok: list[bool] | None) -> list[bool]:
-    """Per-sample "still right" after one (re)start of ``atk``, attacking only the images still right
-    (``ok``; all when None). An image counts as wrong once any iterate fooled the model (early stop)."""
-    ok = [True] * len(labels) if ok is None else list(ok)
-    alive = [i for i, good in enumerate(ok) if good]
-    for k in range(0, len(alive), batch_size):
-        idx = alive[k:k + batch_size]
-        res = atk(pixels[idx].to(gen.device), objective(idx), generator=gen, early_stop=True)
-        right = (predict(res.adv) == labels[idx]) & ~res.stopped.cpu()
-        for i, good in zip(idx, right.tolist()):
-            ok[i] = good
+def attack_zero_shot(atk, pixels: torch.Tensor, idx: list[int], ok: list[bool], objective, predict,
+                     gen: torch.Generator) -> list[bool]:
+    """Per-sample "still right" after one (re)start of ``atk`` on the batch ``idx`` (sample indices),
+    attacking only the samples still right (``ok``, one per sample of ``idx``). An image counts as wrong
+    once any iterate fooled the model (early stop)."""
+    ok = list(ok)
+    alive = [i for i, good in zip(idx, ok) if good]
+    if alive:
+        res = atk(pixels[alive].to(gen.device), objective(alive), generator=gen, early_stop=True)
+        right = dict(zip(alive, (torch.tensor(predict(res.adv, alive)) & ~res.stopped.cpu()).tolist()))
+        ok = [right.get(i, good) for i, good in zip(idx, ok)]
     return ok
 
 
 def evaluate(models: Sequence[str], data: Sequence[str] | None, attacks: Sequence[AttackSpec], n: int,
              batch_size: int = 100, seed: int = 0, device: str = "cpu", weights: dict[str, str] | None = None,
-             progress=None, precision: str = "fp32") -> list[dict[str, Any]]:
+             progress=None, precision: str = "fp32", shard: D.DistInfo | None = None) -> list[dict[str, Any]]:
     """Rows of metrics for every model on every data set under every attack. ``precision`` is the
-    autocast of attacks and predictions (:mod:`vlm_inspect.runtime`); the tables in docs/ use fp32."""
+    autocast of attacks and predictions (:mod:`vlm_inspect.runtime`); the tables in docs/ use fp32.
+    ``shard``: this process's rank among a ``torchrun``'s (:func:`evaluate_data`); every rank returns
+    the same rows."""
     from ..runtime import autocast, decoding_precision, resolve_device, resolve_precision
 
     device = resolve_device(device)
@@ -267,7 +305,8 @@ def evaluate(models: Sequence[str], data: Sequence[str] | None, attacks: Sequenc
         for spec in (data or default_data(model.family)):
             t = time.time()
             with autocast(device, precision, decoding=decode):
-                rows += [{**r, "weights_digest": digest} for r in evaluate_model(model, spec, attacks, n, batch_size, seed)]
+                rows += [{**r, "weights_digest": digest} for r in evaluate_model(model, spec, attacks, n, batch_size, seed,
+                                                                                   shard=shard)]
             log.info("%s on %s: %.1fs", name, spec, time.time() - t)
             if progress:
                 progress(name, spec)

@@ -12,6 +12,7 @@ from ..models.presets import is_pretrained
 from ..policy import ModelPolicy, ModelRefused
 from ..runtime import checkpoints_dir, resolve_device, resolve_precision
 from .catalog import ModelCatalog
+from .check import run_check
 from .inspection import Inspection, run_curve, run_inspection
 from .request import CURVE_EPS_K, InputError, InspectRequest
 from .views import ModelViews
@@ -147,3 +148,10 @@ class InspectService(ModelCatalog):
         for caption and VQA; cosine similarity to the clean image embedding for the embedding attack.
         """
         return run_curve(self, image, request, eps_k, progress, cancelled)
+
+    def check(self, image: Any, request: InspectRequest, budget: str = "quick",
+              progress: Callable[[float, str], None] | None = None,
+              cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """The AutoAttack check of ``image`` for each side's zero-shot model (:mod:`~.check`): survives at
+        the request's eps, or broken by which attack at which step, next to the chosen attack's verdict."""
+        return run_check(self, image, request, budget, progress, cancelled)

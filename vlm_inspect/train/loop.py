@@ -28,7 +28,7 @@ from ..defenses import DEFENSES
 from ..defenses.common import make_config
 from ..models import load
 from ..runtime import autocast, resolve_device, resolve_precision
-from . import dist as D
+from .. import distributed as D
 from .state import check_writable, restore_intact, resume_config, save_snapshot, writing
 
 log = logging.getLogger("vlm_inspect.train")

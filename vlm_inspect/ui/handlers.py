@@ -218,7 +218,18 @@ def request_image(value: Any, assets: str | Path | None = None):
 def api_inspect(service: InspectService, image: Any, args: dict[str, Any],
                 cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
     """The ``/inspect`` API: arguments as :func:`layout.build_demo`'s ``inspect_api`` documents them."""
-    img = request_image(image)
+    return service.inspect(request_image(image), api_request(service, args), cancelled=cancelled).report
+
+
+def api_check(service: InspectService, image: Any, args: dict[str, Any],
+              cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """The ``/check`` API: the ``/inspect`` arguments plus ``budget`` (quick or standard)."""
+    return service.check(request_image(image), api_request(service, args), str(args.get("budget") or "quick"),
+                         cancelled=cancelled)
+
+
+def api_request(service: InspectService, args: dict[str, Any]) -> InspectRequest:
+    """The request of an API call: its models ("default", "none" or a name) and empty fields filled in."""
     models: dict[str, dict[str, str | None]] = {"baseline": {}, "defended": {}}
     for side in SIDES:
         for fam in FAMILIES:
@@ -227,11 +238,10 @@ def api_inspect(service: InspectService, image: Any, args: dict[str, Any],
                 models[side][fam] = None if v.lower() == "none" else v
     f = service.suite_fields(args.get("suite") or "embedded", models, args["classes"], args["template"],
                              args["question"] or None)
-    req = build_request({"baseline": f["baseline"], "defended": f["defended"]}, args["attack"], args["norm"],
+    return build_request({"baseline": f["baseline"], "defended": f["defended"]}, args["attack"], args["norm"],
                         args["eps"], args["steps"], args["step_size"], args["random_start"], args["seed"],
                         args["target"], f["classes"], f["template"], f["question"], args["target_text"],
                         args["heatmap"])
-    return service.inspect(img, req, cancelled=cancelled).report
 
 
 def client_gone(demo: gr.Blocks, request: gr.Request | None) -> Callable[[], bool]:

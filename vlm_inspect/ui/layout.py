@@ -11,7 +11,8 @@ from ..attacks import ATTACKS, NORMS, taking as _taking
 from ..explain import HEATMAPS
 from ..models import FAMILIES, SUITES
 from ..report import curve_figure
-from ..service import CURVE_EPS_K, EPS_MAX_K, SIDES, STEPS_MAX, InspectService, label_sets, targets
+from ..service import (CHECK_BUDGETS, CURVE_EPS_K, EPS_MAX_K, SIDES, STEPS_MAX, InspectService, check_markdown,
+                       label_sets, targets)
 from . import handlers as H
 from .serve import UPLOAD_TTL_S
 
@@ -79,6 +80,9 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
                     with gr.Row():
                         random_start = gr.Checkbox(True, label=f"Random start ({_taking('random_start')})")
                         seed = gr.Number(0, precision=0, minimum=0, label="Seed")
+                    check_budget = gr.Radio(list(CHECK_BUDGETS), value="quick", elem_id="check-budget",
+                                            label="AutoAttack check budget (quick: seconds; standard: the "
+                                                  "reference's, about a minute per side)")
                 target = gr.Radio(targets(), value="zero-shot", label="Attack objective (task)")
                 target_text = gr.Textbox(label="Target (optional): a class, caption or answer for a targeted attack",
                                          placeholder="empty = untargeted")
@@ -90,7 +94,9 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
                     question = gr.Textbox(question0, label="VQA question", elem_id="question")
                     heatmap = gr.Radio(HEATMAPS.list(), value="attention",
                                        label=f"Heatmap ({', or '.join(HEATMAPS.meta(h).get('label', h) for h in HEATMAPS.list())})")
-                run = gr.Button("Inspect", variant="primary", elem_id="run")
+                with gr.Row():
+                    run = gr.Button("Inspect", variant="primary", elem_id="run")
+                    check_btn = gr.Button("Check with AutoAttack", elem_id="check")
             with gr.Column(scale=3):
                 warnings = gr.Markdown(elem_id="warnings")
                 with gr.Row():
@@ -103,12 +109,13 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
                     adv_d = gr.Image(label="Adv. defended", elem_id="adv-defended", **img_kw)
                     pert_d = gr.Image(label="δ defended (amplified)", elem_id="pert-defended", **img_kw)
                 sizes = gr.Markdown(elem_id="sizes")
-                heat, labels, texts, verdicts = {}, {}, {}, {}
+                heat, labels, texts, verdicts, checks = {}, {}, {}, {}, {}
                 with gr.Row():
                     for side in SIDES:
                         with gr.Column():
                             gr.Markdown(f"### {side.capitalize()}")
                             verdicts[side] = gr.Markdown(elem_id=f"verdict-{side}")
+                            checks[side] = gr.Markdown(elem_id=f"check-{side}")
                             with gr.Row():
                                 for w in ("clean", "adversarial"):
                                     heat[side, w] = gr.Image(label=f"Heatmap ({w})", elem_id=f"heat-{side}-{w}",
@@ -160,11 +167,24 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
                                               progress=lambda f, d: progress(f, desc=d),
                                               cancelled=H.client_gone(demo, request)))
 
+        def on_check(request: gr.Request, img, budget, suite_v, *rest, progress=gr.Progress()):
+            if not img:
+                raise gr.Error("upload an image or pick a sample first", title="No image")
+            req = request_from([suite_v, *rest])
+            res = service.check(H.request_image(img, ASSETS), req, budget, progress=lambda f, d: progress(f, desc=d),
+                                cancelled=H.client_gone(demo, request))
+            return [check_markdown(res, side) for side in SIDES]
+
         inputs = [image, suite, *dropdowns, *settings]
         run_fn = H.guarded(on_inspect)
         run.click(run_fn, inputs, [*result_widgets, last], api_visibility="private", **CONCURRENCY)
         eps.release(run_fn, inputs, [*result_widgets, last], api_visibility="private", trigger_mode="always_last",
                     **CONCURRENCY)
+        check_btn.click(H.guarded(on_check, "AutoAttack check"), [image, check_budget, *inputs[1:]],
+                        [checks[s] for s in SIDES], api_visibility="private", **CONCURRENCY)
+        # a new inspection clears the last check: it was made for other settings
+        for trigger in (run.click, eps.release):
+            trigger(lambda: [""] * len(SIDES), None, [checks[s] for s in SIDES], api_visibility="private")
         curve_btn.click(H.guarded(on_curve, "robustness curve"), inputs, [curve_plot], api_visibility="private",
                         **CONCURRENCY)
         export_btn.click(H.guarded(H.export, "export"), [last], [png_file, json_file], api_visibility="private")
@@ -200,4 +220,20 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
             return H.api_inspect(service, image, args, cancelled=H.client_gone(demo, request))
 
         gr.api(H.guarded(inspect_api), api_name="inspect", **CONCURRENCY)
+
+        def check_api(image: FileData, attack: str = "pgd", eps: float = 4.0, steps: int = 10, norm: str = "linf",
+                      step_size: float = 0.0, random_start: bool = True, seed: int = 0, target: str = "zero-shot",
+                      classes: str = "", template: str = "", question: str = "", target_text: str = "",
+                      heatmap: str = "attention", suite: str = "embedded",
+                      baseline_clip: str = "default", baseline_captioner: str = "default",
+                      baseline_vqa: str = "default", defended_clip: str = "default",
+                      defended_captioner: str = "default", defended_vqa: str = "default",
+                      budget: str = "quick", request: gr.Request = None) -> dict:
+            """The AutoAttack check of the image for each side's zero-shot model, with the arguments of
+            /inspect plus budget ("quick" or "standard"); returns per side whether the model survives at
+            eps, which attack broke it at which step, and whether the chosen attack said it survives."""
+            args = {k: v for k, v in locals().items() if k != "request"}
+            return H.api_check(service, image, args, cancelled=H.client_gone(demo, request))
+
+        gr.api(H.guarded(check_api, "AutoAttack check"), api_name="check", **CONCURRENCY)
     return demo

@@ -1,8 +1,10 @@
-"""Data parallelism with torch.distributed: ``torchrun --nproc_per_node=N -m vlm_inspect.train ...``.
+"""Many processes with torch.distributed: ``torchrun --nproc_per_node=N -m vlm_inspect.train ...`` (data
+parallelism) and ``torchrun ... -m vlm_inspect.evaluate ...`` (the samples sharded across ranks).
 
-gloo on CPU, NCCL on GPU. Gradients are averaged with one all-reduce of a flat buffer after each
+gloo on CPU, NCCL on GPU. Training averages gradients with one all-reduce of a flat buffer after each
 backward (the same arithmetic as DistributedDataParallel, without wrapping the adapters, whose
-forward is not ``model(x)``). Only rank 0 writes checkpoints and logs.
+forward is not ``model(x)``); evaluation gathers each rank's per-sample results. Only rank 0 writes
+checkpoints, tables and logs.
 """
 from __future__ import annotations
 
