@@ -83,8 +83,7 @@ class Square(Attack):
         if early_stop and targeted:
             raise ValueError("early_stop applies to untargeted attacks")
         sign = -1.0 if targeted else 1.0
-        n, c, h, w = x.shape
-        dev = x.device
+        n, dev = x.shape[0], x.device
         eps = self._per_image(self.eps, x)
         eps = eps if isinstance(eps, torch.Tensor) else torch.full((n, 1, 1, 1), eps, dtype=x.dtype, device=dev)
 
@@ -96,101 +95,30 @@ class Square(Attack):
                 value = sign * obj(xs).float()
             return value, obj.fooled().to(dev) if early_stop else None
 
-        if self.norm == "l2":
-            return self._l2(x, eps, objective, score, draw_signs, generator, callback, early_stop, sign)
-
+        start, propose = (_l2_start, _l2_proposal) if self.norm == "l2" else (_linf_start, _linf_proposal)
         with model_guard(getattr(objective, "model", None)):
             clean_score, _ = score(objective, x)
-            stripes = (x + eps * draw_signs(n, c, 1, w)).clamp(0.0, 1.0)
-            best_score, wrong = score(objective, stripes)
-            take = best_score > clean_score
-            best = torch.where(take.view(-1, 1, 1, 1), stripes, x)
-            best_score = torch.where(take, best_score, clean_score)
+            first = start(x, eps, draw_signs)
+            first_score, wrong = score(objective, first)
+            take = first_score > clean_score  # the start is kept only where it scores above the clean image
+            best = torch.where(take.view(-1, 1, 1, 1), first, x)
+            best_score = torch.where(take, first_score, clean_score)
             fooled = wrong & take if wrong is not None else torch.zeros(n, dtype=torch.bool, device=dev)
             fooled_at = torch.where(fooled, 0, -1)  # the query that first fooled each image
             losses = [sign * float(best_score.mean())]
-            rows = torch.arange(h, device=dev).view(1, 1, h, 1)
-            cols = torch.arange(w, device=dev).view(1, 1, 1, w)
             for q in range(1, self.steps):
                 active = (~fooled).nonzero().flatten()
                 if not len(active):
                     break
-                k = len(active)
-                s = max(int(round(math.sqrt(window_fraction(q - 1, self.steps) * h * w))), 1)
-                s = min(s, h, w)
-                top = torch.randint(0, h - s + 1, (k, 1, 1, 1), generator=generator, device=dev)
-                left = torch.randint(0, w - s + 1, (k, 1, 1, 1), generator=generator, device=dev)
-                window = (rows >= top) & (rows < top + s) & (cols >= left) & (cols < left + s)
-                xa, ea, cur = x[active], eps[active], best[active]
-                moved = cur + window * (2.0 * ea * draw_signs(k, c, 1, 1))
-                new = torch.min(torch.max(moved, xa - ea), xa + ea).clamp(0.0, 1.0)
-                obj = objective if k == n else objective.subset(active)
-                new_score, new_wrong = score(obj, new)
+                cand = propose(x[active], eps[active], best[active], window_fraction(q - 1, self.steps),
+                               draw_signs, generator)
+                obj = objective if len(active) == n else objective.subset(active)
+                new_score, new_wrong = score(obj, cand)
                 keep = new_score > best_score[active]
                 if new_wrong is not None:
                     keep |= new_wrong
                     fooled[active[new_wrong]] = True
                     fooled_at[active[new_wrong]] = q
-                best[active[keep]] = new[keep]
-                best_score[active[keep]] = new_score[keep]
-                losses.append(sign * float(best_score.mean()))
-                if callback is not None:
-                    callback(q, self.steps - 1, losses[-1])
-        delta = (best - x).detach()
-        return AttackResult(adv=x + delta, delta=delta, losses=losses[:self.steps],
-                            stopped=fooled.clone() if early_stop else None,
-                            stopped_at=fooled_at if early_stop else None)
-
-    def _l2(self, x, eps, objective, score, draw_signs, generator, callback, early_stop, sign) -> AttackResult:
-        """The L2 search (see the module docstring): ``eps`` is (B, 1, 1, 1)."""
-        n, c, h, w = x.shape
-        dev = x.device
-        with model_guard(getattr(objective, "model", None)):
-            clean_score, _ = score(objective, x)
-            side = max(min(h, w) // 5, 1)
-            start = torch.zeros_like(x)
-            top0 = (h - 5 * side) // 2 if h >= 5 * side else 0
-            for i in range(top0, h - side + 1, side):  # a grid of windows, one sign per image and channel
-                for j in range(top0, w - side + 1, side):
-                    start[:, :, i:i + side, j:j + side] += _profile(side, dev, x.dtype) * draw_signs(n, c, 1, 1)
-            first = (x + _scaled(start, eps)).clamp(0.0, 1.0)
-            first_score, wrong = score(objective, first)
-            take = first_score > clean_score
-            best = torch.where(take.view(-1, 1, 1, 1), first, x)
-            best_score = torch.where(take, first_score, clean_score)
-            fooled = wrong & take if wrong is not None else torch.zeros(n, dtype=torch.bool, device=dev)
-            fooled_at = torch.where(fooled, 0, -1)
-            losses = [sign * float(best_score.mean())]
-            for q in range(1, self.steps):
-                active = (~fooled).nonzero().flatten()
-                if not len(active):
-                    break
-                k = len(active)
-                s = max(int(round(math.sqrt(window_fraction(q - 1, self.steps) * h * w))), 3)
-                s = min(s + (s % 2 == 0), h, w)
-                xa, ea = x[active], eps[active]
-                delta = best[active] - xa
-                rows1, cols1 = _placing(k, s, h, w, generator, dev, x.dtype)
-                rows2, cols2 = _placing(k, s, h, w, generator, dev, x.dtype)
-                mask1 = _place(torch.ones(k, 1, s, s, device=dev, dtype=x.dtype), rows1, cols1)
-                mask2 = _place(torch.ones(k, 1, s, s, device=dev, dtype=x.dtype), rows2, cols2)
-                old1 = _take(delta, rows1, cols1)                                   # (k, c, s, s)
-                union = _channel_norm(delta * torch.max(mask1, mask2))              # (k, c, 1, 1)
-                spare = (ea ** 2 - _image_norm(delta) ** 2).clamp(min=0.0) / c      # (k, 1, 1, 1)
-                shape = _profile(s, dev, x.dtype).expand(k, 1, s, s)
-                turn = torch.rand(k, 1, 1, 1, generator=generator, device=dev) < 0.5
-                shape = torch.where(turn, shape.transpose(-1, -2), shape)
-                new = shape * draw_signs(k, c, 1, 1) + old1 / (_channel_norm(old1) + 1e-12)
-                new = new / (_channel_norm(new) + 1e-12) * (spare + union ** 2).sqrt()
-                moved = delta * (1 - mask2) * (1 - mask1) + _place(new, rows1, cols1)
-                cand = (xa + _scaled(moved, ea)).clamp(0.0, 1.0)
-                obj = objective if k == n else objective.subset(active)
-                new_score, new_wrong = score(obj, cand)
-                keep = new_score > best_score[active]
-                if new_wrong is not None:
-                    keep |= new_wrong
-                    fooled_at[active[new_wrong & ~fooled[active]]] = q
-                    fooled[active[new_wrong]] = True
                 best[active[keep]] = cand[keep]
                 best_score[active[keep]] = new_score[keep]
                 losses.append(sign * float(best_score.mean()))
@@ -200,6 +128,61 @@ class Square(Attack):
         return AttackResult(adv=x + delta, delta=delta, losses=losses[:self.steps],
                             stopped=fooled.clone() if early_stop else None,
                             stopped_at=fooled_at if early_stop else None)
+
+
+def _linf_start(x: torch.Tensor, eps: torch.Tensor, draw_signs) -> torch.Tensor:
+    """Vertical stripes: every column of every channel at +eps or -eps."""
+    n, c, _, w = x.shape
+    return (x + eps * draw_signs(n, c, 1, w)).clamp(0.0, 1.0)
+
+
+def _linf_proposal(xa, ea, cur, p: float, draw_signs, generator) -> torch.Tensor:
+    """One square window per image moved to a new corner of the eps-box (one sign per channel)."""
+    k, c, h, w = xa.shape
+    dev = xa.device
+    s = min(max(int(round(math.sqrt(p * h * w))), 1), h, w)
+    top = torch.randint(0, h - s + 1, (k, 1, 1, 1), generator=generator, device=dev)
+    left = torch.randint(0, w - s + 1, (k, 1, 1, 1), generator=generator, device=dev)
+    rows = torch.arange(h, device=dev).view(1, 1, h, 1)
+    cols = torch.arange(w, device=dev).view(1, 1, 1, w)
+    window = (rows >= top) & (rows < top + s) & (cols >= left) & (cols < left + s)
+    moved = cur + window * (2.0 * ea * draw_signs(k, c, 1, 1))
+    return torch.min(torch.max(moved, xa - ea), xa + ea).clamp(0.0, 1.0)
+
+
+def _l2_start(x: torch.Tensor, eps: torch.Tensor, draw_signs) -> torch.Tensor:
+    """A grid of L2 windows of side h // 5, one sign per image and channel, scaled to ||delta|| = eps."""
+    n, c, h, w = x.shape
+    side = max(min(h, w) // 5, 1)
+    start = torch.zeros_like(x)
+    first = (h - 5 * side) // 2 if h >= 5 * side else 0
+    for i in range(first, h - side + 1, side):
+        for j in range(first, w - side + 1, side):
+            start[:, :, i:i + side, j:j + side] += _profile(side, x.device, x.dtype) * draw_signs(n, c, 1, 1)
+    return (x + _scaled(start, eps)).clamp(0.0, 1.0)
+
+
+def _l2_proposal(xa, ea, cur, p: float, draw_signs, generator) -> torch.Tensor:
+    """The mass of a second window moved, with a new profile and signs, onto the first (module docstring)."""
+    k, c, h, w = xa.shape
+    dev, dt = xa.device, xa.dtype
+    s = max(int(round(math.sqrt(p * h * w))), 3)
+    s = min(s + (s % 2 == 0), h, w)
+    delta = cur - xa
+    rows1, cols1 = _placing(k, s, h, w, generator, dev, dt)
+    rows2, cols2 = _placing(k, s, h, w, generator, dev, dt)
+    ones = torch.ones(k, 1, s, s, device=dev, dtype=dt)
+    mask1, mask2 = _place(ones, rows1, cols1), _place(ones, rows2, cols2)
+    old1 = _take(delta, rows1, cols1)                                   # (k, c, s, s)
+    union = _channel_norm(delta * torch.max(mask1, mask2))              # (k, c, 1, 1)
+    spare = (ea ** 2 - _image_norm(delta) ** 2).clamp(min=0.0) / c      # (k, 1, 1, 1)
+    shape = _profile(s, dev, dt).expand(k, 1, s, s)
+    turn = torch.rand(k, 1, 1, 1, generator=generator, device=dev) < 0.5
+    shape = torch.where(turn, shape.transpose(-1, -2), shape)
+    new = shape * draw_signs(k, c, 1, 1) + old1 / (_channel_norm(old1) + 1e-12)
+    new = new / (_channel_norm(new) + 1e-12) * (spare + union ** 2).sqrt()
+    moved = delta * (1 - mask2) * (1 - mask1) + _place(new, rows1, cols1)
+    return (xa + _scaled(moved, ea)).clamp(0.0, 1.0)
 
 
 def _nested(rows: int, cols: int, device, dtype) -> torch.Tensor:

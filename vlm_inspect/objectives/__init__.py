@@ -126,12 +126,13 @@ class ZeroShotCE(Objective):
         label = list(view.classes).index(view.target) if view.target else view.top1
         return cls(model, view.prompts, [label], text_features=view.text_features)
 
+    # subclasses that change only the loss (DLR, margin) inherit these: the same objective, other labels
     def repeat(self, n: int) -> "ZeroShotCE":
-        return ZeroShotCE(self.model, self.class_texts, self.labels.repeat(n), text_features=self.text_features)
+        return type(self)(self.model, self.class_texts, self.labels.repeat(n), text_features=self.text_features)
 
     def subset(self, index: torch.Tensor) -> "ZeroShotCE":
         labels = self.labels if self.labels.numel() == 1 else self.labels[index.to(self.labels.device)]
-        return ZeroShotCE(self.model, self.class_texts, labels, text_features=self.text_features)
+        return type(self)(self.model, self.class_texts, labels, text_features=self.text_features)
 
 
 @OBJECTIVES.register("caption", family="captioner", inspects="captioner", metric="per-token p(clean caption)",
@@ -262,12 +263,6 @@ class ZeroShotDLR(ZeroShotCE):
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return dlr(logits.float(), labels)
 
-    def subset(self, index: torch.Tensor) -> "ZeroShotDLR":
-        labels = self.labels if self.labels.numel() == 1 else self.labels[index.to(self.labels.device)]
-        return ZeroShotDLR(self.model, self.class_texts, labels, text_features=self.text_features)
-
-    def repeat(self, n: int) -> "ZeroShotDLR":
-        return ZeroShotDLR(self.model, self.class_texts, self.labels.repeat(n), text_features=self.text_features)
 
 
 @OBJECTIVES.register("zero-shot-dlr-targeted", family="clip")
@@ -316,12 +311,6 @@ class ZeroShotMargin(ZeroShotCE):
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return margin(logits.float(), labels)
 
-    def subset(self, index: torch.Tensor) -> "ZeroShotMargin":
-        labels = self.labels if self.labels.numel() == 1 else self.labels[index.to(self.labels.device)]
-        return ZeroShotMargin(self.model, self.class_texts, labels, text_features=self.text_features)
-
-    def repeat(self, n: int) -> "ZeroShotMargin":
-        return ZeroShotMargin(self.model, self.class_texts, self.labels.repeat(n), text_features=self.text_features)
 
 
 def _repeat(texts: str | Sequence[str], n: int) -> str | list[str]:
