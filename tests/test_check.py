@@ -28,7 +28,12 @@ def request(**kw) -> InspectRequest:
 
 def test_a_weak_attack_that_says_survives_is_contradicted(service):
     # one PGD step of 0.25/255 from the clean image: far too weak to break anything at 8/255
-    res = service.check(SCENE, request(eps_k=8, steps=1, alpha_k=0.25, random_start=False))
+    seen = []
+    res = service.check(SCENE, request(eps_k=8, steps=1, alpha_k=0.25, random_start=False),
+                        progress=lambda f, what: seen.append((f, what)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1  # the bar only moves on
+    assert any("defended: APGD-CE" in what for _, what in seen)
     assert res["budget"] == "quick" and res["settings"] == CHECK_BUDGETS["quick"].describe()
     for side, e in res["sides"].items():
         assert e["survives"] is (e["broken_by"] is None) and e["clean_top1"] in COMBO

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..evaluate.autoattack import LEFT_OUT, STANDARD, Budget, autoattack
+from ..evaluate.autoattack import LABELS, LEFT_OUT, STANDARD, Budget, autoattack
 from ..images import load_image
 from ..objectives import ZeroShotCE
 from ..runtime import autocast
@@ -50,7 +50,8 @@ def run_check(service: Any, image: Any, request: InspectRequest, budget: str = "
     sides = [s for s in SIDES if names[s]]
     with service.lock:
         for n_side, side in enumerate(sides):
-            model = service.family_model(names[side], "clip", progress)
+            loading = (lambda f, what, at=n_side / len(sides): progress(at, what)) if progress else None
+            model = service.family_model(names[side], "clip", loading)
             t0 = time.perf_counter()
 
             def tell(what: str, frac: float, n_side=n_side) -> None:
@@ -69,8 +70,10 @@ def run_check(service: Any, image: Any, request: InspectRequest, budget: str = "
                 chosen = atk(px, ZeroShotCE(model, req.prompts, [top1], text_features=text),
                              generator=torch.Generator().manual_seed(req.seed), early_stop=True,
                              callback=lambda s, t, _l: tell(req.attack.upper(), 0.1 * s / t))
+                order = list(LABELS.values())  # the ensemble's attacks, each a third of the rest of the bar
                 res = autoattack(model, px, [top1], req.prompts, float(atk.eps), req.norm, plan, seed=req.seed,
-                                 text_features=text, progress=lambda label, f: tell(label, 0.1 + 0.9 * f))
+                                 text_features=text,
+                                 progress=lambda label, f: tell(label, 0.1 + 0.9 * (order.index(label) + f) / len(order)))
                 with torch.no_grad():
                     after = int(model.logits(model.encode_image(res.adv), text).argmax(-1)[0])
                     last = int(model.logits(model.encode_image(chosen.adv), text).argmax(-1)[0])
