@@ -71,3 +71,16 @@ def test_the_api_returns_the_same_verdict(app_url, service):
                                                                                 b["broken_by"], b["broken_at"])
     with pytest.raises(Exception, match="unknown AutoAttack budget"):
         c.predict(handle_file(str(SCENE)), budget="huge", api_name="/check")
+
+
+def test_the_headless_twin_writes_the_check(tmp_path, capsys):
+    import json
+
+    from vlm_inspect import inspect as inspect_cli
+
+    assert inspect_cli.main([str(SCENE), "--out", str(tmp_path), "--eps", "0", "--steps", "1", "--check", "quick",
+                             "--baseline", "captioner=none,vqa=none", "--defended", "captioner=none,vqa=none"]) == 0
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert check["budget"] == "quick" and all(e["survives"] for e in check["sides"].values())
+    out = capsys.readouterr().out
+    assert "baseline: AutoAttack (quick budget" in out and "survives at 0/255 linf" in out

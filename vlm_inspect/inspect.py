@@ -2,7 +2,8 @@
 
 Runs the same :class:`~vlm_inspect.service.InspectService` inspection the page runs and writes
 ``report.png`` (the panel a person sees) and ``report.json`` (docs/ARCHITECTURE.md, "The report"). With several images, each
-gets its own sub-folder of DIR named after the file. ``--curve`` adds ``curve.png`` and ``curve.json``.
+gets its own sub-folder of DIR named after the file. ``--curve`` adds ``curve.png`` and ``curve.json``;
+``--check quick|standard`` runs the AutoAttack check of each side's zero-shot model and adds ``check.json``.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from .runtime import add_arguments, apply_weights_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .service import CURVE_EPS_K, label_sets, targets
+    from .service import CHECK_BUDGETS, CURVE_EPS_K, label_sets, targets
 
     ap = argparse.ArgumentParser(prog="python -m vlm_inspect.inspect", description=__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--heatmap", choices=HEATMAPS.list(), default="attention", help=heatmap_help())
     ap.add_argument("--curve", action="store_true",
                     help=f"also write the robustness curve at eps {', '.join(map(str, CURVE_EPS_K))} /255")
+    ap.add_argument("--check", choices=list(CHECK_BUDGETS), default=None,
+                    help="also run the AutoAttack check (APGD-CE, APGD-T, Square) of each side's zero-shot model "
+                         "with this budget, and write check.json")
     add_arguments(ap)
     return ap
 
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from .images import ImageError
     from .report import curve_figure, render_png, write_json
     from .policy import ModelPolicy
-    from .service import InputError, InspectRequest, InspectService
+    from .service import SIDES, InputError, InspectRequest, InspectService, check_text
     from .checkpoints import CheckpointError, atomic_write_json
     from .models import ModelUnavailableError
 
@@ -98,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
                 fig.savefig(folder / "curve.png", dpi=100)
                 atomic_write_json(folder / "curve.json", curve)
                 print(f"  wrote {folder / 'curve.png'}")
+            if args.check:
+                check = service.check(path, req, args.check)
+                atomic_write_json(folder / "check.json", check)
+                for side in SIDES:
+                    if side in check["sides"]:
+                        print(f"  {side}: {check_text(check, side, gap=chr(10) + '    ')}")
+                print(f"  wrote {folder / 'check.json'}")
     except (InputError, ImageError, ModelUnavailableError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ batched captions and answers), ``inspection`` (one inspection and one robustness
 """
 from ..images import ImageError
 from .catalog import DEFAULT_LABEL_SET, DEFAULT_QUESTION, ModelCatalog, label_sets
-from .check import BUDGETS as CHECK_BUDGETS, check_markdown
+from .check import BUDGETS as CHECK_BUDGETS, check_markdown, check_text
 from .core import AUTO_LOW_PRECISION_MIN_PARAMS, InspectService
 from .inspection import Inspection
 from .outputs import DISPLAY_SIZE, ClipOutputs, TextBatch, TextOutputs, amplify, image_digest
@@ -20,7 +20,7 @@ from .request import (CURVE_EPS_K, EPS_MAX_K, MAX_CLASS_CHARS, MAX_CLASSES, MAX_
 from .summary import side_entries, side_markdown, side_text, side_verdict
 
 __all__ = [
-    "AUTO_LOW_PRECISION_MIN_PARAMS", "CHECK_BUDGETS", "CURVE_EPS_K", "check_markdown", "Cancelled", "ClipOutputs", "DEFAULT_LABEL_SET",
+    "AUTO_LOW_PRECISION_MIN_PARAMS", "CHECK_BUDGETS", "CURVE_EPS_K", "check_markdown", "check_text", "Cancelled", "ClipOutputs", "DEFAULT_LABEL_SET",
     "DEFAULT_QUESTION", "DISPLAY_SIZE", "EPS_MAX_K", "ImageError", "InputError", "InspectRequest", "InspectService",
     "Inspection", "MAX_CLASSES", "MAX_CLASS_CHARS", "MAX_TEXT_CHARS", "ModelCatalog", "SIDES", "STEPS_MAX",
     "TOP_K_MAX", "TextBatch", "TextOutputs", "amplify", "image_digest", "label_sets", "make_attack",

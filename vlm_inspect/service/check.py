@@ -96,19 +96,25 @@ def run_check(service: Any, image: Any, request: InspectRequest, budget: str = "
 
 def check_markdown(check: dict[str, Any] | None, side: str) -> str:
     """The verdict of one side, for the page."""
+    return check_text(check, side, bold=lambda t: f"**{t}**", em=lambda t: f"*{t}*", gap="\n\n")
+
+
+def check_text(check: dict[str, Any] | None, side: str, bold=str, em=str, gap: str = "\n  ") -> str:
+    """The verdict of one side in words (plain by default: ``python -m vlm_inspect.inspect --check``)."""
     if not check:
         return ""
     e = check["sides"].get(side)
     if e is None:
-        return "*AutoAttack: no zero-shot model on this side*"
+        return em("AutoAttack: no zero-shot model on this side")
     where = f"{check['eps_k255']:g}/255 {check['norm']}"
-    head = f"**AutoAttack** ({check['budget']} budget, {e['seconds']:.1f} s): "
+    head = f"{bold('AutoAttack')} ({check['budget']} budget, {e['seconds']:.1f} s): "
     if e["survives"]:
-        line = head + f"✓ **{e['model']}** survives at {where}: still *{e['clean_top1']}*"
+        line = head + f"✓ {bold(e['model'])} survives at {where}: still {em(e['clean_top1'])}"
     else:
-        step = f" at {'query' if e['broken_by'] == 'Square' else 'step'} {e['broken_at']}" if e["broken_at"] is not None else ""
-        line = head + (f"✗ **{e['model']}** is broken at {where} by {e['broken_by']}{step}: "
-                       f"*{e['clean_top1']}* → *{e['adversarial_top1']}*")
+        unit = "query" if e["broken_by"] == "Square" else "step"
+        step = f" at {unit} {e['broken_at']}" if e["broken_at"] is not None else ""
+        line = head + (f"✗ {bold(e['model'])} is broken at {where} by {e['broken_by']}{step}: "
+                       f"{em(e['clean_top1'])} → {em(e['adversarial_top1'])}")
     notes = ([f"⚠ {e['warning']}"] if e["warning"] else []) + [f"⚠ {f['text']}" for f in e["flags"]]
-    notes += [f"note: {s}" for s in e["skipped"]]
-    return "\n\n".join([line, *notes])
+    notes += [f"note: {x}" for x in e["skipped"]]
+    return gap.join([line, *notes])
