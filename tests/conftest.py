@@ -132,3 +132,14 @@ def tiny_hf_vqa_folder(folder) -> None:
                                    "bos_token_id": 30522, "sep_token_id": 102, "pad_token_id": 0})
     BlipForQuestionAnswering(bcfg).save_pretrained(folder)
     char_wordpiece_bert_standin().save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """A single large green square: every embedded model gets it right on the clean image."""
+    from vlm_inspect.data.shapes import ShapesDataset
+
+    ds = ShapesDataset("shapes-combo", split="test", length=1000, image_size=128)
+    i = next(i for i in range(7, 1000, 48) if ds.scene(i).objects[0].pair == ("green", "square")
+             and ds.scene(i).objects[0].size == "large")
+    return ds.image(i)

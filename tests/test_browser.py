@@ -95,6 +95,10 @@ def test_upload_slide_epsilon_and_see_results_change(app_url, tmp_path):
         expect(page.locator("#heat-baseline-adversarial img").first).to_be_visible(timeout=30_000)
         first = _results(page)
         assert "purple triangle" in page.locator("#label-baseline-clean").inner_text()
+        # the transfer matrix: each side's image shown to both sides' models
+        expect(page.locator("#transfer")).to_contain_text("Transfer matrix", timeout=30_000)
+        assert page.locator("#transfer table tr").count() == 3  # a header and two rows: crafted on each side
+        assert "crafted on baseline" in page.locator("#transfer").inner_text()
 
         # drag the epsilon slider from 4/255 to about 16/255 and release it: the page re-runs by itself
         slider = page.locator("#eps input[type=range]")
@@ -119,6 +123,13 @@ def test_upload_slide_epsilon_and_see_results_change(app_url, tmp_path):
             expect(page.locator(f"#check-{side}")).to_contain_text("AutoAttack (quick budget", timeout=120_000)
         assert "is broken at" in page.locator("#check-baseline").inner_text()
         assert page.locator(".toast-body.error, .toast-wrap .error").count() == 0, "the check shows an error"
+
+        # crafted on the other side's model: each side now shows the image made against the other
+        page.locator("#crafted-on").get_by_text("the other side's model").click()
+        page.locator("#run").click()
+        expect(page.locator("#verdict-baseline")).to_contain_text("crafted on the defended model", timeout=120_000)
+        assert "crafted on the baseline model" in page.locator("#verdict-defended").inner_text()
+        assert page.locator(".toast-body.error, .toast-wrap .error").count() == 0, "the transfer run shows an error"
         page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 50_000
     outside = [u for u in requests if not u.startswith((app_url, "data:", "blob:"))]

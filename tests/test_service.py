@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm_inspect.data.shapes import ShapesDataset
 from vlm_inspect.service import CURVE_EPS_K, InputError, InspectRequest, InspectService, label_sets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,15 +22,6 @@ COMBO, TEMPLATE = label_sets()["shapes: colour + shape (48)"]
 @pytest.fixture(scope="module")
 def service():
     return InspectService(model_dirs=[])
-
-
-@pytest.fixture(scope="module")
-def scene():
-    """A single large green square: every embedded model gets it right on the clean image."""
-    ds = ShapesDataset("shapes-combo", split="test", length=1000, image_size=128)
-    i = next(i for i in range(7, 1000, 48) if ds.scene(i).objects[0].pair == ("green", "square")
-             and ds.scene(i).objects[0].size == "large")
-    return ds.image(i)
 
 
 def request(**kw) -> InspectRequest:
@@ -132,17 +122,18 @@ def test_captions_and_answers_are_generated_in_one_batch_per_model(service, scen
 
 def test_caption_target_batches_the_adversarial_captions(service, scene, monkeypatch):
     """With the caption as the attack's target the clean caption is needed before the attack; the two
-    sides' adversarial captions still come from one batch, and a cached clean caption is reused only at
-    the precision it was computed at."""
+    sides' adversarial captions (each side's image, and each shown to the other side's captioner for the
+    transfer matrix) still come from one batch, and a cached clean caption is reused only at the
+    precision it was computed at."""
     cap = service.model("shapes-captioner")
     batches = []
     real = type(cap).generate
     monkeypatch.setattr(type(cap), "generate", lambda self, px, **kw: batches.append(len(px)) or real(self, px, **kw))
     service.inspect(scene, request(target="caption", top_k=7, steps=2))  # top_k=7: not cached by another test
-    assert batches == [1, 2]  # clean (before the attacks), then both adversarial images together
+    assert batches == [1, 4]  # clean (before the attacks), then the matrix's four images together
     monkeypatch.setattr(InspectService, "precision_for", lambda self, models: "bf16")
     service.inspect(scene, request(target="caption", top_k=7, steps=1))
-    assert batches == [1, 2, 1, 2]  # the fp32 clean caption is not served to a bf16 request
+    assert batches == [1, 4, 1, 4]  # the fp32 clean caption is not served to a bf16 request
 
 
 def test_every_heatmap_and_attack_runs(service, scene):
@@ -289,13 +280,14 @@ def test_handlers_lay_out_an_inspection_and_export_it(service, scene):
 
     ins = service.inspect(scene, request(defended={}, eps_k=4, steps=2))
     out = H.inspection_outputs(ins)
-    assert len(out) == len(H.OUTPUT_IMAGES) + 1 + 4 * 2 + 1
+    assert len(out) == len(H.OUTPUT_IMAGES) + 1 + 4 * 2 + 2
     assert out[0].shape == (256, 256, 3)                       # clean
     assert out[H.OUTPUT_IMAGES.index("adversarial/defended")] is None
     assert ins.report["verdicts"]["baseline"]["text"] in out[len(H.OUTPUT_IMAGES) + 1]  # the verdict first
     base_clean = out[len(H.OUTPUT_IMAGES) + 2]
     assert max(base_clean, key=base_clean.get) == "green square"
-    assert "No defended model selected" in out[-2]
+    assert "No defended model selected" in out[-3]
+    assert out[-2] == ""  # no transfer matrix with one side: its only cell is the panel
     png, js = H.export(ins)
     assert Path(png).stat().st_size > 10_000 and json.loads(Path(js).read_text())["attack"]["name"] == "pgd"
     with pytest.raises(gr.Error, match="run an inspection first"):

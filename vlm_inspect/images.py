@@ -8,6 +8,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
@@ -241,3 +242,12 @@ def pixels_to_uint8(pixels: torch.Tensor) -> np.ndarray:
         pixels = pixels[0]
     arr = pixels.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
     return np.ascontiguousarray(arr)
+
+
+def resize_pixels(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """A batch of pixels at another model's input size (bilinear, antialiased; differentiable), e.g. one
+    side's adversarial image shown to the other side's model."""
+    if pixels.shape[-1] == size and pixels.shape[-2] == size:
+        return pixels
+    return F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=True).clamp(0, 1)

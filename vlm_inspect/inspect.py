@@ -16,6 +16,7 @@ from .attacks import ATTACKS, NORMS, attack_help, parse_eps, taking
 from .explain import HEATMAPS, heatmap_help
 from .models import FAMILIES, SUITES
 from .runtime import add_arguments, apply_weights_dir
+from .service.request import CRAFTED_ON
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--alpha", default="0", help="step size as k/255 or a decimal; 0 = 2.5*eps/steps (Madry et al.)")
     ap.add_argument("--no-random-start", action="store_true", help=f"no random start ({taking('random_start')})")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random start")
+    ap.add_argument("--crafted-on", default="own", choices=list(CRAFTED_ON),
+                    help="what each side's image is crafted on: " + "; ".join(f"{k}: {v}" for k, v in CRAFTED_ON.items()))
+    ap.add_argument("--momentum", type=float, default=0.0,
+                    help=f"transfer booster MI: momentum decay, 1.0 is MI-FGSM's; 0 = off ({taking('momentum')})")
+    ap.add_argument("--diversity", type=float, default=0.0,
+                    help=f"transfer booster DI: probability of the random resize-and-pad, 0.5 is DI's; 0 = off "
+                         f"({taking('diversity')})")
     ap.add_argument("--target", choices=targets(), default="zero-shot", help="the task whose loss is attacked")
     ap.add_argument("--target-text", default="", help="a class, caption or answer: makes the attack targeted")
     ap.add_argument("--label-set", choices=list(label_sets()), default=None,
@@ -86,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         req = InspectRequest(
             **fields, attack=args.attack, norm=args.norm, eps_k=parse_eps(args.eps) * 255, steps=args.steps,
             alpha_k=parse_eps(args.alpha) * 255, random_start=not args.no_random_start, seed=args.seed,
+            momentum=args.momentum, diversity=args.diversity, crafted_on=args.crafted_on,
             target=args.target, target_text=args.target_text, heatmap=args.heatmap).validate()
         out = Path(args.out)
         for path in args.images:
@@ -96,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: wrote {folder / 'report.png'} and {folder / 'report.json'} ({ins.report['seconds']:.2f} s)")
             for w in ins.warnings:
                 print(f"  warning: {w}")
+            for c in ins.report["transfer"]["cells"]:  # the transfer matrix, a line per cell
+                print(f"  crafted on {c['crafted_on']} -> shown to {c['shown_to']} ({c['model']}): {c['output']!r} "
+                      f"{'fooled' if c['fooled'] else 'held'} ({c['threat']})")
             if args.curve:
                 curve = service.curve(path, req)
                 fig = curve_figure(curve)

@@ -9,6 +9,7 @@ import torch
 from ..models.base import check_pixels, model_guard  # noqa: F401  (part of the attack API)
 from ..registry import Registry
 from ..runtime import fp16_active
+from . import boosters as B
 from . import projection as P
 
 ATTACKS: Registry = Registry("attack")
@@ -114,8 +115,11 @@ class Attack:
     uses_random_start = False
 
     def __init__(self, eps: float | Sequence[float], alpha: float | Sequence[float] | None = None, steps: int = 10,
-                 random_start: bool = False, norm: str = "linf") -> None:
+                 random_start: bool = False, norm: str = "linf", momentum: float = 0.0, diversity: float = 0.0) -> None:
         self.eps = _budget(eps, "eps", "in pixel units, e.g. 4/255")
+        # transfer boosters (boosters.py), off at 0: MI's decay and DI's probability
+        self.momentum = B.check_momentum(momentum)
+        self.diversity = B.check_diversity(diversity)
         if isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
         self.norm = P.check_norm(norm)
@@ -131,13 +135,19 @@ class Attack:
     def __repr__(self) -> str:
         def fmt(v):
             return f"{v:.5g}" if isinstance(v, float) else "[" + ", ".join(f"{x:.5g}" for x in v) + "]"
+        boost = "".join(f", {k}={v:g}" for k, v in self.boosters().items())
         return (f"{type(self).__name__}(eps={fmt(self.eps)}, alpha={fmt(self.alpha)}, steps={self.steps}, "
-                f"random_start={self.random_start}, norm={self.norm!r})")
+                f"random_start={self.random_start}, norm={self.norm!r}{boost})")
+
+    def boosters(self) -> dict[str, float]:
+        """The boosters that are on (a plain attack's description and record stay as they were)."""
+        return {k: v for k, v in (("momentum", getattr(self, "momentum", 0.0)),
+                                  ("diversity", getattr(self, "diversity", 0.0))) if v}
 
     def config(self) -> dict:
         listed = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 - JSON-friendly
         return {"name": self.name, "eps": listed(self.eps), "alpha": listed(self.alpha), "steps": self.steps,
-                "random_start": self.random_start, "norm": self.norm}
+                "random_start": self.random_start, "norm": self.norm, **self.boosters()}
 
     def _per_image(self, value: float | tuple[float, ...], pixels: torch.Tensor) -> float | torch.Tensor:
         if isinstance(value, float):
@@ -171,10 +181,11 @@ class Attack:
                 delta = torch.zeros_like(pixels)
             losses: list[float] = []
             obj, x, d_eps, d_alpha = objective, pixels, eps, alpha
+            buffer = torch.zeros_like(pixels) if self.momentum else None  # MI's accumulated gradient
             for step in range(self.steps):
                 d = delta[active].requires_grad_(True) if early_stop else delta.requires_grad_(True)
                 with torch.enable_grad():
-                    loss = obj(x + d)
+                    loss = obj(B.diverse(x + d, self.diversity, generator))
                     if loss.ndim != 1 or loss.shape[0] != x.shape[0]:
                         raise ValueError(f"the objective must return one loss per image (shape ({x.shape[0]},)), "
                                          f"got {tuple(loss.shape)}")
@@ -184,6 +195,11 @@ class Attack:
                     (grad,) = torch.autograd.grad(total, d)
                 losses.append(float(loss.detach().mean()))
                 with torch.no_grad():
+                    if buffer is not None:
+                        rows = active if early_stop else slice(None)
+                        buffer[rows] = grad = B.accumulate(buffer[rows], grad, self.momentum)
+                    if early_stop and self.diversity:
+                        obj(x + d.detach())  # fooled() must speak of the real iterate, not its transform
                     new = d.detach() + sign * d_alpha * P.ascent_direction(grad, self.norm)
                     new = P.clip_to_image(x, P.project(new, d_eps, self.norm))
                     if early_stop:

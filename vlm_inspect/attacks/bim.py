@@ -13,10 +13,13 @@ class BIM(Attack):
 
     Args:
         eps: budget in pixel units; alpha: step size (default 2.5 * eps / steps); steps: >= 1;
-        norm: ``"linf"`` or ``"l2"``.
+        norm: ``"linf"`` or ``"l2"``; momentum, diversity: the transfer boosters MI and DI
+        (``boosters.py``), off at 0 — BIM with momentum is MI-FGSM, with diversity DI-FGSM.
     """
 
     name = "bim"
 
-    def __init__(self, eps: float, alpha: float | None = None, steps: int = 10, norm: str = "linf") -> None:
-        super().__init__(eps=eps, alpha=alpha, steps=steps, random_start=False, norm=norm)
+    def __init__(self, eps: float, alpha: float | None = None, steps: int = 10, norm: str = "linf",
+                 momentum: float = 0.0, diversity: float = 0.0) -> None:
+        super().__init__(eps=eps, alpha=alpha, steps=steps, random_start=False, norm=norm,
+                         momentum=momentum, diversity=diversity)

@@ -13,7 +13,7 @@ class FGSM(Attack):
 
     Args:
         eps: perturbation budget in pixel units (e.g. 4/255).
-        norm: ``"linf"`` or ``"l2"``.
+        norm: ``"linf"`` or ``"l2"``; diversity: DI's probability (``boosters.py``), off at 0.
 
     Example:
         >>> res = FGSM(eps=4/255)(pixels, zero_shot_ce(model, prompts, labels))
@@ -21,5 +21,6 @@ class FGSM(Attack):
 
     name = "fgsm"
 
-    def __init__(self, eps: float, norm: str = "linf") -> None:
-        super().__init__(eps=eps, alpha=eps, steps=1, random_start=False, norm=norm)
+    def __init__(self, eps: float, norm: str = "linf", diversity: float = 0.0) -> None:
+        # one step: momentum would change nothing, so FGSM does not take it
+        super().__init__(eps=eps, alpha=eps, steps=1, random_start=False, norm=norm, diversity=diversity)

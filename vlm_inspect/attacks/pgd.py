@@ -13,7 +13,8 @@ class PGD(Attack):
 
     Args:
         eps: budget in pixel units; alpha: step size (default 2.5 * eps / steps); steps: >= 1;
-        random_start: draw the start (default True); norm: ``"linf"`` or ``"l2"``.
+        random_start: draw the start (default True); norm: ``"linf"`` or ``"l2"``;
+        momentum, diversity: the transfer boosters MI and DI (``boosters.py``), off at 0.
 
     Example:
         >>> atk = PGD(eps=4/255, alpha=1/255, steps=10)
@@ -23,5 +24,6 @@ class PGD(Attack):
     name = "pgd"
 
     def __init__(self, eps: float, alpha: float | None = None, steps: int = 10, random_start: bool = True,
-                 norm: str = "linf") -> None:
-        super().__init__(eps=eps, alpha=alpha, steps=steps, random_start=random_start, norm=norm)
+                 norm: str = "linf", momentum: float = 0.0, diversity: float = 0.0) -> None:
+        super().__init__(eps=eps, alpha=alpha, steps=steps, random_start=random_start, norm=norm,
+                         momentum=momentum, diversity=diversity)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..attacks import ATTACKS, NORMS, attack_help, taking
+from ..attacks.boosters import check_diversity, check_momentum
 from ..attacks.base import parse_fraction
 from ..runtime import add_arguments, apply_weights_dir
 from . import autoattack as AA
@@ -38,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restarts", type=int, default=1,
                    help="restarts of the attacks with a random start; worst case per sample")
     p.add_argument("--norm", default="linf", choices=list(NORMS))
+    p.add_argument("--momentum", type=float, default=0.0,
+                   help=f"transfer booster MI: momentum decay, 1.0 is MI-FGSM's; 0 = off ({taking('momentum')})")
+    p.add_argument("--diversity", type=float, default=0.0,
+                   help=f"transfer booster DI: probability of the random resize-and-pad, 0.5 is DI's; 0 = off "
+                        f"({taking('diversity')})")
+    p.add_argument("--transfer-from", default=None, metavar="MODEL[,MODEL...]",
+                   help="also craft each attack on these models and score the images on every --models entry "
+                        "(transfer robust accuracy; zero-shot models)")
     p.add_argument("--samples", type=int, default=500, help="samples per data set (test split)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="data and random starts")
@@ -58,6 +67,7 @@ def attack_specs(args) -> list[AttackSpec]:
             AA.check_eps(e, "linf")
     if args.steps < 1 or args.restarts < 1 or args.samples < 1:
         raise ValueError("--steps, --restarts and --samples must be >= 1")
+    check_momentum(args.momentum), check_diversity(args.diversity)  # one sentence before any model loads
     text = (args.alpha or "").strip().replace(" ", "")
     if text.startswith("eps/"):  # a fraction of each budget, e.g. eps/4
         try:
@@ -70,7 +80,8 @@ def attack_specs(args) -> list[AttackSpec]:
     else:
         fixed = parse_eps(text) if text else None
         alpha_of = lambda e: fixed  # noqa: E731
-    return [AttackSpec(n, e, args.steps, alpha_of(e), not args.no_random_start, args.restarts, args.norm)
+    return [AttackSpec(n, e, args.steps, alpha_of(e), not args.no_random_start, args.restarts, args.norm,
+                       momentum=args.momentum, diversity=args.diversity)
             for e in eps if e > 0 for n in names if n != "none"]
 
 
@@ -213,8 +224,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("vlm_inspect.evaluate").info("rank %d of %d: every %d-th batch of samples",
                                                        shard.rank, shard.world, shard.world)
     try:
-        rows = evaluate(models, data, specs, args.samples, args.batch_size, args.seed, args.device,
-                        precision=args.precision, shard=shard)
+        rows = []
+        if args.transfer_from:  # first: a source of another family stops the run before the long part
+            from .transfer import evaluate_transfer
+
+            sources = [m.strip() for m in args.transfer_from.split(",") if m.strip()]
+            rows += evaluate_transfer(sources, models, data, specs, args.samples, args.batch_size, args.seed,
+                                      args.device, args.precision, shard=shard)
+        rows += evaluate(models, data, specs, args.samples, args.batch_size, args.seed, args.device,
+                         precision=args.precision, shard=shard)
     except (DataError, CheckpointError, ValueError, ModelUnavailableError) as e:
         if shard.main:
             print(f"error: {e}", file=sys.stderr)
@@ -224,15 +242,18 @@ def main(argv: list[str] | None = None) -> int:
     if not shard.main:  # rank 0 writes; every rank computed the same rows
         return 0
     trained = [t for t in map(training_info, models) if t]
-    table = markdown(rows, command, specs, args.title, trained)
+    from .transfer import transfer_markdown
+
+    white = [r for r in rows if "source" not in r]
+    table = "\n".join(filter(None, [markdown(white, command, specs, args.title, trained), transfer_markdown(rows)]))
     print(table)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table + "\n")
         out.with_suffix(".json").write_text(json.dumps({"command": command, "attacks": [s.describe() for s in specs],
-                                                        "rows": rows, "records": records(rows, specs, args.seed, args.norm),
+                                                        "rows": rows, "records": records(white, specs, args.seed, args.norm),
                                                         "training": trained}, indent=1) + "\n")
-        plot(rows, out.with_suffix(".png"))
+        plot(white, out.with_suffix(".png"))
         print(f"wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
     return 0

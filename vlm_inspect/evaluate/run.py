@@ -40,6 +40,8 @@ class AttackSpec:
     restarts: int = 1
     norm: str = "linf"
     budget: AA.Budget = AA.STANDARD  # the ensemble's (``name="autoattack"``); other attacks ignore it
+    momentum: float = 0.0            # transfer boosters (attacks/boosters.py), for the attacks that take them
+    diversity: float = 0.0
 
     @property
     def ensemble(self) -> bool:
@@ -49,7 +51,8 @@ class AttackSpec:
         if self.ensemble:
             raise ValueError("autoattack is an ensemble of attacks, run by evaluate_data, not one attack")
         return ATTACKS.build(self.name, eps=self.eps, alpha=self.alpha, steps=self.steps,
-                             random_start=self.random_start, norm=self.norm)
+                             random_start=self.random_start, norm=self.norm, momentum=self.momentum,
+                             diversity=self.diversity)
 
     @property
     def runs(self) -> int:
@@ -65,7 +68,7 @@ class AttackSpec:
              "alpha": eps_label(a.alpha)}
         if is_randomised(self.name):
             d.update(random_start=self.random_start, restarts=self.restarts)
-        return d
+        return {**d, **a.boosters()}
 
 
 def default_data(family: str) -> list[str]:

@@ -16,7 +16,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from ..images import resize_pixels
 from ..models.base import Adapter, as_text_list
 from ..registry import Registry
 
@@ -335,5 +337,47 @@ def embedding_cosine(model: Adapter, clean_pixels: torch.Tensor) -> EmbeddingCos
     return EmbeddingCosine(model, clean_pixels)
 
 
-__all__ = ["OBJECTIVES", "CleanView", "ZeroShotDLR", "ZeroShotMargin", "margin", "ZeroShotTargetedDLR", "dlr", "targeted_dlr", "AnswerNLL", "CaptionNLL", "EmbeddingCosine", "Objective", "ZeroShotCE", "answer_nll",
+# ---- one image against several models at once ----------------------------------------------------
+# The ensemble attack of Liu et al., "Delving into Transferable Adversarial Examples and Black-box
+# Attacks", ICLR 2017 (https://arxiv.org/abs/1611.02770): an image that fools several white-box models
+# together is more likely to fool an unseen one. Faithful: the loss is the mean of the models' losses on
+# the same image. Our choices: equal weights (the paper tunes them); each model sees the image at its
+# own input size (bilinear, antialiased: the resize the app uses to show one side's image to the other
+# side's model, so a model is judged on the image it was attacked through); ``fooled`` means every model
+# is fooled, so early stop keeps attacking an image until none of the models gets it right.
+
+class Ensemble(Objective):
+    """The mean of ``parts``' losses on one batch; ``sizes[i]`` is part i's input size (None: as given)."""
+
+    name = "ensemble"
+
+    def __init__(self, parts: Sequence[Objective], sizes: Sequence[int | None] | None = None) -> None:
+        self.parts = list(parts)
+        if not self.parts:
+            raise ValueError("an ensemble needs at least one objective")
+        self.sizes = list(sizes) if sizes is not None else [None] * len(self.parts)
+        if len(self.sizes) != len(self.parts):
+            raise ValueError(f"got {len(self.sizes)} input sizes for {len(self.parts)} objectives")
+        # the attack's model guard (eval mode, frozen weights) must reach every model; a model two
+        # parts share is guarded once
+        models = list({id(p.model): p.model for p in self.parts if isinstance(p.model, nn.Module)}.values())
+        self.model = nn.ModuleList(models)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        total = None
+        for part, size in zip(self.parts, self.sizes):
+            loss = part(pixels if size is None else resize_pixels(pixels, size)).float()
+            total = loss if total is None else total + loss
+        return total / len(self.parts)
+
+    def repeat(self, n: int) -> "Ensemble":
+        return Ensemble([p.repeat(n) for p in self.parts], self.sizes)
+
+    def fooled(self) -> torch.Tensor:
+        return torch.stack([p.fooled() for p in self.parts]).all(0)
+
+    def subset(self, index: torch.Tensor) -> "Ensemble":
+        return Ensemble([p.subset(index) for p in self.parts], self.sizes)
+
+__all__ = ["OBJECTIVES", "CleanView", "Ensemble", "ZeroShotDLR", "ZeroShotMargin", "margin", "ZeroShotTargetedDLR", "dlr", "targeted_dlr", "AnswerNLL", "CaptionNLL", "EmbeddingCosine", "Objective", "ZeroShotCE", "answer_nll",
            "caption_nll", "embedding_cosine", "zero_shot_ce"]

@@ -14,15 +14,17 @@ from .check import BUDGETS as CHECK_BUDGETS, check_markdown, check_text
 from .core import AUTO_LOW_PRECISION_MIN_PARAMS, InspectService
 from .inspection import Inspection
 from .outputs import DISPLAY_SIZE, ClipOutputs, TextBatch, TextOutputs, amplify, image_digest
-from .request import (CURVE_EPS_K, EPS_MAX_K, MAX_CLASS_CHARS, MAX_CLASSES, MAX_TEXT_CHARS, SIDES, STEPS_MAX,
+from .request import (CRAFTED_ON, CURVE_EPS_K, EPS_MAX_K, MAX_CLASS_CHARS, MAX_CLASSES, MAX_TEXT_CHARS, MOMENTUM_MAX, SIDES,
+                      STEPS_MAX,
                       TOP_K_MAX, Cancelled, InputError, InspectRequest, make_attack, parse_classes, target_family,
                       targets)
+from .transfer import matrix_markdown
 from .summary import side_entries, side_markdown, side_text, side_verdict
 
 __all__ = [
-    "AUTO_LOW_PRECISION_MIN_PARAMS", "CHECK_BUDGETS", "CURVE_EPS_K", "check_markdown", "check_text", "Cancelled", "ClipOutputs", "DEFAULT_LABEL_SET",
+    "AUTO_LOW_PRECISION_MIN_PARAMS", "CHECK_BUDGETS", "CRAFTED_ON", "CURVE_EPS_K", "check_markdown", "check_text", "Cancelled", "ClipOutputs", "DEFAULT_LABEL_SET",
     "DEFAULT_QUESTION", "DISPLAY_SIZE", "EPS_MAX_K", "ImageError", "InputError", "InspectRequest", "InspectService",
-    "Inspection", "MAX_CLASSES", "MAX_CLASS_CHARS", "MAX_TEXT_CHARS", "ModelCatalog", "SIDES", "STEPS_MAX",
-    "TOP_K_MAX", "TextBatch", "TextOutputs", "amplify", "image_digest", "label_sets", "make_attack",
+    "Inspection", "MAX_CLASSES", "MAX_CLASS_CHARS", "MAX_TEXT_CHARS", "MOMENTUM_MAX", "ModelCatalog", "SIDES", "STEPS_MAX",
+    "TOP_K_MAX", "TextBatch", "TextOutputs", "amplify", "image_digest", "label_sets", "make_attack", "matrix_markdown",
     "parse_classes", "side_entries", "side_markdown", "side_text", "side_verdict", "target_family", "targets",
 ]

@@ -32,12 +32,13 @@ import torch
 from .. import __version__
 from ..data.scene_kind import is_shapes_scene
 from ..attacks import taking
-from ..images import image_warnings, load_image, pixels_to_uint8
+from ..images import image_warnings, load_image, pixels_to_uint8, resize_pixels
 from ..models.tokenizers import TOKENIZER_KIND as SHAPES_TOKENIZER
-from ..objectives import OBJECTIVES
+from ..objectives import OBJECTIVES, Ensemble
 from ..runtime import autocast, decoding_precision
-from .outputs import ClipOutputs, TextBatch, amplify, display, image_digest, resize
+from .outputs import ClipOutputs, TextBatch, amplify, display, image_digest
 from .request import CURVE_EPS_K, EPS_MAX_K, SIDES, Cancelled, InputError, InspectRequest, make_attack, target_family
+from . import transfer as T
 from .summary import side_verdict
 
 Progress = Callable[[float, str], None]
@@ -116,42 +117,70 @@ def run_inspection(service: Any, image: Any, request: InspectRequest, progress: 
                             "image unchanged")
         digest = image_digest(img)
         done = [0]
-        step_progress = _step_progress(sum(1 for s in SIDES if sides[s][family] is not None), done, progress, cancelled)
+        attacked = {s: sides[s][family] for s in SIDES}  # each side's model of the attacked family
+        sources = (["ensemble"] if req.crafted_on == "ensemble" and any(attacked.values())
+                   else [s for s in SIDES if attacked[s] is not None])
+        step_progress = _step_progress(len(sources), done, progress, cancelled)
         images: dict[str, np.ndarray] = {}
-        perturbation: dict[str, dict[str, float]] = {}
+        perturbation: dict[str, dict[str, Any]] = {}
         clean_display = None
         texts = TextBatch()  # captions and answers of this request, generated together at the end
-        rows: list[tuple[str, str, Any, Any, Any, Any]] = []
+        clean = {s: {f: views.clean(m, img, digest, req, texts) for f, m in sides[s].items() if m is not None}
+                 for s in SIDES}
+        if sources and family != "clip":
+            views.generate(texts, clean_only=True)  # the objectives need the clean captions and answers now
+        crafted: dict[str, tuple[Any, Any, list]] = {}  # source -> (attack result, attack, models crafted on)
+        for src in sources:
+            members = [s for s in SIDES if attacked[s] is not None] if src == "ensemble" else [src]
+            models = [attacked[s] for s in members]
+            # craft at the largest input size; each model of an ensemble sees the image at its own
+            px = views.pixels(max(models, key=lambda m: m.image_size), img)
+            if clean_display is None:
+                clean_display = pixels_to_uint8(px)
+            parts = [views.objective(m, req, clean[s][family], views.pixels(m, img)) for s, m in zip(members, models)]
+            objective = parts[0] if len(parts) == 1 else Ensemble(parts, [m.image_size for m in models])
+            atk = make_attack(req, px[0].numel())
+            res = atk(px, objective, targeted=bool(req.target_text), generator=torch.Generator().manual_seed(req.seed),
+                      callback=step_progress)
+            done[0] += 1
+            crafted[src] = (res, atk, models)
+        # the source of the image each side shows
+        shown = {s: ("ensemble" if req.crafted_on == "ensemble" else s if req.crafted_on == "own" else _other(s))
+                 for s in SIDES}
+        seen: dict[tuple[str, str, str], Any] = {}  # (source, side, family) -> outputs on that image
+
+        def view(src: str, side: str, fam: str):
+            key = (src, side, fam)
+            if key not in seen:
+                m = sides[side][fam]
+                seen[key] = views.adversarial(m, resize_pixels(crafted[src][0].adv, m.image_size), clean[side][fam],
+                                              req, texts)
+            return seen[key]
+
+        rows: list[tuple[str, str, Any, bool, Any, Any]] = []
         for side in SIDES:
-            side_models = sides[side]
-            clean = {f: views.clean(m, img, digest, req, texts) for f, m in side_models.items() if m is not None}
-            attacked = side_models[family]
-            adv_px = None
-            if attacked is not None:
-                if not isinstance(clean[attacked.family], ClipOutputs):  # the objective needs its text now
-                    views.generate(texts, clean_only=True)
-                px = views.pixels(attacked, img)
-                if clean_display is None:
-                    clean_display = pixels_to_uint8(px)
-                atk = make_attack(req, px[0].numel())
-                res = atk(px, views.objective(attacked, req, clean[attacked.family], px),
-                          targeted=bool(req.target_text), generator=torch.Generator().manual_seed(req.seed),
-                          callback=step_progress)
-                done[0] += 1
-                adv_px = res.adv
+            src = shown[side] if shown[side] in crafted else None
+            if src is not None:
+                res, atk, models = crafted[src]
                 perturbation[side] = {"linf": float(res.delta.abs().max()), "l2": float(res.delta.flatten().norm()),
-                                      "budget": atk.eps, "step_size": atk.alpha, "model": attacked.name}
+                                      "budget": atk.eps, "step_size": atk.alpha,
+                                      "model": " + ".join(dict.fromkeys(m.name for m in models)), "crafted_on": src}
                 images[f"adversarial/{side}"] = display(pixels_to_uint8(res.adv))
                 images[f"perturbation/{side}"] = display(amplify(res.delta))
-            for fam, m in side_models.items():
+            for fam, m in sides[side].items():
                 if m is None:
                     continue
                 if clean_display is None:
                     clean_display = pixels_to_uint8(views.pixels(m, img))
-                adv = None
-                if adv_px is not None:
-                    adv = views.adversarial(m, resize(adv_px, m.image_size), clean[fam], req, texts)
-                rows.append((side, fam, m, attacked, clean[fam], adv))
+                white_box = src is not None and any(m is c for c in crafted[src][2])
+                rows.append((side, fam, m, white_box, clean[side][fam], view(src, side, fam) if src else None))
+        cells = []
+        for src in crafted:
+            for side in SIDES:
+                if attacked[side] is None:
+                    continue
+                shift = view(src, side, "clip") if sides[side].get("clip") is not None else None
+                cells.append((src, side, view(src, side, family), shift))
         if progress is not None and texts:
             progress(1.0, "captions and answers")
         views.generate(texts)
@@ -174,15 +203,24 @@ def run_inspection(service: Any, image: Any, request: InspectRequest, progress: 
             "seconds": round(time.perf_counter() - t0, 3),
         }
         report["verdicts"] = {side: v for side in SIDES if (v := side_verdict(report, side)) is not None}
+        report["transfer"] = {
+            "crafted_on": req.crafted_on, "task": req.target, "family": family, "rows": list(crafted),
+            "columns": [s for s in SIDES if attacked[s] is not None],
+            "cells": [T.cell(src, side, attacked[side].name, " + ".join(dict.fromkeys(m.name for m in crafted[src][2])),
+                             family, clean[side][family], out, shift, req) for src, side, out, shift in cells]}
         return Inspection(report=report, images=images, warnings=warnings)
+
+
+def _other(side: str) -> str:
+    return SIDES[1 - SIDES.index(side)]
 
 
 def _model_entries(rows, images: dict[str, np.ndarray]) -> dict[str, Any]:
     """The report's ``models`` entries (and the heatmap images) from each model's clean and adversarial outputs."""
     entries: dict[str, Any] = {}
-    for side, fam, m, attacked, clean_out, adv in rows:
+    for side, fam, m, white_box, clean_out, adv in rows:
         key = m.name if m.name not in entries else f"{m.name} ({side})"
-        entry = {"role": side, "family": fam, "attacked": m is attacked, "clean": clean_out.public()}
+        entry = {"role": side, "family": fam, "attacked": white_box, "clean": clean_out.public()}
         if getattr(m, "description", None):  # a clip-family model that is not CLIP says what it is
             entry["about"] = m.description
         if m.spec.get("tokenizer", {}).get("kind") == SHAPES_TOKENIZER:  # a shapes-world vocabulary
@@ -210,6 +248,8 @@ def run_curve(service: Any, image: Any, request: InspectRequest, eps_k: Sequence
     meta = OBJECTIVES.meta(req.target)
     out: dict[str, Any] = {"eps_k255": eps_k, "metric": meta["target_metric"] if req.target_text else meta["metric"],
                            "target": req.target, "attack": req.attack_config(), "series": {}}
+    if req.crafted_on != "own":  # a curve is one batched run per side against its own model
+        out["note"] = "the curve attacks each side's own model (white-box), whatever the image is crafted on"
     views = service.views
     with service.lock, contextlib.ExitStack() as stack:
         names = [(s, n) for s, n in ((s, getattr(req, s).get(family)) for s in SIDES) if n]

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..images import pixels_to_uint8
 
@@ -126,14 +125,6 @@ def amplify(delta: torch.Tensor) -> np.ndarray:
 
 def image_digest(img) -> str:
     return hashlib.sha256(np.asarray(img).tobytes() + repr(img.size).encode()).hexdigest()[:16]
-
-
-def resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
-    """One side's adversarial image at another model's input size (bilinear, antialiased)."""
-    if pixels.shape[-1] == size and pixels.shape[-2] == size:
-        return pixels
-    return F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=True).clamp(0, 1)
 
 
 def top_k(probs: torch.Tensor, labels: list[str], k: int) -> dict[str, list]:

@@ -28,7 +28,12 @@ MAX_CLASS_CHARS = 100
 MAX_TEXT_CHARS = 300  # question, target, template
 
 FIELD_LABELS = {"eps_k": "epsilon (k/255)", "alpha_k": "step size (k/255)", "steps": "steps", "seed": "seed",
-                "top_k": "top-k"}
+                "top_k": "top-k", "momentum": "momentum (MI)", "diversity": "input diversity (DI probability)"}
+# what each side's adversarial image is crafted on: the threat model (service/transfer.py)
+CRAFTED_ON = {"own": "each side's own model (white-box)",
+              "other": "the other side's model (transfer: the defended model's weights stay private)",
+              "ensemble": "both sides' models at once (ensemble transfer)"}
+MOMENTUM_MAX = 2.0  # MI-FGSM uses 1.0; above 2 the oldest gradients outweigh the newest
 
 
 class InputError(ValueError):
@@ -67,7 +72,10 @@ class InspectRequest:
     steps: int = 10
     alpha_k: float = 0.0          # 0 = the default step size 2.5 * eps / steps (Madry et al.)
     random_start: bool = True     # attacks that take one (FGSM and BIM start at the clean image by definition)
+    momentum: float = 0.0         # transfer boosters (attacks/boosters.py), off at 0: MI's decay,
+    diversity: float = 0.0        # DI's probability; attacks that do not take one ignore it
     seed: int = 0
+    crafted_on: str = "own"       # CRAFTED_ON: white-box per side, the other side's model, or both at once
     target: str = "zero-shot"     # which task's loss the attack ascends (or descends, with a target)
     classes: list[str] = field(default_factory=list)
     template: str = "a photo of a {}"
@@ -106,12 +114,17 @@ class InspectRequest:
         self._number("eps_k", 0, EPS_MAX_K)
         self._number("steps", 1, STEPS_MAX, whole=True)
         self._number("alpha_k", 0, EPS_MAX_K)
+        self._number("momentum", 0, MOMENTUM_MAX)
+        self._number("diversity", 0, 1)
         self._number("seed", 0, 2**31 - 1, whole=True)
         self._number("top_k", 1, TOP_K_MAX, whole=True)
         if self.target not in targets():
             raise InputError(f"unknown attack target {self.target!r}; choose one of {', '.join(targets())}")
         if self.heatmap not in HEATMAPS.list():
             raise InputError(f"unknown heatmap {self.heatmap!r}; choose one of {', '.join(HEATMAPS.list())}")
+        self.crafted_on = str(self.crafted_on or "own").lower()
+        if self.crafted_on not in CRAFTED_ON:
+            raise InputError(f"unknown 'crafted on' choice {self.crafted_on!r}; choose one of {', '.join(CRAFTED_ON)}")
         self._check_texts()
         for side in SIDES:
             chosen = getattr(self, side)
@@ -120,7 +133,18 @@ class InspectRequest:
                 raise InputError(f"unknown model family {sorted(unknown)[0]!r}; valid: {', '.join(FAMILIES)}")
             setattr(self, side, {f: (chosen.get(f) or None) for f in FAMILIES})
         self._check_models()
+        self._check_sources()
         return self
+
+    def _check_sources(self) -> None:
+        """Crafting on the other side's model needs the attacked family's model on both sides (an ensemble
+        with none is caught by ``_check_models``: no model of the attacked family)."""
+        family = target_family(self.target)
+        have = [s for s in SIDES if getattr(self, s).get(family)]
+        if self.crafted_on == "other" and len(have) < len(SIDES):
+            missing = next(s for s in SIDES if s not in have)
+            raise InputError(f"crafting on the other side's model needs a {family} model on both sides; the "
+                             f"{missing} side has none - pick one, or craft on each side's own model")
 
     def _check_texts(self) -> None:
         self.classes = parse_classes(self.classes)
@@ -177,7 +201,8 @@ class InspectRequest:
         return {"name": self.attack, "eps": self.eps, "eps_k255": self.eps_k,
                 "alpha": self.alpha_k / 255.0 if self.alpha_k > 0 and takes_alpha else None, "alpha_rule":
                 "2.5*eps/steps" if not self.alpha_k and takes_alpha else None, "norm": self.norm,
-                "steps": atk.steps, "random_start": atk.random_start, "seed": self.seed,
+                "steps": atk.steps, "random_start": atk.random_start, **atk.boosters(), "seed": self.seed,
+                "crafted_on": self.crafted_on,
                 "target": self.target, "targeted": bool(self.target_text), "target_text": self.target_text or None}
 
 
@@ -194,4 +219,4 @@ def make_attack(req: InspectRequest, dim: int, eps_k: float | Sequence[float] | 
     eps = [e * scale for e in eps_k] if many else (req.eps_k if eps_k is None else eps_k) * scale
     alpha = req.alpha_k * scale if req.alpha_k > 0 and not many else None
     return ATTACKS.build(req.attack, eps=eps, alpha=alpha, steps=req.steps, random_start=req.random_start,
-                         norm=req.norm)
+                         norm=req.norm, momentum=req.momentum, diversity=req.diversity)

@@ -36,6 +36,10 @@ def side_verdict(report: dict[str, Any], side: str) -> dict[str, Any] | None:
         text = f"fooled: {quote(before)} → {quote(after)}"
     else:
         text = f"held: {quote(after)}" + (f" (target “{wanted}” not reached)" if wanted else "")
+    source = report.get("perturbation", {}).get("sides", {}).get(side, {}).get("crafted_on", side)
+    if source != side:  # a transfer: say where the image came from
+        text += " — image crafted on both sides' models" if source == "ensemble" else \
+            f" — image crafted on the {source} model"
     return {"fooled": fooled, "text": text, "model": next(n for n, x in report["models"].items() if x is e)}
 
 

@@ -21,7 +21,7 @@ from ..models import FAMILIES, PHOTO_CLIP, ModelUnavailableError
 from ..report import render_png, write_json
 from ..runtime import inside
 from ..service import (DEFAULT_LABEL_SET, DEFAULT_QUESTION, SIDES, Cancelled, InputError, InspectRequest,
-                       InspectService, Inspection, label_sets, side_entries, side_markdown)
+                       InspectService, Inspection, label_sets, matrix_markdown, side_entries, side_markdown)
 
 NONE = "(none)"
 PERSON_ERRORS = (InputError, ImageError, ModelUnavailableError, CheckpointError)
@@ -59,7 +59,8 @@ def model_value(name: str | None) -> str | None:
 
 def build_request(models: dict[str, dict[str, str | None]], attack: str, norm: str, eps_k: Any, steps: Any,
                   alpha_k: Any, random_start: bool, seed: Any, target: str, classes: str | list[str], template: str,
-                  question: str, target_text: str, heatmap: str) -> InspectRequest:
+                  question: str, target_text: str, heatmap: str, momentum: Any = 0.0,
+                  diversity: Any = 0.0, crafted_on: str = "own") -> InspectRequest:
     """A validated :class:`InspectRequest` from the page's (or the API's) values, taken as they are (the
     page always shows what it sends; the API fills empty fields with :meth:`InspectService.suite_fields`)."""
     return InspectRequest(
@@ -68,7 +69,8 @@ def build_request(models: dict[str, dict[str, str | None]], attack: str, norm: s
         attack=attack, norm=norm, eps_k=eps_k, steps=steps, alpha_k=alpha_k if alpha_k is not None else 0,
         random_start=bool(random_start), seed=seed if seed is not None else 0, target=target,
         classes=classes or "", template=template or "{}", question=question or "", target_text=target_text or "",
-        heatmap=heatmap,
+        heatmap=heatmap, momentum=momentum if momentum is not None else 0.0,
+        diversity=diversity if diversity is not None else 0.0, crafted_on=crafted_on or "own",
     ).validate()
 
 
@@ -113,6 +115,7 @@ def inspection_outputs(ins: Inspection) -> list[Any]:
     for side in SIDES:
         out += [verdict_markdown(rep, side), label_value(rep, side, "clean"), label_value(rep, side, "adversarial"),
                 side_markdown(rep, side)]
+    out.append(matrix_markdown(rep))
     out.append(warnings_markdown(ins))
     return out
 
@@ -241,7 +244,8 @@ def api_request(service: InspectService, args: dict[str, Any]) -> InspectRequest
     return build_request({"baseline": f["baseline"], "defended": f["defended"]}, args["attack"], args["norm"],
                         args["eps"], args["steps"], args["step_size"], args["random_start"], args["seed"],
                         args["target"], f["classes"], f["template"], f["question"], args["target_text"],
-                        args["heatmap"])
+                        args["heatmap"], args.get("momentum", 0.0), args.get("diversity", 0.0),
+                        args.get("crafted_on") or "own")
 
 
 def client_gone(demo: gr.Blocks, request: gr.Request | None) -> Callable[[], bool]:

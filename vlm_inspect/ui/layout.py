@@ -11,8 +11,8 @@ from ..attacks import ATTACKS, NORMS, taking as _taking
 from ..explain import HEATMAPS
 from ..models import FAMILIES, SUITES
 from ..report import curve_figure
-from ..service import (CHECK_BUDGETS, CURVE_EPS_K, EPS_MAX_K, SIDES, STEPS_MAX, InspectService, check_markdown,
-                       label_sets, targets)
+from ..service import (CHECK_BUDGETS, CRAFTED_ON, CURVE_EPS_K, EPS_MAX_K, MOMENTUM_MAX, SIDES, STEPS_MAX, InspectService,
+                       check_markdown, label_sets, targets)
 from . import handlers as H
 from .serve import UPLOAD_TTL_S
 
@@ -71,6 +71,8 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
                                 "`--weights-dir` (see `python -m vlm_inspect.models.fetch --help`).")
                     refresh = gr.Button("↻ Refresh model lists", size="sm", elem_id="refresh-models")
                 attack = gr.Radio(ATTACKS.list(), value="pgd", label="Attack")
+                crafted_on = gr.Radio([(text, key) for key, text in CRAFTED_ON.items()], value="own",
+                                      label="Crafted on (each side's image)", elem_id="crafted-on")
                 eps = gr.Slider(0, EPS_MAX_K, value=4, step=0.5, label="Epsilon (k/255)", elem_id="eps")
                 with gr.Accordion("Attack settings", open=False):
                     norm = gr.Radio(list(NORMS), value="linf", label="Norm")
@@ -80,6 +82,12 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
                     with gr.Row():
                         random_start = gr.Checkbox(True, label=f"Random start ({_taking('random_start')})")
                         seed = gr.Number(0, precision=0, minimum=0, label="Seed")
+                    # transfer boosters (attacks/boosters.py): off at 0; the labels name the attacks taking them
+                    with gr.Row():
+                        momentum = gr.Slider(0, MOMENTUM_MAX, value=0, step=0.1, elem_id="momentum",
+                                             label=f"Momentum, MI ({_taking('momentum')}; 1 = MI-FGSM, 0 = off)")
+                        diversity = gr.Slider(0, 1, value=0, step=0.1, elem_id="diversity",
+                                              label=f"Input diversity, DI ({_taking('diversity')}; 0.5 = DI, 0 = off)")
                     check_budget = gr.Radio(list(CHECK_BUDGETS), value="quick", elem_id="check-budget",
                                             label="AutoAttack check budget (quick: seconds; standard: the "
                                                   "reference's, about a minute per side)")
@@ -125,6 +133,7 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
                                     labels[side, w] = gr.Label(num_top_classes=5, label=f"Zero-shot top-5 ({w})",
                                                                elem_id=f"label-{side}-{w}")
                             texts[side] = gr.Markdown(elem_id=f"text-{side}")
+                transfer_md = gr.Markdown(elem_id="transfer")
                 # empty until used: collapsed, so the results read at a glance
                 with gr.Accordion("Export PNG + JSON", open=False, elem_id="export-panel"):
                     export_btn = gr.Button("Export PNG + JSON", size="sm", elem_id="export-btn")
@@ -137,15 +146,15 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
                     curve_plot = gr.Plot(label="Robustness curve", elem_id="curve")
 
         settings = [attack, norm, eps, steps, alpha, random_start, seed, target, classes, template, question,
-                    target_text, heatmap]
+                    target_text, heatmap, momentum, diversity, crafted_on]
         result_widgets = ([clean_img, adv_b, pert_b, adv_d, pert_d,
                            heat["baseline", "clean"], heat["baseline", "adversarial"],
                            heat["defended", "clean"], heat["defended", "adversarial"], sizes]
                           + [w for s in SIDES for w in (verdicts[s], labels[s, "clean"], labels[s, "adversarial"],
                                                        texts[s])]
-                          + [warnings])
+                          + [transfer_md, warnings])
         # the image order inside result_widgets must follow handlers.OUTPUT_IMAGES
-        assert len(result_widgets) == len(H.OUTPUT_IMAGES) + 1 + 4 * len(SIDES) + 1
+        assert len(result_widgets) == len(H.OUTPUT_IMAGES) + 1 + 4 * len(SIDES) + 2
 
         def request_from(values: list[Any]):
             _suite, *rest = values  # the suite only decides what the dropdowns offer
@@ -211,11 +220,14 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
                         baseline_clip: str = "default", baseline_captioner: str = "default",
                         baseline_vqa: str = "default", defended_clip: str = "default",
                         defended_captioner: str = "default", defended_vqa: str = "default",
+                        momentum: float = 0.0, diversity: float = 0.0, crafted_on: str = "own",
                         request: gr.Request = None) -> dict:
             """One inspection; returns the JSON report (its fields are described in the README). eps and
             step_size are in k/255. Model arguments: a model name, "default" (the suite's default) or
-            "none". Empty classes, template or question use the suite's defaults. The image must be an
-            upload (gradio_client.handle_file)."""
+            "none". Empty classes, template or question use the suite's defaults. momentum and diversity
+            are the transfer boosters MI and DI (0 = off); crafted_on is "own" (white-box per side),
+            "other" (each side shown the image crafted on the other side's model) or "ensemble"; the
+            report's "transfer" holds the matrix. The image must be an upload (gradio_client.handle_file)."""
             args = {k: v for k, v in locals().items() if k != "request"}
             return H.api_inspect(service, image, args, cancelled=H.client_gone(demo, request))
 
@@ -228,7 +240,8 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
                       baseline_clip: str = "default", baseline_captioner: str = "default",
                       baseline_vqa: str = "default", defended_clip: str = "default",
                       defended_captioner: str = "default", defended_vqa: str = "default",
-                      budget: str = "quick", request: gr.Request = None) -> dict:
+                      momentum: float = 0.0, diversity: float = 0.0, budget: str = "quick",
+                      request: gr.Request = None) -> dict:
             """The AutoAttack check of the image for each side's zero-shot model, with the arguments of
             /inspect plus budget ("quick" or "standard"); returns per side whether the model survives at
             eps, which attack broke it at which step, and whether the chosen attack said it survives."""
