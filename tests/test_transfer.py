@@ -181,7 +181,9 @@ def test_evaluate_transfer_from(tmp_path):
     rows = {(r.get("source"), r["model"], r["attack"]): r["value"] for r in doc["rows"]}
     assert "crafted on" in out.read_text() and "→ shapes-clip+tecoa" in out.read_text()
     assert all("source" not in r for r in doc["records"])
-    assert rows["shapes-clip", "shapes-clip", "pgd"] >= rows[None, "shapes-clip", "pgd"]
+    # early stop counts an image fooled at any iterate, so the white-box row is at most the diagonal; one
+    # image of slack: a batch that shrinks as images leave rounds differently, which can flip a sign step
+    assert rows["shapes-clip", "shapes-clip", "pgd"] >= rows[None, "shapes-clip", "pgd"] - 1 / 12
     src, tgt = load("shapes-clip"), load("shapes-clip+tecoa")
     data = open_data("shapes:shapes-combo", "test", seed=0, length=12, image_size=64)
     px = to_pixels([data[i]["image"] for i in range(12)], 64)
@@ -196,12 +198,29 @@ def test_evaluate_transfer_from(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--transfer-from", "shapes-captioner"], "a source must be of the targets' family"),
+    (["--transfer-from", "shapes-clip", "--models", "shapes-clip,shapes-vqa"], "give models of one family"),
     (["--transfer-from", "shapes-clip", "--attack", "autoattack"], "autoattack is an ensemble"),
 ])
 def test_evaluate_transfer_bad_input(tmp_path, capsys, argv, message):
     from vlm_inspect.evaluate.cli import main as evaluate_main
 
     out = tmp_path / "t.md"
-    assert evaluate_main(["--models", "shapes-clip", "--data", "shapes:shapes-combo", "--samples", "2",
-                          "--eps", "1/255", *argv, "--out", str(out)]) == 2
+    models = [] if "--models" in argv else ["--models", "shapes-clip"]
+    assert evaluate_main([*models, "--data", "shapes:shapes-combo", "--samples", "2", "--eps", "1/255", *argv,
+                          "--out", str(out)]) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_evaluate_transfer_of_captions(tmp_path):
+    """Captions: the defended captioner shown images crafted on the undefended one, with BLEU-4, CIDEr
+    and ROUGE-L rows, the caption of the lowest CIDEr over two restarts."""
+    from vlm_inspect.evaluate.cli import main as evaluate_main
+
+    out = tmp_path / "c.md"
+    assert evaluate_main(["--models", "shapes-captioner+fgsm-decoder", "--transfer-from", "shapes-captioner",
+                          "--data", "shapes:shapes-scenes", "--eps", "4/255", "--steps", "2", "--restarts", "2",
+                          "--samples", "4", "--out", str(out)]) == 0
+    rows = [r for r in json.loads(out.with_suffix(".json").read_text())["rows"] if "source" in r]
+    assert {r["metric"] for r in rows} == {"bleu4", "cider", "rouge_l"}
+    assert all(r["source"] == "shapes-captioner" and 0 <= r["value"] for r in rows)
+    assert "cider, pgd 4/255:" in out.read_text()

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"({taking('diversity')})")
     p.add_argument("--transfer-from", default=None, metavar="MODEL[,MODEL...]",
                    help="also craft each attack on these models and score the images on every --models entry "
-                        "(transfer robust accuracy; zero-shot models)")
+                        "(transfer robustness; sources and targets of one family)")
     p.add_argument("--samples", type=int, default=500, help="samples per data set (test split)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="data and random starts")

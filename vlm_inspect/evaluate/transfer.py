@@ -1,14 +1,14 @@
-"""Transfer robust accuracy (``evaluate --transfer-from``): images crafted on a source model, shown to
-every target model.
+"""Transfer robustness (``evaluate --transfer-from``): images crafted on a source model, shown to every
+target model.
 
 The threat model of a deployed model whose weights stay private: the attacker crafts on a model they
 have (the public original, say) and hopes the image fools the one they cannot see. For every data
 set, source and attack, each batch is attacked on the source (the full attack: no early stop, since
-an image that already fools the source may need more steps to fool a target), and every target
-classifies the result, resized to its input size as the app does. A sample counts as robust for a
-target when the target is right on the clean image and on the images of every restart (the worst
-case over restarts, as for white-box rows). Zero-shot classification only; captions and answers
-transfer in the app's matrix.
+an image that already fools the source may need more steps to fool a target), and every target is
+shown the result, resized to its input size as the app does. The worst case over restarts is counted
+as for the white-box rows: zero-shot, right on the clean image and after every restart; VQA, the
+exact match after every restart; captions, per sample the caption with the lowest CIDEr. Sources and
+targets are of one family.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from ..attacks.base import eps_label
 from ..data.sources import open_data
 from ..images import resize_pixels, to_pixels
 from ..models import load
-from ..objectives import zero_shot_ce
+from ..objectives import answer_nll, caption_nll, zero_shot_ce
+from .metrics import caption_scores, exact_match
 from .run import AttackSpec, _chunk_seed, _chunks, default_data
 
 log = logging.getLogger("vlm_inspect.evaluate")
@@ -48,70 +49,119 @@ def _transfer(sources, targets, data, attacks, n, batch_size, seed, device, shar
         raise ValueError("--transfer-from crafts with one attack at a time and autoattack is an ensemble: add "
                          "pgd, apgd, bim or fgsm to --attack")
     tgt = {name: load(name, device=device).eval() for name in targets}
-    for name, m in tgt.items():
-        if m.family != "clip":
-            raise ValueError(f"--transfer-from scores zero-shot classification; the target {name!r} is a {m.family} "
-                             "model (captions and answers transfer in the app's matrix)")
+    families = sorted({m.family for m in tgt.values()})
+    if len(families) > 1:
+        raise ValueError(f"--transfer-from scores every --models entry on the same images: give models of one "
+                         f"family, got {' and '.join(families)} models")
+    fam = families[0]
     rows: list[dict[str, Any]] = []
     for source_name in sources:
         src = load(source_name, device=device).eval()
-        if src.family != "clip":
+        if src.family != fam:
             raise ValueError(f"the transfer source {source_name!r} is a {src.family} model and the targets are "
-                             "zero-shot classifiers: a source must be of the targets' family (clip)")
-        for spec_data in data or default_data("clip"):
+                             f"{fam} models: a source must be of the targets' family")
+        for spec_data in data or default_data(fam):
             ds = open_data(spec_data, "test", seed=seed, length=n, image_size=src.image_size)
             count = min(n, len(ds))
             items = [ds[i] for i in range(count)]
             pixels = to_pixels([r["image"] for r in items], src.image_size)
-            labels = torch.tensor([r["label"] for r in items])
-            with torch.no_grad():
-                src_text = src.encode_text(ds.prompts)
-                texts = {t: m.encode_text(ds.prompts) for t, m in tgt.items()}
-
-            def right(t: str, x: torch.Tensor, idx: list[int]) -> list[bool]:
-                m = tgt[t]
-                with torch.no_grad():
-                    pred = m.logits(m.encode_image(resize_pixels(x.to(m.device), m.image_size)), texts[t]).argmax(-1)
-                return (pred.cpu() == labels[idx]).tolist()
-
+            objective, predict, summarize = _task(fam, ds, items, src, tgt)
             mine = [(k, idx) for k, idx in enumerate(_chunks(count, batch_size)) if k % shard.world == shard.rank]
             for spec in specs:
                 atk = spec.build()
-                ok_mine: dict[str, dict[int, bool]] = {t: {} for t in tgt}
+                preds_mine: dict[str, dict[int, list]] = {t: {} for t in tgt}  # sample -> [clean, run 0, ...]
                 for k, idx in mine:
-                    ok = {t: right(t, pixels[idx], idx) for t in tgt}  # a clean mistake stays a mistake
+                    for t in tgt:
+                        preds_mine[t].update((i, [p]) for i, p in zip(idx, predict(t, pixels[idx], idx)))
                     for r in range(spec.runs):
                         gen = torch.Generator(device=src.device).manual_seed(_chunk_seed(seed, r, k))
-                        obj = zero_shot_ce(src, ds.prompts, labels[idx], text_features=src_text)
-                        adv = atk(pixels[idx].to(src.device), obj, generator=gen).adv
+                        adv = atk(pixels[idx].to(src.device), objective(idx), generator=gen).adv
                         for t in tgt:
-                            ok[t] = [a and b for a, b in zip(ok[t], right(t, adv, idx))]
-                    for t in tgt:
-                        ok_mine[t].update(zip(idx, ok[t]))
+                            for i, p in zip(idx, predict(t, adv, idx)):
+                                preds_mine[t][i].append(p)
                 for t in tgt:
-                    merged: dict[int, bool] = {}
-                    for part in D.all_gather_objects(ok_mine[t], shard):
+                    merged: dict[int, list] = {}
+                    for part in D.all_gather_objects(preds_mine[t], shard):
                         merged.update(part)
-                    value = sum(merged[i] for i in range(count)) / count
-                    rows.append({"model": t, "source": source_name, "data": spec_data, "eps": eps_label(spec.eps),
-                                 "attack": spec.name, "metric": "top1", "value": round(float(value), 4), "n": count})
+                    for metric, value in summarize([merged[i] for i in range(count)]).items():
+                        rows.append({"model": t, "source": source_name, "data": spec_data, "eps": eps_label(spec.eps),
+                                     "attack": spec.name, "metric": metric, "value": round(float(value), 4),
+                                     "n": count})
             log.info("transfer from %s on %s done", source_name, spec_data)
     return rows
 
 
+def _task(fam: str, ds, items: list[dict], src, tgt: dict):
+    """The source's objective for a batch, each target's per-sample prediction, and the metrics from each
+    sample's ``[clean, run 0, run 1, ...]`` predictions, counted as the white-box rows count them:
+    zero-shot, right on the clean image and after every run; VQA, exact match after every run; captions,
+    per sample the caption with the lowest CIDEr over the runs."""
+    def seen_by(m, x):
+        return resize_pixels(x.to(m.device), m.image_size)
+
+    if fam == "clip":
+        labels = torch.tensor([r["label"] for r in items])
+        with torch.no_grad():
+            src_text = src.encode_text(ds.prompts)
+            texts = {t: m.encode_text(ds.prompts) for t, m in tgt.items()}
+
+        def predict(t, x, idx):
+            m = tgt[t]
+            with torch.no_grad():
+                pred = m.logits(m.encode_image(seen_by(m, x)), texts[t]).argmax(-1).cpu()
+            return (pred == labels[idx]).tolist()
+
+        return (lambda idx: zero_shot_ce(src, ds.prompts, labels[idx], text_features=src_text), predict,
+                lambda per: {"top1": sum(all(p) for p in per) / len(per)})
+    if fam == "vqa":
+        questions, answers = [r["question"] for r in items], [r["answer"] for r in items]
+
+        def predict(t, x, idx):
+            with torch.no_grad():
+                return tgt[t].answer(seen_by(tgt[t], x), [questions[i] for i in idx])
+
+        def summarize(per):
+            ok = [all(exact_match(p[1:], [a] * (len(p) - 1))) for p, a in zip(per, answers)]
+            return {"exact_match": sum(ok) / len(ok)}
+
+        return (lambda idx: answer_nll(src, [questions[i] for i in idx], [answers[i] for i in idx]), predict,
+                summarize)
+    refs = [r.get("captions") or [r["caption"]] for r in items]
+
+    def predict(t, x, idx):
+        with torch.no_grad():
+            return tgt[t].generate(seen_by(tgt[t], x))
+
+    def summarize(per):
+        worst, cider = None, None
+        for r in range(1, len(per[0])):
+            caps = [p[r] for p in per]
+            each = caption_scores(caps, refs)["cider_per_sample"]
+            if worst is None:
+                worst, cider = caps, each
+            else:
+                pick = [c2 < c1 for c1, c2 in zip(cider, each)]
+                worst = [b if q else a for a, b, q in zip(worst, caps, pick)]
+                cider = [min(a, b) for a, b in zip(cider, each)]
+        final = caption_scores(worst, refs)
+        return {k: final[k] for k in ("bleu4", "cider", "rouge_l")}
+
+    return lambda idx: caption_nll(src, [refs[i][0] for i in idx]), predict, summarize
+
+
 def transfer_markdown(rows: list[dict[str, Any]]) -> str:
-    """One table per attack and eps: rows the sources (per data set, and their average over data sets),
+    """One table per metric, attack and eps: rows the sources (per data set, and their average over data sets),
     columns the targets."""
     rows = [r for r in rows if "source" in r]
     if not rows:
         return ""
     targets = list(dict.fromkeys(r["model"] for r in rows))
-    lines = ["**transfer top1**: images crafted on the row's model, shown to the column's (each row's model "
+    lines = ["**transfer**: images crafted on the row's model, shown to the column's (each row's model "
              "attacked white-box where it is also a column)", ""]
-    for attack, eps in dict.fromkeys((r["attack"], r["eps"]) for r in rows):
-        at = [r for r in rows if (r["attack"], r["eps"]) == (attack, eps)]
+    for metric, attack, eps in dict.fromkeys((r["metric"], r["attack"], r["eps"]) for r in rows):
+        at = [r for r in rows if (r["metric"], r["attack"], r["eps"]) == (metric, attack, eps)]
         datas = list(dict.fromkeys(r["data"] for r in at))
-        lines += [f"{attack} {eps}:", "", "| crafted on | data | " + " | ".join(f"→ {t}" for t in targets) + " |",
+        lines += [f"{metric}, {attack} {eps}:", "", "| crafted on | data | " + " | ".join(f"→ {t}" for t in targets) + " |",
                   "|---|---|" + "---|" * len(targets)]
         for source in dict.fromkeys(r["source"] for r in at):
             for d in datas + (["**average**"] if len(datas) > 1 else []):

@@ -22,8 +22,9 @@ CONCURRENCY = {"concurrency_id": "models", "concurrency_limit": 1}  # one model 
 
 INTRO = """# vlm_inspect
 Upload an image (or pick a sample), choose an attack and slide **epsilon**: each side's model is
-attacked white-box on the chosen task, and every model of that side is shown the result. Release the
-slider to re-run; clean results are cached. Budgets are in k/255 of the pixel range; for L2 the
+attacked white-box on the chosen task (or, with **Crafted on**, the other side's model or both at once),
+and every model of that side is shown the result; the **transfer matrix** shows each crafted image to
+both sides. Release the slider to re-run; clean results are cached. Budgets are in k/255 of the pixel range; for L2 the
 radius is k/255·√(pixel values), the same root-mean-square change per pixel as L∞ at the same k.
 The shapes models know only their procedural world: a photo (a sample or your own) switches
 zero-shot to **ConSE**, a real ImageNet classifier + sentence encoder that works offline; for
