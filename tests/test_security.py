@@ -56,7 +56,7 @@ def raw_call(url: str, image, session: str = "raw", **overrides) -> dict:
             "seed": 0, "target": "zero-shot", "classes": "", "template": "", "question": "", "target_text": "",
             "heatmap": "attention", "suite": "embedded", "baseline_clip": "default", "baseline_captioner": "default",
             "baseline_vqa": "default", "defended_clip": "default", "defended_captioner": "default",
-            "defended_vqa": "default", **overrides}
+            "defended_vqa": "default", "momentum": 0.0, "diversity": 0.0, "crafted_on": "own", **overrides}
     joined = httpx.post(url + "gradio_api/queue/join", json={"data": [image, *args.values()], "fn_index": fn,
                                                              "session_hash": session, "event_data": None,
                                                              "trigger_id": None}, timeout=30)
@@ -346,7 +346,7 @@ def test_a_job_whose_client_left_stops_between_attack_steps(caplog):
         fn = next(i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == "inspect")
         classes = ",".join(f"class {i}" for i in range(1000))
         data = [file, "pgd", 8.0, 100, "linf", 0.0, True, 0, "zero-shot", classes, "", "", "", "attention",
-                "embedded", "default", "default", "default", "default", "default", "default"]
+                "embedded", "default", "default", "default", "default", "default", "default", 0.0, 0.0, "own"]
         session = "leaver"
         caplog.set_level(logging.INFO, logger="vlm_inspect.ui.handlers")
         joined = httpx.post(url + "gradio_api/queue/join", json={"data": data, "fn_index": fn, "session_hash": session,
