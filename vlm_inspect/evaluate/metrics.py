@@ -39,3 +39,13 @@ def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
     """VQA v2 accuracy of one answer: min(#humans who gave it / 3, 1)."""
     p = normalize_text(prediction)
     return min(1.0, sum(normalize_text(a) == p for a in human_answers) / 3.0)
+
+
+def lower_cider(worst: list[str] | None, cider: list[float] | None, captions: Sequence[str],
+                each: Sequence[float]) -> tuple[list[str], list[float]]:
+    """Per sample, the caption of lower CIDEr: ``worst``/``cider`` so far (None at first) against
+    ``captions`` with their per-sample CIDEr ``each`` (the worst case over restarts or attacks)."""
+    if worst is None or cider is None:
+        return list(captions), list(each)
+    pick = [c2 < c1 for c1, c2 in zip(cider, each)]
+    return ([b if p else a for a, b, p in zip(worst, captions, pick)], [min(a, b) for a, b in zip(cider, each)])

@@ -23,7 +23,7 @@ from ..images import to_pixels
 from ..models import load
 from ..objectives import answer_nll, caption_nll, zero_shot_ce
 from . import autoattack as AA
-from .metrics import caption_scores, exact_match
+from .metrics import caption_scores, exact_match, lower_cider
 
 log = logging.getLogger("vlm_inspect.evaluate")
 
@@ -221,28 +221,17 @@ def evaluate_data(model, data, data_spec: str, attacks: Sequence[AttackSpec], n:
                     for i, p in zip(idx, predict(adv, idx)):
                         runs_mine.setdefault(i, []).append(p)
             runs = gathered(runs_mine)
-            preds_all = None
+            preds_all, cid = None, None
             for r in range(spec.runs):
                 preds = [runs[i][r] for i in range(n)]
                 result = score(preds)
                 if fam == "captioner":  # the caption with the lowest CIDEr per sample, over the restarts
-                    each = result["cider_per_sample"]
-                    if preds_all is None:
-                        preds_all, cid = preds, each
-                    else:
-                        pick = [c2 < c1 for c1, c2 in zip(cid, each)]
-                        preds_all = [b if p else a for a, b, p in zip(preds_all, preds, pick)]
-                        cid = [min(a, b) for a, b in zip(cid, each)]
+                    preds_all, cid = lower_cider(preds_all, cid, preds, result["cider_per_sample"])
                 else:
                     preds_all = result if preds_all is None else [a and b for a, b in zip(preds_all, result)]
             if fam == "captioner":
                 final = caption_scores(preds_all, refs)
-                if worst_caps is None:
-                    worst_caps, worst_cider = list(preds_all), list(final["cider_per_sample"])
-                else:
-                    pick = [c2 < c1 for c1, c2 in zip(worst_cider, final["cider_per_sample"])]
-                    worst_caps = [b if p else a for a, b, p in zip(worst_caps, preds_all, pick)]
-                    worst_cider = [min(a, b) for a, b in zip(worst_cider, final["cider_per_sample"])]
+                worst_caps, worst_cider = lower_cider(worst_caps, worst_cider, preds_all, final["cider_per_sample"])
             else:
                 final = preds_all
                 worst_ok = list(final) if worst_ok is None else [a and b for a, b in zip(worst_ok, final)]

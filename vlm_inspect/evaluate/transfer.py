@@ -23,7 +23,7 @@ from ..data.sources import open_data
 from ..images import resize_pixels, to_pixels
 from ..models import load
 from ..objectives import answer_nll, caption_nll, zero_shot_ce
-from .metrics import caption_scores, exact_match
+from .metrics import caption_scores, exact_match, lower_cider
 from .run import AttackSpec, _chunk_seed, _chunks, default_data
 
 log = logging.getLogger("vlm_inspect.evaluate")
@@ -136,13 +136,7 @@ def _task(fam: str, ds, items: list[dict], src, tgt: dict):
         worst, cider = None, None
         for r in range(1, len(per[0])):
             caps = [p[r] for p in per]
-            each = caption_scores(caps, refs)["cider_per_sample"]
-            if worst is None:
-                worst, cider = caps, each
-            else:
-                pick = [c2 < c1 for c1, c2 in zip(cider, each)]
-                worst = [b if q else a for a, b, q in zip(worst, caps, pick)]
-                cider = [min(a, b) for a, b in zip(cider, each)]
+            worst, cider = lower_cider(worst, cider, caps, caption_scores(caps, refs)["cider_per_sample"])
         final = caption_scores(worst, refs)
         return {k: final[k] for k in ("bleu4", "cider", "rouge_l")}
 
