@@ -12,15 +12,14 @@ import os
 import sys
 from pathlib import Path
 
-from .attacks import ATTACKS, NORMS, attack_help, parse_eps, taking
+from .attacks import ATTACKS, NORMS, attack_help, booster_help, parse_eps, taking
 from .explain import HEATMAPS, heatmap_help
 from .models import FAMILIES, SUITES
 from .runtime import add_arguments, apply_weights_dir
-from .service.request import CRAFTED_ON
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .service import CHECK_BUDGETS, CURVE_EPS_K, label_sets, targets
+    from .service import CHECK_BUDGETS, CRAFTED_ON, CURVE_EPS_K, label_sets, targets
 
     ap = argparse.ArgumentParser(prog="python -m vlm_inspect.inspect", description=__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -41,11 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed of the random start")
     ap.add_argument("--crafted-on", default="own", choices=list(CRAFTED_ON),
                     help="what each side's image is crafted on: " + "; ".join(f"{k}: {v}" for k, v in CRAFTED_ON.items()))
-    ap.add_argument("--momentum", type=float, default=0.0,
-                    help=f"transfer booster MI: momentum decay, 1.0 is MI-FGSM's; 0 = off ({taking('momentum')})")
-    ap.add_argument("--diversity", type=float, default=0.0,
-                    help=f"transfer booster DI: probability of the random resize-and-pad, 0.5 is DI's; 0 = off "
-                         f"({taking('diversity')})")
+    ap.add_argument("--momentum", type=float, default=0.0, help=booster_help("momentum"))
+    ap.add_argument("--diversity", type=float, default=0.0, help=booster_help("diversity"))
     ap.add_argument("--target", choices=targets(), default="zero-shot", help="the task whose loss is attacked")
     ap.add_argument("--target-text", default="", help="a class, caption or answer: makes the attack targeted")
     ap.add_argument("--label-set", choices=list(label_sets()), default=None,

@@ -27,6 +27,15 @@ def taking(setting: str) -> str:
     return ", ".join(ATTACKS.meta(a).get("label", a.upper()) for a in ATTACKS.list() if setting in ATTACKS.parameters(a))
 
 
+BOOSTER_HELP = {"momentum": "transfer booster MI: momentum decay, 1.0 is MI-FGSM's; 0 = off",
+                "diversity": "transfer booster DI: probability of the random resize-and-pad, 0.5 is DI's; 0 = off"}
+
+
+def booster_help(setting: str) -> str:
+    """The command lines' help for a transfer booster (``momentum``, ``diversity``), with the attacks taking it."""
+    return f"{BOOSTER_HELP[setting]} ({taking(setting)})"
+
+
 def is_randomised(name: str) -> bool:
     """Whether the attack ``name`` can start at random (so restarts differ)."""
     return "random_start" in ATTACKS.parameters(name)

@@ -141,8 +141,7 @@ class Attack:
 
     def boosters(self) -> dict[str, float]:
         """The boosters that are on (a plain attack's description and record stay as they were)."""
-        return {k: v for k, v in (("momentum", getattr(self, "momentum", 0.0)),
-                                  ("diversity", getattr(self, "diversity", 0.0))) if v}
+        return {k: v for k, v in (("momentum", self.momentum), ("diversity", self.diversity)) if v}
 
     def config(self) -> dict:
         listed = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 - JSON-friendly

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..attacks import ATTACKS, NORMS, attack_help, taking
+from ..attacks import ATTACKS, NORMS, attack_help, booster_help, taking
 from ..attacks.boosters import check_diversity, check_momentum
 from ..attacks.base import parse_fraction
 from ..runtime import add_arguments, apply_weights_dir
@@ -39,11 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restarts", type=int, default=1,
                    help="restarts of the attacks with a random start; worst case per sample")
     p.add_argument("--norm", default="linf", choices=list(NORMS))
-    p.add_argument("--momentum", type=float, default=0.0,
-                   help=f"transfer booster MI: momentum decay, 1.0 is MI-FGSM's; 0 = off ({taking('momentum')})")
-    p.add_argument("--diversity", type=float, default=0.0,
-                   help=f"transfer booster DI: probability of the random resize-and-pad, 0.5 is DI's; 0 = off "
-                        f"({taking('diversity')})")
+    p.add_argument("--momentum", type=float, default=0.0, help=booster_help("momentum"))
+    p.add_argument("--diversity", type=float, default=0.0, help=booster_help("diversity"))
     p.add_argument("--transfer-from", default=None, metavar="MODEL[,MODEL...]",
                    help="also craft each attack on these models and score the images on every --models entry "
                         "(transfer robustness; sources and targets of one family)")

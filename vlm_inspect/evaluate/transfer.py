@@ -67,12 +67,14 @@ def _transfer(sources, targets, data, attacks, n, batch_size, seed, device, shar
             pixels = to_pixels([r["image"] for r in items], src.image_size)
             objective, predict, summarize = _task(fam, ds, items, src, tgt)
             mine = [(k, idx) for k, idx in enumerate(_chunks(count, batch_size)) if k % shard.world == shard.rank]
+            clean = {t: {i: p for _, idx in mine for i, p in zip(idx, predict(t, pixels[idx], idx))} for t in tgt}
             for spec in specs:
                 atk = spec.build()
-                preds_mine: dict[str, dict[int, list]] = {t: {} for t in tgt}  # sample -> [clean, run 0, ...]
+                # sample -> [clean, run 0, run 1, ...]; the clean predictions are made once for every attack
+                preds_mine: dict[str, dict[int, list]] = {t: {} for t in tgt}
                 for k, idx in mine:
                     for t in tgt:
-                        preds_mine[t].update((i, [p]) for i, p in zip(idx, predict(t, pixels[idx], idx)))
+                        preds_mine[t].update((i, [clean[t][i]]) for i in idx)
                     for r in range(spec.runs):
                         gen = torch.Generator(device=src.device).manual_seed(_chunk_seed(seed, r, k))
                         adv = atk(pixels[idx].to(src.device), objective(idx), generator=gen).adv

@@ -129,21 +129,30 @@ def run_inspection(service: Any, image: Any, request: InspectRequest, progress: 
                  for s in SIDES}
         if sources and family != "clip":
             views.generate(texts, clean_only=True)  # the objectives need the clean captions and answers now
-        crafted: dict[str, tuple[Any, Any, list]] = {}  # source -> (attack result, attack, models crafted on)
+        # source -> (attack result, attack, models crafted on, their names)
+        crafted: dict[str, tuple[Any, Any, list, str]] = {}
+        pixels: dict[int, torch.Tensor] = {}  # the image at each model's input size, converted once
         for src in sources:
             members = [s for s in SIDES if attacked[s] is not None] if src == "ensemble" else [src]
             models = [attacked[s] for s in members]
+            for m in models:
+                pixels.setdefault(m.image_size, views.pixels(m, img))
+            twin = next((c for c in crafted.values() if len(c[2]) == 1 and len(models) == 1 and c[2][0] is models[0]), None)
+            if twin is not None:  # both sides chose the same model: the same seeded attack, run once
+                crafted[src] = twin
+                done[0] += 1
+                continue
             # craft at the largest input size; each model of an ensemble sees the image at its own
-            px = views.pixels(max(models, key=lambda m: m.image_size), img)
+            px = pixels[max(m.image_size for m in models)]
             if clean_display is None:
                 clean_display = pixels_to_uint8(px)
-            parts = [views.objective(m, req, clean[s][family], views.pixels(m, img)) for s, m in zip(members, models)]
+            parts = [views.objective(m, req, clean[s][family], pixels[m.image_size]) for s, m in zip(members, models)]
             objective = parts[0] if len(parts) == 1 else Ensemble(parts, [m.image_size for m in models])
             atk = make_attack(req, px[0].numel())
             res = atk(px, objective, targeted=bool(req.target_text), generator=torch.Generator().manual_seed(req.seed),
                       callback=step_progress)
             done[0] += 1
-            crafted[src] = (res, atk, models)
+            crafted[src] = (res, atk, models, " + ".join(dict.fromkeys(m.name for m in models)))
         # the source of the image each side shows
         shown = {s: ("ensemble" if req.crafted_on == "ensemble" else s if req.crafted_on == "own" else _other(s))
                  for s in SIDES}
@@ -161,10 +170,9 @@ def run_inspection(service: Any, image: Any, request: InspectRequest, progress: 
         for side in SIDES:
             src = shown[side] if shown[side] in crafted else None
             if src is not None:
-                res, atk, models = crafted[src]
+                res, atk, _, names = crafted[src]
                 perturbation[side] = {"linf": float(res.delta.abs().max()), "l2": float(res.delta.flatten().norm()),
-                                      "budget": atk.eps, "step_size": atk.alpha,
-                                      "model": " + ".join(dict.fromkeys(m.name for m in models)), "crafted_on": src}
+                                      "budget": atk.eps, "step_size": atk.alpha, "model": names, "crafted_on": src}
                 images[f"adversarial/{side}"] = display(pixels_to_uint8(res.adv))
                 images[f"perturbation/{side}"] = display(amplify(res.delta))
             for fam, m in sides[side].items():
@@ -206,8 +214,8 @@ def run_inspection(service: Any, image: Any, request: InspectRequest, progress: 
         report["transfer"] = {
             "crafted_on": req.crafted_on, "task": req.target, "family": family, "rows": list(crafted),
             "columns": [s for s in SIDES if attacked[s] is not None],
-            "cells": [T.cell(src, side, attacked[side].name, " + ".join(dict.fromkeys(m.name for m in crafted[src][2])),
-                             family, clean[side][family], out, shift, req) for src, side, out, shift in cells]}
+            "cells": [T.cell(src, side, attacked[side].name, crafted[src][3], family, clean[side][family], out, shift,
+                             req) for src, side, out, shift in cells]}
         return Inspection(report=report, images=images, warnings=warnings)
 
 
