@@ -56,7 +56,9 @@ def raw_call(url: str, image, session: str = "raw", **overrides) -> dict:
             "seed": 0, "target": "zero-shot", "classes": "", "template": "", "question": "", "target_text": "",
             "heatmap": "attention", "suite": "embedded", "baseline_clip": "default", "baseline_captioner": "default",
             "baseline_vqa": "default", "defended_clip": "default", "defended_captioner": "default",
-            "defended_vqa": "default", "momentum": 0.0, "diversity": 0.0, "crafted_on": "own", **overrides}
+            "defended_vqa": "default", "momentum": 0.0, "diversity": 0.0, "crafted_on": "own", "word": "", "text_size": 0.2,
+            "colour": "white", "opacity": 1.0, "font": "DejaVuSans-Bold", "position": "auto", "patch_side": 0.2,
+            "patch": None, **overrides}
     joined = httpx.post(url + "gradio_api/queue/join", json={"data": [image, *args.values()], "fn_index": fn,
                                                              "session_hash": session, "event_data": None,
                                                              "trigger_id": None}, timeout=30)

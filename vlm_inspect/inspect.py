@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from .attacks import ATTACKS, NORMS, attack_help, booster_help, parse_eps, taking
+from .attacks.placement import POSITIONS
+from .attacks.typographic import DEFAULT_FONT
 from .explain import HEATMAPS, heatmap_help
 from .models import FAMILIES, SUITES
 from .runtime import add_arguments, apply_weights_dir
@@ -42,6 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what each side's image is crafted on: " + "; ".join(f"{k}: {v}" for k, v in CRAFTED_ON.items()))
     ap.add_argument("--momentum", type=float, default=0.0, help=booster_help("momentum"))
     ap.add_argument("--diversity", type=float, default=0.0, help=booster_help("diversity"))
+    region = ap.add_argument_group("attacks without an epsilon (--attack typographic or patch)")
+    region.add_argument("--word", default="", help="typographic: the text to write (default: --target-text)")
+    region.add_argument("--text-size", type=float, default=0.2, help="typographic: letter height, fraction of the image side")
+    region.add_argument("--colour", default="white", help="typographic: a colour name or #rrggbb")
+    region.add_argument("--opacity", type=float, default=1.0, help="typographic: from 0 (exclusive) to 1")
+    region.add_argument("--font", default=DEFAULT_FONT, help="typographic: a font matplotlib ships, by file name")
+    region.add_argument("--position", default="auto", choices=list(POSITIONS),
+                        help="where the word or patch goes: auto (the attack's search), random, or a grid cell")
+    region.add_argument("--patch-side", type=float, default=0.2, help="patch: side, fraction of the image side")
+    region.add_argument("--patch", default=None, metavar="PNG",
+                        help="patch: apply this patch image (e.g. a universal patch from evaluate) instead of optimising")
     ap.add_argument("--target", choices=targets(), default="zero-shot", help="the task whose loss is attacked")
     ap.add_argument("--target-text", default="", help="a class, caption or answer: makes the attack targeted")
     ap.add_argument("--label-set", choices=list(label_sets()), default=None,
@@ -72,6 +85,9 @@ def parse_models(text: str, what: str) -> dict[str, str | None]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import torch
+
+    from .attacks.patch import save_patch
     from .images import ImageError
     from .report import curve_figure, render_png, write_json
     from .policy import ModelPolicy
@@ -91,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             **fields, attack=args.attack, norm=args.norm, eps_k=parse_eps(args.eps) * 255, steps=args.steps,
             alpha_k=parse_eps(args.alpha) * 255, random_start=not args.no_random_start, seed=args.seed,
             momentum=args.momentum, diversity=args.diversity, crafted_on=args.crafted_on,
-            target=args.target, target_text=args.target_text, heatmap=args.heatmap).validate()
+            target=args.target, target_text=args.target_text, heatmap=args.heatmap, word=args.word,
+            text_size=args.text_size, colour=args.colour, opacity=args.opacity, font=args.font,
+            position=args.position, patch_side=args.patch_side, patch=args.patch).validate()
         out = Path(args.out)
         for path in args.images:
             folder = out if len(args.images) == 1 else out / Path(path).stem
@@ -101,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: wrote {folder / 'report.png'} and {folder / 'report.json'} ({ins.report['seconds']:.2f} s)")
             for w in ins.warnings:
                 print(f"  warning: {w}")
+            for side, patch in ((k.split("/")[1], v) for k, v in ins.images.items() if k.startswith("patch/")):
+                # lossless, with its side: `--patch` (or the page's patch image) applies it again
+                save_patch(torch.from_numpy(patch).permute(2, 0, 1).float() / 255, folder / f"patch_{side}.png",
+                           req.patch_side)
+                print(f"  wrote {folder / f'patch_{side}.png'} (the {side} side's patch)")
             for c in ins.report["transfer"]["cells"]:  # the transfer matrix, a line per cell
                 print(f"  crafted on {c['crafted_on']} -> shown to {c['shown_to']} ({c['model']}): {c['output']!r} "
                       f"{'fooled' if c['fooled'] else 'held'} ({c['threat']})")

@@ -9,11 +9,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoints import atomic_write_json
-from .service import SIDES, Inspection, side_entries, side_text
-
-
-def _fmt_eps(attack: dict[str, Any]) -> str:
-    return f"{attack['name'].upper()} {attack['norm']} eps={attack['eps_k255']:g}/255, steps={attack['steps']}"
+from .service import SIDES, Inspection, attack_text, side_entries, side_text
 
 
 def render_png(inspection: Inspection, path: str | Path) -> Path:
@@ -64,7 +60,7 @@ def render_png(inspection: Inspection, path: str | Path) -> Path:
                 va="top", ha="left", fontsize=7.5, family="monospace", transform=ax.transAxes)
     a = rep["attack"]
     target = f", target {a['target_text']!r}" if a["targeted"] else " (untargeted)"
-    fig.suptitle(f"vlm_inspect {rep['version']}: {_fmt_eps(a)} on the {a['target']} task{target}", fontsize=12)
+    fig.suptitle(f"vlm_inspect {rep['version']}: {attack_text(a)} on the {a['target']} task{target}", fontsize=12)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""FGSM, BIM and PGD in L-inf and L2: ``atk(pixels, objective) -> AttackResult`` (docs/ARCHITECTURE.md,
+"""FGSM, BIM, PGD, APGD and Square in L-inf and L2, and two threat models without a budget (typographic,
+patch): ``atk(pixels, objective) -> AttackResult`` (docs/ARCHITECTURE.md,
 "Attacks"). Each attack is one module that registers its class in :data:`ATTACKS`;
 ``ATTACKS.build(name, eps=..., steps=..., ...)`` constructs any of them from one set of settings.
 
@@ -12,9 +13,12 @@ from .bim import BIM
 from .pgd import PGD
 from .apgd import APGD
 from .square import Square
+# no epsilon: the region is the budget (registered with bounded=False)
+from .typographic import Typographic
+from .patch import Patch
 from .projection import NORMS
 
-__all__ = ["APGD", "ATTACKS", "Attack", "AttackResult", "BIM", "FGSM", "NORMS", "PGD", "Square", "eps_label", "model_guard", "parse_eps"]
+__all__ = ["APGD", "ATTACKS", "Attack", "AttackResult", "BIM", "FGSM", "NORMS", "PGD", "Patch", "Square", "Typographic", "eps_label", "model_guard", "parse_eps"]
 
 
 def attack_help() -> str:
@@ -39,3 +43,8 @@ def booster_help(setting: str) -> str:
 def is_randomised(name: str) -> bool:
     """Whether the attack ``name`` can start at random (so restarts differ)."""
     return "random_start" in ATTACKS.parameters(name)
+
+
+def is_bounded(name: str) -> bool:
+    """Whether the attack ``name`` works inside an epsilon ball (typographic and patch attacks do not)."""
+    return ATTACKS.meta(name).get("bounded", True)

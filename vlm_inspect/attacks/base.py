@@ -31,6 +31,9 @@ class AttackResult:
     # with early_stop: (B,) long, the iterate (0: the start) or query at which each image was first
     # fooled, -1 where it never was (the app's verdict says "broken by APGD-T at step 13")
     stopped_at: torch.Tensor | None = None
+    # what an attack without a budget chose (typographic, patch): the position per image, the patch, and
+    # ``region``, the (B, 1, H, W) bool mask of the pixels it may change
+    info: dict = field(default_factory=dict)
 
     def size(self, norm: str = "linf") -> torch.Tensor:
         """(B,) size of each perturbation."""

@@ -19,10 +19,10 @@ from .request import (CRAFTED_ON, CURVE_EPS_K, EPS_MAX_K, MAX_CLASS_CHARS, MAX_C
                       TOP_K_MAX, Cancelled, InputError, InspectRequest, make_attack, parse_classes, target_family,
                       targets)
 from .transfer import matrix_markdown
-from .summary import side_entries, side_markdown, side_text, side_verdict
+from .summary import attack_text, side_entries, side_markdown, side_text, side_verdict
 
 __all__ = [
-    "AUTO_LOW_PRECISION_MIN_PARAMS", "CHECK_BUDGETS", "CRAFTED_ON", "CURVE_EPS_K", "check_markdown", "check_text", "Cancelled", "ClipOutputs", "DEFAULT_LABEL_SET",
+    "AUTO_LOW_PRECISION_MIN_PARAMS", "attack_text", "CHECK_BUDGETS", "CRAFTED_ON", "CURVE_EPS_K", "check_markdown", "check_text", "Cancelled", "ClipOutputs", "DEFAULT_LABEL_SET",
     "DEFAULT_QUESTION", "DISPLAY_SIZE", "EPS_MAX_K", "ImageError", "InputError", "InspectRequest", "InspectService",
     "Inspection", "MAX_CLASSES", "MAX_CLASS_CHARS", "MAX_TEXT_CHARS", "MOMENTUM_MAX", "ModelCatalog", "SIDES", "STEPS_MAX",
     "TOP_K_MAX", "TextBatch", "TextOutputs", "amplify", "image_digest", "label_sets", "make_attack", "matrix_markdown",

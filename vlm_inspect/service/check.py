@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..attacks import is_bounded
 from ..evaluate.autoattack import LABELS, LEFT_OUT, STANDARD, Budget, autoattack
 from ..images import load_image
 from ..objectives import ZeroShotCE
@@ -41,6 +42,9 @@ def run_check(service: Any, image: Any, request: InspectRequest, budget: str = "
     if budget not in BUDGETS:
         raise InputError(f"unknown AutoAttack budget {budget!r}; choose {' or '.join(BUDGETS)}")
     plan = BUDGETS[budget]
+    if not is_bounded(req.attack):
+        raise InputError(f"the AutoAttack check measures robustness inside an epsilon ball and the {req.attack} "
+                         "attack has no epsilon: choose an epsilon attack (PGD, APGD, ...) to check")
     img = load_image(image)
     names = {s: getattr(req, s).get("clip") for s in SIDES}
     if not any(names.values()):

@@ -31,7 +31,7 @@ import torch
 
 from .. import __version__
 from ..data.scene_kind import is_shapes_scene
-from ..attacks import taking
+from ..attacks import is_bounded, taking
 from ..images import image_warnings, load_image, pixels_to_uint8, resize_pixels
 from ..models.tokenizers import TOKENIZER_KIND as SHAPES_TOKENIZER
 from ..objectives import OBJECTIVES, Ensemble
@@ -111,7 +111,7 @@ def run_inspection(service: Any, image: Any, request: InspectRequest, progress: 
         stack.enter_context(autocast(service.device, precision, decoding=generation))
         warnings = image_warnings(img) + weights_warnings(sides) + vocabulary_warnings(req, sides)
         attack = make_attack(req, 1)
-        if OBJECTIVES.meta(req.target).get("needs_random_start") and not attack.random_start:
+        if OBJECTIVES.meta(req.target).get("needs_random_start") and not attack.random_start and is_bounded(req.attack):
             warnings.append(f"the {req.target} attack needs an attack with a random start ({taking('random_start')}): "
                             f"at the clean image its gradient is zero, so {req.attack.upper()} without one leaves the "
                             "image unchanged")
@@ -173,6 +173,11 @@ def run_inspection(service: Any, image: Any, request: InspectRequest, progress: 
                 res, atk, _, names = crafted[src]
                 perturbation[side] = {"linf": float(res.delta.abs().max()), "l2": float(res.delta.flatten().norm()),
                                       "budget": atk.eps, "step_size": atk.alpha, "model": names, "crafted_on": src}
+                if not is_bounded(req.attack):  # no ball: where the region went and how much of the image it covers
+                    perturbation[side].update(budget=None, step_size=None, position=res.info["position"][0],
+                                              area=round(float(res.info["region"].float().mean()), 4))
+                    if "patch" in res.info:  # the patch itself, at its size, to save and apply again
+                        images[f"patch/{side}"] = pixels_to_uint8(res.info["patch"].reshape(-1, *res.info["patch"].shape[-3:])[:1])
                 images[f"adversarial/{side}"] = display(pixels_to_uint8(res.adv))
                 images[f"perturbation/{side}"] = display(amplify(res.delta))
             for fam, m in sides[side].items():
@@ -256,6 +261,9 @@ def run_curve(service: Any, image: Any, request: InspectRequest, eps_k: Sequence
     meta = OBJECTIVES.meta(req.target)
     out: dict[str, Any] = {"eps_k255": eps_k, "metric": meta["target_metric"] if req.target_text else meta["metric"],
                            "target": req.target, "attack": req.attack_config(), "series": {}}
+    if not is_bounded(req.attack):
+        raise InputError(f"the robustness curve sweeps epsilon and the {req.attack} attack has no epsilon: choose an "
+                         "epsilon attack (PGD, APGD, ...) for the curve")
     if req.crafted_on != "own":  # a curve is one batched run per side against its own model
         out["note"] = "the curve attacks each side's own model (white-box), whatever the image is crafted on"
     views = service.views

@@ -11,7 +11,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..attacks import ATTACKS, NORMS
+import torch
+
+from ..attacks import ATTACKS, NORMS, is_bounded
+from ..attacks import patch as PA
+from ..attacks.placement import POSITIONS
+from ..attacks.typographic import DEFAULT_FONT
 from ..explain import HEATMAPS
 from ..models import FAMILIES
 from ..objectives import OBJECTIVES
@@ -83,6 +88,15 @@ class InspectRequest:
     target_text: str = ""         # a class, caption or answer: makes the attack targeted
     heatmap: str = "attention"
     top_k: int = 5
+    # the attacks without an epsilon (attacks/typographic.py, attacks/patch.py); the others ignore these
+    word: str = ""                # typographic: the text written; empty = the target class
+    text_size: float = 0.2        # typographic: letter height, fraction of the image side
+    colour: str = "white"
+    opacity: float = 1.0
+    font: str = DEFAULT_FONT
+    position: str = "auto"        # POSITIONS: auto (the attack's search), random, or a cell of a 3x3 grid
+    patch_side: float = 0.2       # patch: side, fraction of the image side
+    patch: Any = None             # patch: an image to apply (say a saved universal patch) instead of optimising
 
     def _number(self, name: str, lo: float, hi: float, whole: bool = False) -> None:
         v = getattr(self, name)
@@ -126,6 +140,7 @@ class InspectRequest:
         if self.crafted_on not in CRAFTED_ON:
             raise InputError(f"unknown 'crafted on' choice {self.crafted_on!r}; choose one of {', '.join(CRAFTED_ON)}")
         self._check_texts()
+        self._check_region()
         for side in SIDES:
             chosen = getattr(self, side)
             unknown = set(chosen) - set(FAMILIES)
@@ -145,6 +160,25 @@ class InspectRequest:
             missing = next(s for s in SIDES if s not in have)
             raise InputError(f"crafting on the other side's model needs a {family} model on both sides; the "
                              f"{missing} side has none - pick one, or craft on each side's own model")
+
+    def _check_region(self) -> None:
+        """The settings of the attacks without an epsilon, checked by building the attack (one sentence each)."""
+        self.position = str(self.position or "auto").strip().lower()
+        if self.position not in POSITIONS:
+            raise InputError(f"unknown position {self.position!r}; choose one of {', '.join(POSITIONS)}")
+        if is_bounded(self.attack):
+            return
+        if self.attack == "typographic":
+            self.word = " ".join(str(self.word or "").split()) or self.target_text
+        if self.attack == "patch" and self.patch is not None and not isinstance(self.patch, torch.Tensor):
+            try:
+                self.patch, _ = PA.load_patch(self.patch, "the patch image")
+            except ValueError as e:
+                raise InputError(str(e)) from None
+        try:
+            make_attack(self, 3)
+        except ValueError as e:
+            raise InputError(str(e)) from None
 
     def _check_texts(self) -> None:
         self.classes = parse_classes(self.classes)
@@ -195,15 +229,20 @@ class InspectRequest:
 
     def attack_config(self) -> dict[str, Any]:
         """The attack as a person set it. ``eps`` and ``alpha`` are in pixel units for L-inf; for L2
-        the radius each model was attacked with is in the report's ``perturbation.sides`` (``budget``)."""
+        the radius each model was attacked with is in the report's ``perturbation.sides`` (``budget``).
+        An attack without an epsilon (typographic, patch) has ``eps`` None and its settings in ``threat``."""
         atk = make_attack(self, 1)
+        common = {"seed": self.seed, "crafted_on": self.crafted_on, "target": self.target,
+                  "targeted": bool(self.target_text), "target_text": self.target_text or None}
+        if not is_bounded(self.attack):
+            threat = {k: v for k, v in atk.config().items() if k != "name"}
+            return {"name": self.attack, "eps": None, "eps_k255": None, "norm": None, "steps": atk.steps,
+                    "threat": threat, **common}
         takes_alpha = "alpha" in ATTACKS.parameters(self.attack)
         return {"name": self.attack, "eps": self.eps, "eps_k255": self.eps_k,
                 "alpha": self.alpha_k / 255.0 if self.alpha_k > 0 and takes_alpha else None, "alpha_rule":
                 "2.5*eps/steps" if not self.alpha_k and takes_alpha else None, "norm": self.norm,
-                "steps": atk.steps, "random_start": atk.random_start, **atk.boosters(), "seed": self.seed,
-                "crafted_on": self.crafted_on,
-                "target": self.target, "targeted": bool(self.target_text), "target_text": self.target_text or None}
+                "steps": atk.steps, "random_start": atk.random_start, **atk.boosters(), **common}
 
 
 def make_attack(req: InspectRequest, dim: int, eps_k: float | Sequence[float] | None = None):
@@ -218,5 +257,10 @@ def make_attack(req: InspectRequest, dim: int, eps_k: float | Sequence[float] | 
     many = isinstance(eps_k, (list, tuple))
     eps = [e * scale for e in eps_k] if many else (req.eps_k if eps_k is None else eps_k) * scale
     alpha = req.alpha_k * scale if req.alpha_k > 0 and not many else None
+    if not is_bounded(req.attack):  # no epsilon: the step size slider is in pixel values (k/255) as given
+        alpha = req.alpha_k / 255.0 if req.alpha_k > 0 else None
     return ATTACKS.build(req.attack, eps=eps, alpha=alpha, steps=req.steps, random_start=req.random_start,
-                         norm=req.norm, momentum=req.momentum, diversity=req.diversity)
+                         norm=req.norm, momentum=req.momentum, diversity=req.diversity, word=req.word,
+                         text_size=req.text_size, colour=req.colour, opacity=req.opacity, font=req.font,
+                         position=req.position, patch_side=req.patch_side,
+                         patch=req.patch if isinstance(req.patch, torch.Tensor) else None)

@@ -12,6 +12,21 @@ from ..objectives import OBJECTIVES
 FAMILY_OUTPUT = {"clip": None, "captioner": "caption", "vqa": "answer"}
 
 
+def attack_text(attack: dict[str, Any]) -> str:
+    """The attack of a report in a few words: ``PGD linf eps=4/255, 10 step(s)``, or for an attack without
+    an epsilon its threat model: ``TYPOGRAPHIC “dog”, letters 0.2 of the side, white, opacity 1, position auto``."""
+    name = attack["name"].upper()
+    t = attack.get("threat")
+    if t is None:
+        return f"{name} {attack['norm']} eps={attack['eps_k255']:g}/255, {attack['steps']} step(s)"
+    if "word" in t:
+        word = t["word"] if isinstance(t["word"], str) else ", ".join(t["word"])
+        return (f"{name} “{word}”, letters {t['text_size']:g} of the side, {t['colour']}, opacity {t['opacity']:g}, "
+                f"{t['font']}, position {t['position']}")
+    how = "a given patch" if t.get("patch") == "given" else f"{t['steps']} step(s)" + (", universal" if t.get("universal") else "")
+    return f"{name} side {t['patch_side']:g} ({t['patch_side'] ** 2:.1%} of the image), {how}, position {t['position']}"
+
+
 def side_entries(report: dict[str, Any], side: str) -> dict[str, tuple[str, dict[str, Any]]]:
     """``family -> (model name, entry)`` for the models of one side of a report."""
     return {e["family"]: (name, e) for name, e in report["models"].items() if e["role"] == side}

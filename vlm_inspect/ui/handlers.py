@@ -20,7 +20,7 @@ from .serve import IMAGE_SUFFIXES  # one list for the upload route and the handl
 from ..models import FAMILIES, PHOTO_CLIP, ModelUnavailableError
 from ..report import render_png, write_json
 from ..runtime import inside
-from ..service import (DEFAULT_LABEL_SET, DEFAULT_QUESTION, SIDES, Cancelled, InputError, InspectRequest,
+from ..service import (attack_text, DEFAULT_LABEL_SET, DEFAULT_QUESTION, SIDES, Cancelled, InputError, InspectRequest,
                        InspectService, Inspection, label_sets, matrix_markdown, side_entries, side_markdown)
 
 NONE = "(none)"
@@ -60,10 +60,17 @@ def model_value(name: str | None) -> str | None:
 def build_request(models: dict[str, dict[str, str | None]], attack: str, norm: str, eps_k: Any, steps: Any,
                   alpha_k: Any, random_start: bool, seed: Any, target: str, classes: str | list[str], template: str,
                   question: str, target_text: str, heatmap: str, momentum: Any = 0.0,
-                  diversity: Any = 0.0, crafted_on: str = "own") -> InspectRequest:
+                  diversity: Any = 0.0, crafted_on: str = "own", word: str = "", text_size: Any = 0.2,
+                  colour: str = "white", opacity: Any = 1.0, font: str = "", position: str = "auto",
+                  patch_side: Any = 0.2, patch: Any = None, assets: str | Path | None = None) -> InspectRequest:
     """A validated :class:`InspectRequest` from the page's (or the API's) values, taken as they are (the
-    page always shows what it sends; the API fills empty fields with :meth:`InspectService.suite_fields`)."""
+    page always shows what it sends; the API fills empty fields with :meth:`InspectService.suite_fields`).
+    ``word`` ... ``patch`` set the attacks without an epsilon; ``patch`` is an uploaded image (read as
+    :func:`request_image` reads one)."""
+    region = {k: v for k, v in (("text_size", text_size), ("opacity", opacity), ("patch_side", patch_side),
+                                ("colour", colour), ("font", font), ("position", position)) if v not in (None, "")}
     return InspectRequest(
+        word=word or "", patch=request_image(patch, assets) if patch else None, **region,
         baseline={f: model_value(models["baseline"].get(f)) for f in FAMILIES},
         defended={f: model_value(models["defended"].get(f)) for f in FAMILIES},
         attack=attack, norm=norm, eps_k=eps_k, steps=steps, alpha_k=alpha_k if alpha_k is not None else 0,
@@ -90,10 +97,11 @@ def label_value(report: dict[str, Any], side: str, which: str) -> dict[str, floa
 
 def perturbation_markdown(report: dict[str, Any]) -> str:
     a = report["attack"]
-    parts = [f"**{a['name'].upper()}** {a['norm']}, eps {a['eps_k255']:g}/255, {a['steps']} step(s), "
-             f"objective: {a['target']}" + (f", target “{a['target_text']}”" if a["targeted"] else " (untargeted)")]
+    parts = [f"**{attack_text(a)}**, objective: {a['target']}"
+             + (f", target “{a['target_text']}”" if a["targeted"] else " (untargeted)")]
     for side, p in report["perturbation"]["sides"].items():
-        parts.append(f"{side}: ‖δ‖∞ = {p['linf'] * 255:.2f}/255, ‖δ‖₂ = {p['l2']:.3f}")
+        where = f", at {p['position']} ({p['area']:.1%} of the pixels)" if "area" in p else ""
+        parts.append(f"{side}: ‖δ‖∞ = {p['linf'] * 255:.2f}/255, ‖δ‖₂ = {p['l2']:.3f}{where}")
     parts.append(f"{report['seconds']:.2f} s")
     return " · ".join(parts)
 
@@ -245,7 +253,20 @@ def api_request(service: InspectService, args: dict[str, Any]) -> InspectRequest
                         args["eps"], args["steps"], args["step_size"], args["random_start"], args["seed"],
                         args["target"], f["classes"], f["template"], f["question"], args["target_text"],
                         args["heatmap"], args.get("momentum", 0.0), args.get("diversity", 0.0),
-                        args.get("crafted_on") or "own")
+                        args.get("crafted_on") or "own", args.get("word") or "", args.get("text_size"),
+                        args.get("colour"), args.get("opacity"), args.get("font"), args.get("position"),
+                        args.get("patch_side"), args.get("patch"))
+
+
+def patch_side_of(path: Any, assets: str | Path | None = None):
+    """The patch-side slider after a patch image is uploaded: the side its PNG records (a patch saved by
+    ``evaluate --attack patch --universal``), or unchanged."""
+    from ..attacks.patch import load_patch
+
+    if not path:
+        return gr.update()
+    _, side = load_patch(request_image(path, assets))
+    return gr.update(value=side) if side is not None else gr.update()
 
 
 def client_gone(demo: gr.Blocks, request: gr.Request | None) -> Callable[[], bool]:

@@ -7,7 +7,9 @@ from typing import Any
 import gradio as gr
 from gradio import FileData
 
-from ..attacks import ATTACKS, NORMS, taking as _taking
+from ..attacks import ATTACKS, NORMS, is_bounded, taking as _taking
+from ..attacks.placement import POSITIONS
+from ..attacks.typographic import DEFAULT_FONT, available_fonts
 from ..explain import HEATMAPS
 from ..models import FAMILIES, SUITES
 from ..report import curve_figure
@@ -18,6 +20,8 @@ from .serve import UPLOAD_TTL_S
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 FAMILY_TITLES = {"clip": "CLIP (zero-shot)", "captioner": "Captioner", "vqa": "VQA"}
+COLOURS = ["white", "black", "red", "green", "blue", "yellow"]
+FONTS = [f for f in available_fonts() if f.startswith("DejaVu")] or [DEFAULT_FONT]
 CONCURRENCY = {"concurrency_id": "models", "concurrency_limit": 1}  # one model computation at a time
 
 INTRO = """# vlm_inspect
@@ -92,6 +96,28 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
                     check_budget = gr.Radio(list(CHECK_BUDGETS), value="quick", elem_id="check-budget",
                                             label="AutoAttack check budget (quick: seconds; standard: the "
                                                   "reference's, about a minute per side)")
+                # the attacks without an epsilon (typographic, patch): open when one of them is chosen
+                with gr.Accordion("Typographic and patch attacks (no epsilon)", open=False,
+                                  elem_id="region-panel") as region_panel:
+                    word = gr.Textbox(label="Word to write (typographic; empty = the target class)",
+                                      placeholder="e.g. a wrong class", elem_id="typo-word")
+                    with gr.Row():
+                        text_size = gr.Slider(0.05, 0.5, value=0.2, step=0.01, elem_id="typo-size",
+                                              label="Letter height (fraction of the image side)")
+                        opacity = gr.Slider(0.1, 1, value=1, step=0.05, label="Opacity", elem_id="typo-opacity")
+                    with gr.Row():
+                        colour = gr.Dropdown(COLOURS, value="white", allow_custom_value=True, elem_id="typo-colour",
+                                             label="Colour (a name or #rrggbb)")
+                        font = gr.Dropdown(FONTS, value=DEFAULT_FONT, label="Font (shipped with matplotlib)",
+                                           elem_id="typo-font")
+                    position = gr.Dropdown(list(POSITIONS), value="auto", elem_id="region-position",
+                                           label="Position (auto: the worst cell of a 3x3 grid for the word; for "
+                                                 "the patch, moved at random while optimised, then the worst cell)")
+                    patch_side = gr.Slider(0.02, 0.5, value=0.2, step=0.01, elem_id="patch-side",
+                                           label="Patch side (fraction of the image side)")
+                    patch_image = gr.Image(label="Patch image (optional): apply it instead of optimising one, "
+                                                 "e.g. a universal patch from evaluate", type="filepath",
+                                           image_mode=None, sources=["upload"], height=100, elem_id="patch-image")
                 target = gr.Radio(targets(), value="zero-shot", label="Attack objective (task)")
                 target_text = gr.Textbox(label="Target (optional): a class, caption or answer for a targeted attack",
                                          placeholder="empty = untargeted")
@@ -147,7 +173,8 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
                     curve_plot = gr.Plot(label="Robustness curve", elem_id="curve")
 
         settings = [attack, norm, eps, steps, alpha, random_start, seed, target, classes, template, question,
-                    target_text, heatmap, momentum, diversity, crafted_on]
+                    target_text, heatmap, momentum, diversity, crafted_on, word, text_size, colour, opacity, font,
+                    position, patch_side, patch_image]
         result_widgets = ([clean_img, adv_b, pert_b, adv_d, pert_d,
                            heat["baseline", "clean"], heat["baseline", "adversarial"],
                            heat["defended", "clean"], heat["defended", "adversarial"], sizes]
@@ -159,7 +186,7 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
 
         def request_from(values: list[Any]):
             _suite, *rest = values  # the suite only decides what the dropdowns offer
-            return H.build_request(H.models_from_widgets(rest[:6]), *rest[6:])
+            return H.build_request(H.models_from_widgets(rest[:6]), *rest[6:], assets=ASSETS)
 
         def on_inspect(request: gr.Request, img, suite_v, *rest, progress=gr.Progress()):
             if not img:
@@ -198,6 +225,10 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
         curve_btn.click(H.guarded(on_curve, "robustness curve"), inputs, [curve_plot], api_visibility="private",
                         **CONCURRENCY)
         export_btn.click(H.guarded(H.export, "export"), [last], [png_file, json_file], api_visibility="private")
+        attack.change(lambda a: gr.update() if is_bounded(a) else gr.update(open=True), [attack], [region_panel],
+                      api_visibility="private")
+        patch_image.upload(H.guarded(lambda p: H.patch_side_of(p, ASSETS), "patch image"), [patch_image],
+                           [patch_side], api_visibility="private")
         label_set.change(H.label_set_values, [label_set], [classes, template], api_visibility="private")
 
         clip_dropdowns = [dropdowns[FAMILIES.index("clip")], dropdowns[len(FAMILIES) + FAMILIES.index("clip")]]
@@ -222,13 +253,18 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
                         baseline_vqa: str = "default", defended_clip: str = "default",
                         defended_captioner: str = "default", defended_vqa: str = "default",
                         momentum: float = 0.0, diversity: float = 0.0, crafted_on: str = "own",
-                        request: gr.Request = None) -> dict:
+                        word: str = "", text_size: float = 0.2, colour: str = "white", opacity: float = 1.0,
+                        font: str = DEFAULT_FONT, position: str = "auto", patch_side: float = 0.2,
+                        patch: FileData | None = None, request: gr.Request = None) -> dict:
             """One inspection; returns the JSON report (its fields are described in the README). eps and
             step_size are in k/255. Model arguments: a model name, "default" (the suite's default) or
             "none". Empty classes, template or question use the suite's defaults. momentum and diversity
             are the transfer boosters MI and DI (0 = off); crafted_on is "own" (white-box per side),
             "other" (each side shown the image crafted on the other side's model) or "ensemble"; the
-            report's "transfer" holds the matrix. The image must be an upload (gradio_client.handle_file)."""
+            report's "transfer" holds the matrix. word ... patch set the attacks without an epsilon
+            ("typographic": word, text_size and patch_side are fractions of the image side, colour,
+            opacity, font, position; "patch": patch_side, position, and patch, an image to apply instead
+            of optimising one). The image (and the patch) must be an upload (gradio_client.handle_file)."""
             args = {k: v for k, v in locals().items() if k != "request"}
             return H.api_inspect(service, image, args, cancelled=H.client_gone(demo, request))
 
