@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import embedded
-from vlm_inspect.attacks import ATTACKS, BIM, FGSM, NORMS, PGD
+from vlm_inspect.attacks import ATTACKS, BIM, FGSM, NORMS, PGD, is_bounded
 from vlm_inspect.objectives import OBJECTIVES, answer_nll, caption_nll, embedding_cosine, zero_shot_ce
 
 PROMPTS = ["a photo of a red star", "a photo of a blue circle", "a photo of a green square"]
@@ -29,11 +29,18 @@ def build(attack: str, norm: str):
     eps = EPS[norm]
     # a gradient attack rises in 4 steps; a random search (no gradient: Square) gets 8 queries per step
     steps = 32 if ATTACKS.meta(attack).get("gradient_free") else 4
-    return ATTACKS.build(attack, eps=eps, alpha=eps / 2, steps=steps, norm=norm)
+    bounded = is_bounded(attack)  # an attack without an epsilon takes its own step size (pixel values)
+    return ATTACKS.build(attack, eps=eps, alpha=eps / 2 if bounded else 0.25, steps=steps, norm=norm, word="star",
+                         patch_side=0.25)
+
+
+def threat_models():
+    """Every attack with every norm it supports; an attack without an epsilon has no norm: once."""
+    return [(a, n) for a in ATTACKS.list() for n in (ATTACKS.meta(a).get("norms", NORMS) if is_bounded(a) else NORMS[:1])]
 
 
 @pytest.mark.parametrize("family", ["clip", "captioner", "vqa"])
-@pytest.mark.parametrize("attack,norm", [(a, n) for a in ATTACKS.list() for n in ATTACKS.meta(a).get("norms", NORMS)])
+@pytest.mark.parametrize("attack,norm", threat_models())
 def test_attack_contract(attack, norm, family):
     pixels = torch.rand(2, 3, 64, 64)
     objective = make_objective(family, pixels)
@@ -43,14 +50,20 @@ def test_attack_contract(attack, norm, family):
     res = atk(pixels, objective, generator=torch.Generator().manual_seed(1))
     eps = EPS[norm]
     assert res.adv.shape == pixels.shape and res.delta.shape == pixels.shape
-    assert (res.size(norm) <= eps + 1e-6).all()
+    if is_bounded(attack):
+        assert (res.size(norm) <= eps + 1e-6).all()
+    else:  # the region is the budget: nothing changes outside it, and it is a part of the image only
+        region = res.info["region"]
+        assert region.shape == (2, 1, 64, 64) and region.any() and not region.all()
+        assert (res.delta.abs() * ~region).max() == 0
     assert res.adv.min() >= 0 and res.adv.max() <= 1
     assert torch.allclose(res.adv, pixels + res.delta, atol=1e-7)
     assert len(res.losses) == atk.steps
     assert not res.adv.requires_grad
     with torch.no_grad():
         clean, adv = objective(pixels), objective(res.adv)
-    assert (adv > clean).all(), (clean, adv)  # untargeted: every image's loss rises
+    if ATTACKS.meta(attack).get("rises", True):  # a written word is the attack, whatever the loss does
+        assert (adv > clean).all(), (clean, adv)  # untargeted: every image's loss rises
     assert all(p.grad is None for p in model.parameters()), "attack left gradients on weights"
     assert all(p.requires_grad for p in model.parameters())
     assert not model.training

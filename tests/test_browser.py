@@ -204,3 +204,34 @@ def test_a_photo_upload_is_inspected_with_the_photo_model_and_the_page_reads_at_
         page.wait_for_timeout(300)
         page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 50_000
+
+
+def test_the_typographic_attack_writes_a_word_and_an_empty_word_gets_one_sentence(app_url, tmp_path):
+    """Choosing the typographic attack opens its panel; an empty word is refused in one sentence and the
+    page keeps working; a word is written on each side's image, the sizes line names the threat model
+    (no epsilon), and the verdicts and the transfer matrix follow as for any attack."""
+    from playwright.sync_api import expect
+
+    shot = tmp_path / "typographic.png"
+    with opened_page(1600, 1300) as page:
+        goto(page, app_url)
+        page.locator("#input-image input[type=file]").set_input_files(str(ROOT / "assets" / "shapes_plain_3.png"))
+        expect(page.locator("#input-image img").first).to_be_visible(timeout=30_000)
+        page.get_by_label("typographic").check()
+        expect(page.locator("#typo-word textarea")).to_be_visible(timeout=10_000)  # its panel opened
+        page.locator("#run").click()
+        expect(page.get_by_text("needs a word to write").first).to_be_visible(timeout=60_000)
+        page.locator("#typo-word textarea").fill("red star")
+        page.locator("#run").click()
+        expect(page.locator("#sizes")).to_contain_text("TYPOGRAPHIC “red star”", timeout=120_000)
+        sizes = page.locator("#sizes").inner_text()
+        assert "eps" not in sizes and "% of the pixels" in sizes
+        for side in ("baseline", "defended"):
+            assert page.locator(f"#verdict-{side}").inner_text().strip()
+        expect(page.locator("#transfer")).to_contain_text("Transfer matrix", timeout=30_000)
+        page.locator("#clean").scroll_into_view_if_needed()  # typing in the panel scrolled down; images load lazily
+        for e in ROW:  # the written image on each side, next to the clean one
+            expect(page.locator(f"#{e} img").first).to_be_visible(timeout=30_000)
+        expect(page.locator("#heat-baseline-adversarial img").first).to_be_visible(timeout=30_000)
+        page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 50_000

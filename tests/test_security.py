@@ -112,6 +112,12 @@ def test_a_path_on_the_server_is_never_opened_as_the_image(app_url, tmp_path):
     c = client(app_url)
     assert NOT_AN_UPLOAD in error_of(lambda: call(c, "/etc/hostname"))  # gradio_client with a plain string
     assert call(c, SCENE)["models"]["shapes-clip"]["clean"]["zero_shot"]["labels"]  # still serving
+    # the patch image of the patch attack is held to the same rule as the image
+    r = upload(app_url, "scene.png", SCENE.read_bytes())
+    image = {"path": r.json()[0], "orig_name": "scene.png", "meta": {"_type": "gradio.FileData"}}
+    for i, probe in enumerate(["/etc/hostname", str(SCENE.parent / ".." / "README.md")]):
+        msg = raw_call(app_url, image, session=f"patch{i}", attack="patch", patch=probe)
+        assert msg["success"] is False and NOT_AN_UPLOAD in str(msg["output"].get("error")), msg
 
 
 # ---- 2. an uploaded file used as a model ----------------------------------------------------------
@@ -348,7 +354,8 @@ def test_a_job_whose_client_left_stops_between_attack_steps(caplog):
         fn = next(i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == "inspect")
         classes = ",".join(f"class {i}" for i in range(1000))
         data = [file, "pgd", 8.0, 100, "linf", 0.0, True, 0, "zero-shot", classes, "", "", "", "attention",
-                "embedded", "default", "default", "default", "default", "default", "default", 0.0, 0.0, "own"]
+                "embedded", "default", "default", "default", "default", "default", "default", 0.0, 0.0, "own",
+                "", 0.2, "white", 1.0, "DejaVuSans-Bold", "auto", 0.2, None]
         session = "leaver"
         caplog.set_level(logging.INFO, logger="vlm_inspect.ui.handlers")
         joined = httpx.post(url + "gradio_api/queue/join", json={"data": data, "fn_index": fn, "session_hash": session,

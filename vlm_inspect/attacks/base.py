@@ -40,6 +40,11 @@ class AttackResult:
         return P.size(self.delta, norm)
 
 
+class SettingError(ValueError):
+    """A setting that only fails on the images it meets (a word too long for a small image, a patch under
+    a pixel): the front ends show it as the person's mistake, not as an internal error."""
+
+
 def parse_fraction(text: str) -> float:
     """A number written as a decimal or a fraction of decimals: '0.03', '4/255', '1.6/255'."""
     parts = str(text).strip().split("/")

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import ATTACKS, Attack, AttackResult, Objective, StepCallback, _budget, check_pixels, model_guard
+from .base import ATTACKS, Attack, AttackResult, Objective, SettingError, StepCallback, _budget, check_pixels, model_guard
 from . import placement as PL
 
 PNG_KEY = "vlm_inspect.patch_side"  # the side a saved patch was made for, in the PNG's text
@@ -47,7 +47,7 @@ def check_side(side, h: int | None = None) -> float:
         raise ValueError(f"a patch {what} cannot be placed: give its side as a fraction of the image side, "
                          f"more than 0 and at most 1 (got {v:g})")
     if h is not None and round(v * h) < 1:
-        raise ValueError(f"a patch of side {v:g} is less than a pixel on a {h}-pixel image: make it larger")
+        raise SettingError(f"a patch of side {v:g} is less than a pixel on a {h}-pixel image: make it larger")
     return v
 
 

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from .base import ATTACKS, Attack, AttackResult, Objective, StepCallback, check_pixels, model_guard
+from .base import ATTACKS, Attack, AttackResult, Objective, SettingError, StepCallback, check_pixels, model_guard
 from . import placement as PL
 
 DEFAULT_FONT = "DejaVuSans-Bold"
@@ -96,8 +96,11 @@ def letters(word: str, font: str, text_size: float, h: int, w: int) -> tuple[tor
     while True:
         f = _font(font, px)
         left, top, right, bottom = f.getbbox(word)
-        if right - left <= room or px <= MIN_FONT_PX:
+        if right - left <= room:
             break
+        if px <= MIN_FONT_PX:
+            raise SettingError(f"the word {word[:20]!r} does not fit on a {w}-pixel-wide image even in "
+                               f"{MIN_FONT_PX}-pixel letters: write a shorter word")
         px = max(MIN_FONT_PX, int(px * room / (right - left)))
     bw, bh = max(right - left, 1), max(bottom - top, 1)
     canvas = Image.new("L", (bw, bh), 0)

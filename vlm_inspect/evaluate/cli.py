@@ -10,11 +10,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..attacks import ATTACKS, NORMS, attack_help, booster_help, taking
+from ..attacks import ATTACKS, NORMS, attack_help, booster_help, is_bounded, taking
+from ..attacks.placement import POSITIONS
+from ..attacks.typographic import DEFAULT_FONT
 from ..attacks.boosters import check_diversity, check_momentum
 from ..attacks.base import parse_fraction
 from ..runtime import add_arguments, apply_weights_dir
 from . import autoattack as AA
+from .region import RegionSpec
 from .run import AttackSpec, parse_eps, records
 
 
@@ -44,6 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-from", default=None, metavar="MODEL[,MODEL...]",
                    help="also craft each attack on these models and score the images on every --models entry "
                         "(transfer robustness; sources and targets of one family)")
+    region = p.add_argument_group("attacks without an epsilon (--attack typographic, patch; evaluate/region.py)")
+    region.add_argument("--word", default="", help="typographic: one word for every image (default: a wrong class "
+                                                   "per image; for captions a shape word the references do not use)")
+    region.add_argument("--text-size", type=float, default=0.2, help="typographic: letter height, fraction of the image side")
+    region.add_argument("--colour", default="white", help="typographic: a colour name or #rrggbb")
+    region.add_argument("--opacity", type=float, default=1.0, help="typographic: more than 0, at most 1")
+    region.add_argument("--font", default=DEFAULT_FONT, help="typographic: a font matplotlib ships, by file name")
+    region.add_argument("--position", default="auto", choices=list(POSITIONS),
+                        help="auto: the attack's search (the worst cell of a 3x3 grid); random; or a cell")
+    region.add_argument("--patch-side", type=float, default=0.1, help="patch: side, fraction of the image side")
+    region.add_argument("--universal", action="store_true",
+                        help="patch: one patch fitted on --fit-samples train images, then applied to the test images "
+                             "at random places (written as a PNG beside --out)")
+    region.add_argument("--fit-samples", type=int, default=64, help="patch --universal: train images it is fitted on")
     p.add_argument("--samples", type=int, default=500, help="samples per data set (test split)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="data and random starts")
@@ -55,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def attack_specs(args) -> list[AttackSpec]:
     names = [a.strip().lower() for a in args.attack.split(",") if a.strip()]
+    names = [n for n in names if n not in ATTACKS or is_bounded(n)]  # the others: region_specs
     eps = [parse_eps(e) for e in args.eps.split(",") if e.strip()]
     for n in names:
         if n != "none" and n != AA.NAME and n not in ATTACKS:
@@ -80,6 +98,28 @@ def attack_specs(args) -> list[AttackSpec]:
     return [AttackSpec(n, e, args.steps, alpha_of(e), not args.no_random_start, args.restarts, args.norm,
                        momentum=args.momentum, diversity=args.diversity)
             for e in eps if e > 0 for n in names if n != "none"]
+
+
+def region_specs(args) -> list[RegionSpec]:
+    """The attacks without an epsilon that ``--attack`` names, checked before any model loads."""
+    names = [a.strip().lower() for a in args.attack.split(",") if a.strip()]
+    alpha = parse_eps(args.alpha) if args.alpha and not args.alpha.strip().startswith("eps/") else None
+    specs = []
+    for n in names:
+        if n in ATTACKS and not is_bounded(n):
+            settings = ({"text_size": args.text_size, "colour": args.colour, "opacity": args.opacity,
+                         "font": args.font, "position": args.position} if n == "typographic" else
+                        {"patch_side": args.patch_side, "steps": args.steps, "alpha": alpha, "position": args.position,
+                         "random_start": not args.no_random_start})
+            spec = RegionSpec(n, settings, word=args.word.strip(), universal=args.universal and n == "patch",
+                              fit=args.fit_samples)
+            spec.describe()  # builds the attack: a bad setting is one sentence now
+            specs.append(spec)
+    if args.universal and not any(s.universal for s in specs):
+        raise ValueError("--universal applies to --attack patch")
+    if args.fit_samples < 1:
+        raise ValueError("--fit-samples must be >= 1")
+    return specs
 
 
 def training_info(name: str) -> dict[str, Any] | None:
@@ -210,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         specs = attack_specs(args)
+        regions = region_specs(args)
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         data = [d.strip() for d in args.data.split(";") if d.strip()] if args.data else None
         apply_weights_dir(args)
@@ -228,8 +269,16 @@ def main(argv: list[str] | None = None) -> int:
             sources = [m.strip() for m in args.transfer_from.split(",") if m.strip()]
             rows += evaluate_transfer(sources, models, data, specs, args.samples, args.batch_size, args.seed,
                                       args.device, args.precision, shard=shard)
-        rows += evaluate(models, data, specs, args.samples, args.batch_size, args.seed, args.device,
-                         precision=args.precision, shard=shard)
+        if regions:
+            from .region import evaluate_region
+
+            if shard.world > 1:
+                raise ValueError("the typographic and patch rows run in one process: run them without torchrun")
+            rows += evaluate_region(models, data, regions, args.samples, args.batch_size, args.seed, args.device,
+                                    args.precision, out=args.out)
+        if specs or not regions:
+            rows += evaluate(models, data, specs, args.samples, args.batch_size, args.seed, args.device,
+                             precision=args.precision, shard=shard)
     except (DataError, CheckpointError, ValueError, ModelUnavailableError) as e:
         if shard.main:
             print(f"error: {e}", file=sys.stderr)
@@ -239,10 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     if not shard.main:  # rank 0 writes; every rank computed the same rows
         return 0
     trained = [t for t in map(training_info, models) if t]
+    from .region import region_markdown
     from .transfer import transfer_markdown
 
-    white = [r for r in rows if "source" not in r]
-    table = "\n".join(filter(None, [markdown(white, command, specs, args.title, trained), transfer_markdown(rows)]))
+    white = [r for r in rows if "source" not in r and not r.get("region")]
+    table = "\n".join(filter(None, [markdown(white, command, specs, args.title, trained), transfer_markdown(rows),
+                                    region_markdown(rows, regions)]))
     print(table)
     if args.out:
         out = Path(args.out)
@@ -250,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(table + "\n")
         out.with_suffix(".json").write_text(json.dumps({"command": command, "attacks": [s.describe() for s in specs],
                                                         "rows": rows, "records": records(white, specs, args.seed, args.norm),
+                                                        "region_attacks": [s.describe() for s in regions],
                                                         "training": trained}, indent=1) + "\n")
-        plot(white, out.with_suffix(".png"))
+        if white:
+            plot(white, out.with_suffix(".png"))
         print(f"wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
     return 0

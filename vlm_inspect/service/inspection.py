@@ -32,6 +32,7 @@ import torch
 from .. import __version__
 from ..data.scene_kind import is_shapes_scene
 from ..attacks import is_bounded, taking
+from ..attacks.base import SettingError
 from ..images import image_warnings, load_image, pixels_to_uint8, resize_pixels
 from ..models.tokenizers import TOKENIZER_KIND as SHAPES_TOKENIZER
 from ..objectives import OBJECTIVES, Ensemble
@@ -149,8 +150,11 @@ def run_inspection(service: Any, image: Any, request: InspectRequest, progress: 
             parts = [views.objective(m, req, clean[s][family], pixels[m.image_size]) for s, m in zip(members, models)]
             objective = parts[0] if len(parts) == 1 else Ensemble(parts, [m.image_size for m in models])
             atk = make_attack(req, px[0].numel())
-            res = atk(px, objective, targeted=bool(req.target_text), generator=torch.Generator().manual_seed(req.seed),
-                      callback=step_progress)
+            try:
+                res = atk(px, objective, targeted=bool(req.target_text),
+                          generator=torch.Generator().manual_seed(req.seed), callback=step_progress)
+            except SettingError as e:  # e.g. a word too long for this model's input size
+                raise InputError(str(e)) from None
             done[0] += 1
             crafted[src] = (res, atk, models, " + ".join(dict.fromkeys(m.name for m in models)))
         # the source of the image each side shows

@@ -172,9 +172,9 @@ class InspectRequest:
             self.word = " ".join(str(self.word or "").split()) or self.target_text
         if self.attack == "patch" and self.patch is not None and not isinstance(self.patch, torch.Tensor):
             try:
-                self.patch, _ = PA.load_patch(self.patch, "the patch image")
+                self.patch, _ = PA.load_patch(self.patch)
             except ValueError as e:
-                raise InputError(str(e)) from None
+                raise InputError(str(e).replace("the uploaded image", "the patch image")) from None
         try:
             make_attack(self, 3)
         except ValueError as e:
