@@ -269,3 +269,25 @@ def test_evaluate_refuses_vqa_for_region_attacks():
 
     with pytest.raises(ValueError, match="VQA model"):
         evaluate_region(["shapes-vqa"], None, [RegionSpec("typographic")], n=2)
+
+
+def test_evaluate_writes_the_word_it_is_given_or_a_wrong_class_per_image(monkeypatch):
+    from vlm_inspect.evaluate import region as R
+
+    seen: list = []
+    build = R.RegionSpec.build
+
+    def spy(self, **extra):
+        seen.append(extra.get("word"))
+        return build(self, **extra)
+
+    monkeypatch.setattr(R.RegionSpec, "build", spy)
+    rows = R.evaluate_region(["shapes-clip"], ["shapes:shapes-combo"], [R.RegionSpec("typographic", word="hello")], n=6)
+    assert seen[-1] == ["hello"] * 6
+    assert next(r["value"] for r in rows if r["metric"] == "reads") == 0  # no class is called hello
+    R.evaluate_region(["shapes-clip"], ["shapes:shapes-combo"], [R.RegionSpec("typographic")], n=6)
+    from vlm_inspect.data.sources import open_data
+
+    ds = open_data("shapes:shapes-combo", "test", seed=0, length=6)
+    own = [ds.classes[ds[i]["label"]] for i in range(6)]
+    assert len(seen[-1]) == 6 and all(w in ds.classes and w != o for w, o in zip(seen[-1], own))

@@ -124,7 +124,8 @@ def _one(model, spec_data: str, specs, n: int, batch_size: int, seed: int, out) 
         # a wrong class per image: its own label shifted by 1 .. C-1
         wrong = (labels + 1 + torch.randint(0, len(classes) - 1, (n,), generator=pick)) % len(classes)
         for spec in specs:
-            adv = _attack(model, spec, pixels, objective, [classes[int(w)] for w in wrong], spec_data, seed, out,
+            words = [spec.word] * n if spec.word else [classes[int(w)] for w in wrong]
+            adv = _attack(model, spec, pixels, objective, words, spec_data, seed, out,
                           fit_objective=lambda lab: (lambda idx: objective(idx, lab)))
             pred = predict(adv)
             row(spec.label, "top1", (pred == labels).float().mean())
