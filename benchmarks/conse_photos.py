@@ -3,8 +3,7 @@ photos), on the four sample photos in ``assets/``: the photo rows of docs/REPROD
 
 There is no photo data set offline, so these are four inspections, not an accuracy: for each photo
 the clean top-1 of the 12 everyday classes, then, through the app's own service, the typographic attack
-(each photo gets the name of a wrong class, the next one in the list after its clean top-1; position
-auto) and the patch attack (optimised on the photo, PGD, ``--steps`` steps, position auto) at each side
+(each photo gets the name of a wrong class, the next one in the list after its clean top-1) and the patch attack (optimised on the photo, PGD, ``--steps`` steps) at ``--position`` at each side
 in ``--sides``. A universal patch needs a training set of photos, which the machine does not have.
 
     python benchmarks/conse_photos.py --steps 50 --sides 0.1,0.2
@@ -25,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--sides", default="0.1,0.2", help="patch sides, fractions of the image side")
     ap.add_argument("--text-size", type=float, default=0.2)
+    ap.add_argument("--position", default="auto", help="of the word and the patch: auto, random or a grid cell")
     args = ap.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from vlm_inspect.models.conse import PHOTO_CLIP
@@ -50,10 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         clean = ins.report["models"][PHOTO_CLIP]["clean"]["zero_shot"]
         label, p = clean["labels"][0], clean["probs"][0]
         word = classes[(classes.index(label) + 1) % len(classes)]
-        typo = service.inspect(photo, InspectRequest(**base, attack="typographic", word=word, text_size=args.text_size))
+        typo = service.inspect(photo, InspectRequest(**base, attack="typographic", word=word, text_size=args.text_size,
+                                                     position=args.position))
         cells = [photo.stem.removeprefix("photo_"), f"{label} ({p:.2f})", word, "%s (%.2f)" % top1(typo.report)]
         for s in sides:
-            patch = service.inspect(photo, InspectRequest(**base, attack="patch", patch_side=s, steps=args.steps))
+            patch = service.inspect(photo, InspectRequest(**base, attack="patch", patch_side=s, steps=args.steps,
+                                                         position=args.position))
             cells.append("%s (%.2f)" % top1(patch.report))
         lines.append("| " + " | ".join(cells) + " |")
         print(lines[-1], file=sys.stderr)

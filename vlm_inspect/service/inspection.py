@@ -51,7 +51,8 @@ class Inspection:
     the images to show.
 
     ``images`` keys: ``clean``; ``adversarial/<side>``, ``perturbation/<side>``; and for CLIP models
-    ``heatmap/<side>/clean``, ``heatmap/<side>/adversarial``; all HxWx3 uint8 at display size.
+    ``heatmap/<side>/clean``, ``heatmap/<side>/adversarial``; all HxWx3 uint8 at display size; with the
+    patch attack ``patch/<side>``, the side's patch at its own size (to save and apply again).
     """
 
     report: dict[str, Any]
