@@ -12,9 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .attacks import ATTACKS, NORMS, attack_help, booster_help, parse_eps, taking
-from .attacks.placement import POSITIONS
-from .attacks.typographic import DEFAULT_FONT
+from .attacks import ATTACKS, NORMS, add_region_arguments, attack_help, booster_help, parse_eps, taking
 from .explain import HEATMAPS, heatmap_help
 from .models import FAMILIES, SUITES
 from .runtime import add_arguments, apply_weights_dir
@@ -44,15 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what each side's image is crafted on: " + "; ".join(f"{k}: {v}" for k, v in CRAFTED_ON.items()))
     ap.add_argument("--momentum", type=float, default=0.0, help=booster_help("momentum"))
     ap.add_argument("--diversity", type=float, default=0.0, help=booster_help("diversity"))
-    region = ap.add_argument_group("attacks without an epsilon (--attack typographic or patch)")
-    region.add_argument("--word", default="", help="typographic: the text to write (default: --target-text)")
-    region.add_argument("--text-size", type=float, default=0.2, help="typographic: letter height, fraction of the image side")
-    region.add_argument("--colour", default="white", help="typographic: a colour name or #rrggbb")
-    region.add_argument("--opacity", type=float, default=1.0, help="typographic: from 0 (exclusive) to 1")
-    region.add_argument("--font", default=DEFAULT_FONT, help="typographic: a font matplotlib ships, by file name")
-    region.add_argument("--position", default="auto", choices=list(POSITIONS),
-                        help="where the word or patch goes: auto (the attack's search), random, or a grid cell")
-    region.add_argument("--patch-side", type=float, default=0.2, help="patch: side, fraction of the image side")
+    region = add_region_arguments(ap, "the text to write (default: --target-text)", patch_side=0.2)
     region.add_argument("--patch", default=None, metavar="PNG",
                         help="patch: apply this patch image (e.g. a universal patch from evaluate) instead of optimising")
     ap.add_argument("--target", choices=targets(), default="zero-shot", help="the task whose loss is attacked")

@@ -48,3 +48,21 @@ def is_randomised(name: str) -> bool:
 def is_bounded(name: str) -> bool:
     """Whether the attack ``name`` works inside an epsilon ball (typographic and patch attacks do not)."""
     return ATTACKS.meta(name).get("bounded", True)
+
+
+def add_region_arguments(parser, word_help: str, patch_side: float):
+    """The command lines' settings of the attacks without an epsilon (``inspect``, ``evaluate``), one group."""
+    from .placement import POSITIONS
+    from .typographic import DEFAULT_FONT
+
+    g = parser.add_argument_group("attacks without an epsilon (--attack typographic or patch)")
+    g.add_argument("--word", default="", help=f"typographic: {word_help}")
+    g.add_argument("--text-size", type=float, default=0.2, help="typographic: letter height, fraction of the image side")
+    g.add_argument("--colour", default="white", help="typographic: a colour name or #rrggbb")
+    g.add_argument("--opacity", type=float, default=1.0, help="typographic: more than 0, at most 1")
+    g.add_argument("--font", default=DEFAULT_FONT, help="typographic: a font matplotlib ships, by file name")
+    g.add_argument("--position", default="auto", choices=list(POSITIONS),
+                   help="where the word or patch goes: auto (the attack's search: the worst cell of a 3x3 grid), "
+                        "random, or a grid cell")
+    g.add_argument("--patch-side", type=float, default=patch_side, help="patch: side, fraction of the image side")
+    return g

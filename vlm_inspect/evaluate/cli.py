@@ -10,9 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..attacks import ATTACKS, NORMS, attack_help, booster_help, is_bounded, taking
-from ..attacks.placement import POSITIONS
-from ..attacks.typographic import DEFAULT_FONT
+from ..attacks import ATTACKS, NORMS, add_region_arguments, attack_help, booster_help, is_bounded, taking
 from ..attacks.boosters import check_diversity, check_momentum
 from ..attacks.base import parse_fraction
 from ..runtime import add_arguments, apply_weights_dir
@@ -47,16 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-from", default=None, metavar="MODEL[,MODEL...]",
                    help="also craft each attack on these models and score the images on every --models entry "
                         "(transfer robustness; sources and targets of one family)")
-    region = p.add_argument_group("attacks without an epsilon (--attack typographic, patch; evaluate/region.py)")
-    region.add_argument("--word", default="", help="typographic: one word for every image (default: a wrong class "
-                                                   "per image; for captions a shape word the references do not use)")
-    region.add_argument("--text-size", type=float, default=0.2, help="typographic: letter height, fraction of the image side")
-    region.add_argument("--colour", default="white", help="typographic: a colour name or #rrggbb")
-    region.add_argument("--opacity", type=float, default=1.0, help="typographic: more than 0, at most 1")
-    region.add_argument("--font", default=DEFAULT_FONT, help="typographic: a font matplotlib ships, by file name")
-    region.add_argument("--position", default="auto", choices=list(POSITIONS),
-                        help="auto: the attack's search (the worst cell of a 3x3 grid); random; or a cell")
-    region.add_argument("--patch-side", type=float, default=0.1, help="patch: side, fraction of the image side")
+    region = add_region_arguments(p, "one word for every image (default: a wrong class per image; for captions "
+                                     "a shape word the references do not use)", patch_side=0.1)
     region.add_argument("--universal", action="store_true",
                         help="patch: one patch fitted on --fit-samples train images, then applied to the test images "
                              "at random places (written as a PNG beside --out)")
