@@ -167,3 +167,21 @@ def test_app_py_launches_on_localhost_only(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_api_typographic_and_patch_attacks(app_url, tmp_path):
+    """The attacks without an epsilon through the API: a word written, an uploaded patch applied, and a
+    bad setting refused in one sentence."""
+    from gradio_client import handle_file
+
+    c = client(app_url)
+    scene = ROOT / "assets" / "shapes_plain_3.png"
+    rep = call(c, scene, attack="typographic", word="red star", colour="#ff0000", position="top-left")
+    assert rep["attack"]["eps"] is None and rep["attack"]["threat"]["word"] == "red star"
+    assert rep["perturbation"]["sides"]["baseline"]["position"] == "top-left"
+    patch = tmp_path / "patch.png"
+    Image.fromarray(np.full((8, 8, 3), (0, 255, 0), dtype=np.uint8)).save(patch)
+    rep = call(c, scene, attack="patch", patch=handle_file(str(patch)), patch_side=0.25, position="centre")
+    assert rep["attack"]["threat"]["patch"] == "given" and rep["perturbation"]["sides"]["defended"]["area"] == 0.0625
+    with pytest.raises(Exception, match="cannot be found among the fonts"):
+        call(c, scene, attack="typographic", word="dog", font="Nope")
