@@ -129,9 +129,8 @@ def _one(model, spec_data: str, specs, n: int, batch_size: int, seed: int, out) 
                           fit_objective=lambda lab: (lambda idx: objective(idx, lab)))
             pred = predict(adv)
             row(spec.label, "top1", (pred == labels).float().mean())
-            if spec.name == "typographic":
-                written = wrong if not spec.word else torch.tensor(
-                    [classes.index(spec.word) if spec.word in classes else -1] * n)
+            if spec.name == "typographic" and (not spec.word or spec.word in classes):  # a class to read
+                written = torch.tensor([classes.index(spec.word)] * n) if spec.word else wrong
                 row(spec.label, "reads", (pred == written).float().mean())
         return rows
     refs = [r.get("captions") or [r["caption"]] for r in items]
