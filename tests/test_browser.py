@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -234,4 +235,16 @@ def test_the_typographic_attack_writes_a_word_and_an_empty_word_gets_one_sentenc
             expect(page.locator(f"#{e} img").first).to_be_visible(timeout=30_000)
         expect(page.locator("#heat-baseline-adversarial img").first).to_be_visible(timeout=30_000)
         page.screenshot(path=str(shot), full_page=True)
+
+        # a saved universal patch loads back: the side slider takes the side its PNG records, and it is applied
+        from vlm_inspect.attacks.patch import save_patch
+
+        save_patch(torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(0)), tmp_path / "patch.png", 0.1)
+        page.get_by_label("patch", exact=True).check()
+        page.locator("#patch-image input[type=file]").set_input_files(str(tmp_path / "patch.png"))
+        expect(page.locator("#patch-side input[type=number]")).to_have_value("0.1", timeout=30_000)
+        page.locator("#run").click()
+        expect(page.locator("#sizes")).to_contain_text("PATCH side 0.1 (1.0% of the image), a given patch",
+                                                       timeout=120_000)
+        assert page.locator(".toast-body.error, .toast-wrap .error").count() == 0, "the patch run shows an error"
     assert shot.stat().st_size > 50_000
