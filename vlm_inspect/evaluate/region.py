@@ -6,7 +6,9 @@ written word or a sticker does to zero-shot accuracy and to captions.
   share of images now classified as the written class (``reads``: the model read instead of looking).
   Captions: a shape word the reference captions do not use (or ``--word``); the rows are BLEU-4 and
   CIDEr of the captions of the written images and the share of captions that mention the word
-  (``mentions``), next to the same share on the clean images. The position is the attack's (``auto``:
+  (``mentions``), next to the same share on the clean images and the share that mention another
+  unused shape word, not written (``mentions_decoy``: a caption that adds some new shape names the
+  written one by chance this often). The position is the attack's (``auto``:
   the worst cell of a 3x3 grid for the true label's loss).
 - **Patch**: per image (``patch``: a patch optimised on each image) or universal (``--universal``: one
   patch optimised over ``--fit-samples`` images of the *train* split, placed at random while it learns,
@@ -146,10 +148,12 @@ def _one(model, spec_data: str, specs, n: int, batch_size: int, seed: int, out) 
     for k, v in caption_scores(clean_caps, refs).items():
         if k in ("bleu4", "cider"):
             row("none", k, v)
-    words = []
-    for r in refs:  # a shape word none of the references uses
+    words, decoys = [], []
+    for r in refs:  # a shape word none of the references uses, and another one (the decoy) to count by chance
         unused = [s for s in SHAPES if not any(_mentions(c, s) for c in r)] or list(SHAPES)
         words.append(unused[int(torch.randint(0, len(unused), (1,), generator=pick))])
+        others = [s for s in unused if s != words[-1]] or [words[-1]]
+        decoys.append(others[int(torch.randint(0, len(others), (1,), generator=pick))])
     for spec in specs:
         word_of = [spec.word] * n if spec.word else words
         adv = _attack(model, spec, pixels, objective, word_of, spec_data, seed, out,
@@ -161,6 +165,8 @@ def _one(model, spec_data: str, specs, n: int, batch_size: int, seed: int, out) 
         if spec.name == "typographic":
             row("none", "mentions", sum(_mentions(c, w) for c, w in zip(clean_caps, word_of)) / n)
             row(spec.label, "mentions", sum(_mentions(c, w) for c, w in zip(caps, word_of)) / n)
+            if not spec.word:  # a caption that names some new shape names the written one by chance this often
+                row(spec.label, "mentions_decoy", sum(_mentions(c, d) for c, d in zip(caps, decoys)) / n)
     return rows
 
 
@@ -214,7 +220,7 @@ def region_markdown(rows: list[dict[str, Any]], specs: Sequence[RegionSpec]) -> 
     desc = "; ".join(", ".join(f"{k}={v}" for k, v in s.describe().items()) for s in specs)
     lines = [f"**attacks without an epsilon**: {desc}. Samples per data set: {rows[0]['n']}. top1: accuracy on the "
              "attacked images; reads: share classified as the written class; mentions: share of captions that "
-             "contain the written word.", ""]
+             "contain the written word; mentions_decoy: share that contain another unused shape word, not written.", ""]
     for metric in dict.fromkeys(r["metric"] for r in rows):
         at = [r for r in rows if r["metric"] == metric]
         cols = list(dict.fromkeys("clean" if r["attack"] == "none" else r["attack"] for r in at))
