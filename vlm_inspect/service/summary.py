@@ -13,12 +13,12 @@ FAMILY_OUTPUT = {"clip": None, "captioner": "caption", "vqa": "answer"}
 
 
 def attack_text(attack: dict[str, Any]) -> str:
-    """The attack of a report in a few words: ``PGD linf eps=4/255, 10 step(s)``, or for an attack without
+    """The attack of a report in a few words: ``PGD linf, eps 4/255, 10 step(s)``, or for an attack without
     an epsilon its threat model: ``TYPOGRAPHIC “dog”, letters 0.2 of the side, white, opacity 1, position auto``."""
     name = attack["name"].upper()
     t = attack.get("threat")
     if t is None:
-        return f"{name} {attack['norm']} eps={attack['eps_k255']:g}/255, {attack['steps']} step(s)"
+        return f"{name} {attack['norm']}, eps {attack['eps_k255']:g}/255, {attack['steps']} step(s)"
     if "word" in t:
         word = t["word"] if isinstance(t["word"], str) else ", ".join(t["word"])
         return (f"{name} “{word}”, letters {t['text_size']:g} of the side, {t['colour']}, opacity {t['opacity']:g}, "
