@@ -236,6 +236,8 @@ def test_evaluate_typographic_and_a_universal_patch(tmp_path, capsys):
     assert set(got) == {("none", "top1"), ("typographic", "top1"), ("typographic", "reads"),
                         ("universal patch 0.1", "top1")}
     assert all(0 <= v <= 1 for v in got.values())
+    assert f"wrote {out}, {out.with_suffix('.json')}\n" in capsys.readouterr().out  # no epsilon: no plot
+    assert not out.with_suffix(".png").exists()
     text = out.read_text()
     assert "**reads**" in text and "universal patch 0.1" in text and "python -m vlm_inspect.evaluate" in text
     saved = tmp_path / "region_shapes-clip_shapes-combo_patch.png"

@@ -293,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                                                         "rows": rows, "records": records(white, specs, args.seed, args.norm),
                                                         "region_attacks": [s.describe() for s in regions],
                                                         "training": trained}, indent=1) + "\n")
-        if white:
+        written = [out, out.with_suffix(".json")]
+        if white:  # the plot is of epsilon; the typographic and patch rows have none
             plot(white, out.with_suffix(".png"))
-        print(f"wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
+            written.append(out.with_suffix(".png"))
+        print("wrote " + ", ".join(map(str, written)))
     return 0
