@@ -145,30 +145,25 @@ class Patch(Attack):
                     if callback is not None:
                         callback(step + 1, self.steps, losses[-1])
             with torch.no_grad():
+                best_score = None
                 if self.position == "auto":  # the worst cell of the grid for each image
-                    best, best_score, chosen = None, None, [PL.CELLS[0]] * b
-                    for cell in PL.CELLS:
-                        adv = self.place(x, patch, self._corners(cell, b, s, h, w, generator))
-                        score = sign * objective(adv).float()
-                        if best is None:
-                            best, best_score = adv, score
-                            continue
-                        better = score > best_score
-                        best = torch.where(better.view(-1, 1, 1, 1), adv, best)
-                        best_score = torch.where(better, score, best_score)
-                        chosen = [cell if bool(better[i]) else chosen[i] for i in range(b)]
+                    (best,), best_score, chosen = PL.worst_cell(
+                        PL.CELLS, lambda cell: (self.place(x, patch, self._corners(cell, b, s, h, w, generator)),),
+                        lambda adv: sign * objective(adv).float())
                     corners = [PL.cell_corner(c, s, s, h, w) for c in chosen]
                 else:
                     corners = self._corners(self.position, b, s, h, w, generator)
                     chosen = [self.position if self.position != "random" else f"{t},{left}" for t, left in corners]
                     best = self.place(x, patch, corners)
-                final = float(objective(best).float().mean())
-                if not losses:
-                    losses.append(final)
                 stopped = stopped_at = None
-                if early_stop:
-                    stopped = objective.fooled().to(x.device)
-                    stopped_at = torch.where(stopped, 0, -1)
+                # one more pass only when needed: fooled() must speak of ``best``, or a given patch has no loss yet
+                if early_stop or (not losses and best_score is None):
+                    best_score = sign * objective(best).float()
+                    if early_stop:
+                        stopped = objective.fooled().to(x.device)
+                        stopped_at = torch.where(stopped, 0, -1)
+                if not losses:
+                    losses.append(sign * float(best_score.mean()))
         region = torch.zeros(b, 1, h, w, dtype=torch.bool, device=x.device)
         for i, (top, left) in enumerate(corners):
             region[i, :, top:top + s, left:left + s] = True
@@ -199,14 +194,7 @@ def load_patch(source: Any, name: str | None = None) -> tuple[torch.Tensor, floa
 
     img = load_image(source, name)
     side = None
-    raw = getattr(source, "info", {}).get(PNG_KEY) if hasattr(source, "info") else None
-    if raw is None and isinstance(source, (str, Path, bytes, bytearray)):
-        import io
-
-        from PIL import Image
-
-        with Image.open(io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source) as f:
-            raw = f.info.get(PNG_KEY)  # load_image has read this file already: it opens
+    raw = img.info.get(PNG_KEY)  # the decoded image keeps the PNG's text
     if raw is not None:
         try:
             side = check_side(raw)

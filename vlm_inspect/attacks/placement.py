@@ -34,3 +34,24 @@ def random_corner(box_h: int, box_w: int, h: int, w: int, generator: torch.Gener
     top = int(torch.randint(0, max(h - box_h, 0) + 1, (1,), generator=generator))
     left = int(torch.randint(0, max(w - box_w, 0) + 1, (1,), generator=generator))
     return top, left
+
+
+def worst_cell(cells, attempt, score, on_each=None):
+    """The search both region attacks make: ``attempt(cell)`` puts the region on ``cell`` for every image
+    and returns a tuple of (B, ...) tensors, the attacked images first; ``score(images)`` is (B,), higher
+    is worse for the model. Returns, per image, the tensors of its highest-scoring cell, that score, and
+    the cell's name. ``on_each(k, scores)`` follows each cell."""
+    best = best_score = chosen = None
+    for k, cell in enumerate(cells):
+        outs = attempt(cell)
+        s = score(outs[0])
+        if best is None:
+            best, best_score, chosen = list(outs), s, [cell] * len(s)
+        else:
+            better = s > best_score
+            best = [torch.where(better.view(-1, *[1] * (o.ndim - 1)), o, b) for o, b in zip(outs, best)]
+            best_score = torch.where(better, s, best_score)
+            chosen = [cell if bool(w) else c for w, c in zip(better, chosen)]
+        if on_each is not None:
+            on_each(k, s)
+    return best, best_score, chosen

@@ -43,9 +43,10 @@ def font_folder() -> Path:
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 
 
-def available_fonts() -> list[str]:
-    """The font names :class:`Typographic` accepts: the TrueType files matplotlib ships."""
-    return sorted(p.stem for p in font_folder().glob("*.ttf"))
+@lru_cache(maxsize=1)
+def available_fonts() -> tuple[str, ...]:
+    """The font names :class:`Typographic` accepts: the TrueType files matplotlib ships (read once)."""
+    return tuple(sorted(p.stem for p in font_folder().glob("*.ttf")))
 
 
 def check_font(font: str) -> str:
@@ -180,23 +181,20 @@ class Typographic(Attack):
         sign = -1.0 if targeted else 1.0
         candidates = list(PL.CELLS) if self.position == "auto" else [self.position]
         losses: list[float] = []
-        best = best_cover = best_score = None
-        chosen: list[str] = [candidates[0]] * b
+        sizes: list[int] = []  # the font size per image: the same on every cell
+
+        def attempt(cell: str):
+            adv, cover, sizes[:] = self.write(x, [cell] * b, generator)
+            return adv, cover
+
+        def scored(k: int, score: torch.Tensor) -> None:
+            losses.append(sign * float(score.mean()))
+            if callback is not None:
+                callback(k + 1, len(candidates), losses[-1])
+
         with model_guard(getattr(objective, "model", None)), torch.no_grad():
-            for k, cell in enumerate(candidates):
-                adv, cover, sizes = self.write(x, [cell] * b, generator)
-                score = sign * objective(adv).float()
-                losses.append(sign * float(score.mean()))
-                if best is None:
-                    best, best_cover, best_score = adv, cover, score
-                else:
-                    better = score > best_score
-                    best = torch.where(better.view(-1, 1, 1, 1), adv, best)
-                    best_cover = torch.where(better.view(-1, 1, 1, 1), cover, best_cover)
-                    best_score = torch.where(better, score, best_score)
-                    chosen = [cell if bool(better[i]) else chosen[i] for i in range(b)]
-                if callback is not None:
-                    callback(k + 1, len(candidates), losses[-1])
+            (best, best_cover), _, chosen = PL.worst_cell(candidates, attempt, lambda adv: sign * objective(adv).float(),
+                                                          scored)
             stopped = stopped_at = None
             if early_stop:  # the word is written once: fooled or not, the image is final
                 objective(best)

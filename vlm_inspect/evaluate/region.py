@@ -127,8 +127,8 @@ def _one(model, spec_data: str, specs, n: int, batch_size: int, seed: int, out) 
         wrong = (labels + 1 + torch.randint(0, len(classes) - 1, (n,), generator=pick)) % len(classes)
         for spec in specs:
             words = [spec.word] * n if spec.word else [classes[int(w)] for w in wrong]
-            adv = _attack(model, spec, pixels, objective, words, spec_data, seed, out,
-                          fit_objective=lambda lab: (lambda idx: objective(idx, lab)))
+            adv = _attack(model, spec, pixels, objective, words, spec_data, seed, out, batch_size,
+                          fit_objective=lambda lab: objective(list(range(len(lab))), lab))
             pred = predict(adv)
             row(spec.label, "top1", (pred == labels).float().mean())
             if spec.name == "typographic" and (not spec.word or spec.word in classes):  # a class to read
@@ -136,9 +136,10 @@ def _one(model, spec_data: str, specs, n: int, batch_size: int, seed: int, out) 
                 row(spec.label, "reads", (pred == written).float().mean())
         return rows
     refs = [r.get("captions") or [r["caption"]] for r in items]
+    first = [r[0] for r in refs]  # the caption whose NLL is climbed
 
     def objective(idx, caps=None):
-        return caption_nll(model, [(caps or [r[0] for r in refs])[i] for i in idx])
+        return caption_nll(model, [(caps or first)[i] for i in idx])
 
     def generate(x):
         with torch.no_grad():
@@ -156,8 +157,8 @@ def _one(model, spec_data: str, specs, n: int, batch_size: int, seed: int, out) 
         decoys.append(others[int(torch.randint(0, len(others), (1,), generator=pick))])
     for spec in specs:
         word_of = [spec.word] * n if spec.word else words
-        adv = _attack(model, spec, pixels, objective, word_of, spec_data, seed, out,
-                      fit_objective=lambda caps: (lambda idx: objective(idx, caps)))
+        adv = _attack(model, spec, pixels, objective, word_of, spec_data, seed, out, batch_size,
+                      fit_objective=lambda caps: objective(list(range(len(caps))), caps))
         caps = generate(adv)
         scores = caption_scores(caps, refs)
         row(spec.label, "bleu4", scores["bleu4"])
@@ -171,11 +172,12 @@ def _one(model, spec_data: str, specs, n: int, batch_size: int, seed: int, out) 
 
 
 def _attack(model, spec: RegionSpec, pixels: torch.Tensor, objective, words: list[str], spec_data: str, seed: int,
-            out, fit_objective) -> torch.Tensor:
-    """The attacked images of one spec, batch by batch (a universal patch is fitted first)."""
+            out, batch_size: int, fit_objective) -> torch.Tensor:
+    """The attacked images of one spec, ``batch_size`` at a time (a universal patch is fitted first);
+    ``fit_objective(targets)`` is the objective of the train images a universal patch is fitted on."""
     adv = torch.empty_like(pixels)
     if spec.name == "typographic":
-        for k, idx in enumerate(_chunks(len(pixels), 100)):
+        for k, idx in enumerate(_chunks(len(pixels), batch_size)):
             atk = spec.build(word=[words[i] for i in idx])
             gen = torch.Generator().manual_seed(_chunk_seed(seed, 0, k))  # position "random" draws from it
             adv[idx] = atk(pixels[idx], objective(idx), generator=gen).adv
@@ -183,7 +185,7 @@ def _attack(model, spec: RegionSpec, pixels: torch.Tensor, objective, words: lis
     gen = torch.Generator(device=pixels.device)
     if not spec.universal:
         atk = spec.build()
-        for k, idx in enumerate(_chunks(len(pixels), 100)):
+        for k, idx in enumerate(_chunks(len(pixels), batch_size)):
             adv[idx] = atk(pixels[idx], objective(idx), generator=gen.manual_seed(_chunk_seed(seed, 0, k))).adv
         return adv
     patch = fit_universal(model, spec, spec_data, seed, fit_objective)
@@ -193,7 +195,7 @@ def _attack(model, spec: RegionSpec, pixels: torch.Tensor, objective, words: lis
         save_patch(patch, path, spec.settings.get("patch_side", 0.2))
         log.info("wrote the universal patch of %s: %s", model.name, path)
     atk = spec.build(patch=patch, position="random")
-    for k, idx in enumerate(_chunks(len(pixels), 100)):
+    for k, idx in enumerate(_chunks(len(pixels), batch_size)):
         adv[idx] = atk(pixels[idx], objective(idx), generator=gen.manual_seed(_chunk_seed(seed, 0, k))).adv
     return adv
 
@@ -206,7 +208,7 @@ def fit_universal(model, spec: RegionSpec, spec_data: str, seed: int, fit_object
     px = to_pixels([r["image"] for r in items], model.image_size).to(model.device)
     target = (torch.tensor([r["label"] for r in items]) if model.family == "clip"
               else [(r.get("captions") or [r["caption"]])[0] for r in items])
-    objective = fit_objective(target)(list(range(len(items))))
+    objective = fit_objective(target)
     res = spec.build(universal=True, position="random")(px, objective, generator=torch.Generator(
         device=px.device).manual_seed(_chunk_seed(seed, 1, 0)))
     return res.info["patch"]

@@ -182,7 +182,8 @@ def run_inspection(service: Any, image: Any, request: InspectRequest, progress: 
                     perturbation[side].update(budget=None, step_size=None, position=res.info["position"][0],
                                               area=round(float(res.info["region"].float().mean()), 4))
                     if "patch" in res.info:  # the patch itself, at its size, to save and apply again
-                        images[f"patch/{side}"] = pixels_to_uint8(res.info["patch"].reshape(-1, *res.info["patch"].shape[-3:])[:1])
+                        patch = res.info["patch"]  # (3, s, s) universal or given; (B, 3, s, s) per image
+                        images[f"patch/{side}"] = pixels_to_uint8(patch if patch.ndim == 3 else patch[0])
                 images[f"adversarial/{side}"] = display(pixels_to_uint8(res.adv))
                 images[f"perturbation/{side}"] = display(amplify(res.delta))
             for fam, m in sides[side].items():

@@ -15,7 +15,7 @@ import torch
 
 from ..attacks import ATTACKS, NORMS, is_bounded
 from ..attacks import patch as PA
-from ..attacks.placement import POSITIONS
+from ..attacks.placement import check_position
 from ..attacks.typographic import DEFAULT_FONT
 from ..explain import HEATMAPS
 from ..models import FAMILIES
@@ -163,9 +163,10 @@ class InspectRequest:
 
     def _check_region(self) -> None:
         """The settings of the attacks without an epsilon, checked by building the attack (one sentence each)."""
-        self.position = str(self.position or "auto").strip().lower()
-        if self.position not in POSITIONS:
-            raise InputError(f"unknown position {self.position!r}; choose one of {', '.join(POSITIONS)}")
+        try:
+            self.position = check_position(self.position)
+        except ValueError as e:
+            raise InputError(str(e)) from None
         if is_bounded(self.attack):
             return
         if self.attack == "typographic":
