@@ -15,7 +15,7 @@ from vlm_inspect.defenses.common import make_config
 from vlm_inspect.defenses.tga_zsr import map_distance
 from vlm_inspect.models import load
 
-PARTS = {"tecoa": {"ce_adv"}, "tga-zsr": {"ce_adv", "attention_refinement", "attention_constraint"}}
+PARTS = {"tecoa": {"ce_adv"}, "fare": {"embedding_l2_adv"}, "tga-zsr": {"ce_adv", "attention_refinement", "attention_constraint"}}
 
 
 class Classes:
@@ -264,3 +264,42 @@ def test_every_registered_defense_takes_a_step_on_each_of_its_families(key, fami
     loss.backward()
     trained = task.trainable_parameters()
     assert trained and any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+
+
+def test_fare_loss_is_the_embedding_distance_to_the_frozen_original_by_hand():
+    """FARE: ||phi(x') - phi0(x)||^2 on unnormalised embeddings. Before any update (theta = theta0) it is 0
+    on clean images (eps 0) and positive once PGD moves the image; after an update it equals the squared
+    distance between the trained and the frozen encoder's embeddings, computed here by hand."""
+    from vlm_inspect.defenses.fare import EmbeddingDistance, image_embedding_raw
+
+    model = load("shapes-clip", weights="random")
+    data = ShapesDataset("shapes-combo", split="train", length=64)
+    task_cls = DEFENSES.get("fare")
+    records = [data[i] for i in range(3)]
+    clean = task_cls(model, make_config(task_cls.Config, {"attack_eps": 0.0}), data)
+    batch = clean.collate(records, 0)
+    assert set(batch) == {"pixels", "index"}  # no labels, no text
+    loss, _ = clean.loss(batch)
+    assert loss.item() == 0.0
+    attacked, parts = one_step(load("shapes-clip", weights="random"), "fare", data, records)
+    assert parts["embedding_l2_adv"] > 0
+    with torch.no_grad():  # after the update: the trained encoder against the frozen one, by hand
+        x = batch["pixels"]
+        mine = attacked.model.projected_tokens(x)[:, 0]
+        orig = attacked.frozen.projected_tokens(x)[:, 0]
+        assert torch.allclose(image_embedding_raw(attacked.model, x), mine)
+        assert EmbeddingDistance(attacked.model, orig)(x) == pytest.approx(((mine - orig) ** 2).sum(-1), rel=1e-5)
+        assert ((mine - orig) ** 2).sum(-1).min() > 0
+
+
+def test_fare_refuses_what_it_cannot_train(tmp_path):
+    data = ShapesDataset("shapes-combo", split="train", length=8)
+    cls = DEFENSES.get("fare")
+    with pytest.raises(ValueError, match="clean_weight"):
+        cls(load("shapes-clip", weights="random"), make_config(cls.Config, {"clean_weight": "2"}), data)
+    from vlm_inspect.train.loop import TrainConfig, train
+
+    with pytest.raises(ValueError, match="applies to clip models"):
+        train(TrainConfig(defense="fare", model="shapes-captioner", init="random", steps=1, batch_size=2,
+                          out=str(tmp_path / "run")), progress=False)
+    assert not (tmp_path / "run").exists()  # nothing written

@@ -252,3 +252,32 @@ def test_class_token_only_last_block_is_open_clips_encode_image(name):
         outs.append((feats, torch.autograd.grad((feats * w).sum(), px)[0]))
     assert torch.allclose(outs[0][0], outs[1][0], atol=1e-6)
     assert torch.allclose(outs[0][1], outs[1][1], atol=1e-7, rtol=1e-4)
+
+
+ROBUST_HUB = ("hf-hub:chs20/fare2-clip", "hf-hub:chs20/fare4-clip", "hf-hub:chs20/tecoa2-clip", "hf-hub:chs20/tecoa4-clip")
+
+
+def test_published_robust_clips_are_in_the_pretrained_clip_list_and_offline_is_one_sentence(tmp_path, monkeypatch):
+    """The pretrained suite's CLIP boxes list FARE and TeCoA (2/255, 4/255) next to the OpenAI CLIPs; a served
+    app admits them as catalog names; offline, choosing one says what is missing and how to fix it, and the
+    service keeps working. Their architecture is known, so a random-weight copy builds without the network."""
+    from vlm_inspect.models.presets import PRESETS
+
+    service = InspectService(suite="pretrained", model_dirs=[], precision="fp32")
+    offered = service.models("clip", "pretrained")
+    assert all(name in offered for name in ROBUST_HUB) and "openai/ViT-B-32" in offered
+    assert not any(name in service.models("clip", "embedded") for name in ROBUST_HUB)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv(WEIGHTS_DIR_ENV, raising=False)
+    with pytest.raises(InputError) as e:
+        service.model("hf-hub:chs20/fare4-clip")  # admitted by the served policy: it is in the list
+    msg = str(e.value)
+    assert "hf-hub:chs20/fare4-clip" in msg and "vlm_inspect.models.fetch" in msg and "\n" not in msg
+    # the architecture a preset names is the published one's: ViT-L/14 at 224 px with QuickGELU
+    assert PRESETS["hf-hub:chs20/fare2-clip"].architecture() == {"open_clip_name": "ViT-L-14-quickgelu"}
+    import open_clip
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in open_clip.create_model("ViT-L-14-quickgelu", pretrained=None, device="meta").parameters())
+    assert 400e6 < n < 450e6  # ViT-L/14 CLIP, vision and text

@@ -313,9 +313,10 @@ def test_guarded_handlers_turn_mistakes_into_messages():
         guarded(boom)("bug")
 
 
-@pytest.mark.parametrize("defended", ["shapes-clip+tecoa", "shapes-clip+tga-zsr", "shapes-clip+apd", "shapes-clip+capt"])
+@pytest.mark.parametrize("defended", ["shapes-clip+tecoa", "shapes-clip+tga-zsr", "shapes-clip+fare", "shapes-clip+apd",
+                                      "shapes-clip+capt"])
 def test_each_shipped_defense_is_offered_and_inspected(service, scene, defended):
-    """The four shipped defended CLIPs (two of them prompt-only checkpoints) are in the model list and run
+    """The five shipped defended CLIPs (two of them prompt-only checkpoints) are in the model list and run
     a whole inspection with either heatmap."""
     assert defended in service.models("clip")
     for heatmap in ("attention", "gradcam"):

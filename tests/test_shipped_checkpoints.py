@@ -60,7 +60,7 @@ def test_attacks_hurt_the_trained_clip():
     assert robust < clean - 0.3
 
 
-DEFENDED = ["shapes-clip+tecoa", "shapes-clip+tga-zsr", "shapes-clip+apd", "shapes-clip+capt"]
+DEFENDED = ["shapes-clip+tecoa", "shapes-clip+tga-zsr", "shapes-clip+fare", "shapes-clip+apd", "shapes-clip+capt"]
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--defended", default="", metavar="FAMILY=NAME,...",
                     help="defended models, e.g. 'clip=shapes-clip+tga-zsr'; default: the first <baseline>+<defense> "
                          "checkpoint, if any")
+    ap.add_argument("--vision-tower", default=None, metavar="CLIP",
+                    help="the defended side's LLaVA reads images through this CLIP's vision encoder (an open_clip "
+                         "name or folder, e.g. hf-hub:chs20/fare2-clip, or a transformers CLIPModel); where the "
+                         "defended side names no LLaVA, it takes the baseline's. Same as naming the model "
+                         "'<llava>|tower=<CLIP>'")
     ap.add_argument("--attack", choices=ATTACKS.list(), default="pgd", help=attack_help())
     ap.add_argument("--norm", choices=list(NORMS), default="linf", help="threat model")
     ap.add_argument("--eps", default="4/255", help="budget in pixel units, as k/255 or a decimal (at most 32/255)")
@@ -72,6 +77,26 @@ def parse_models(text: str, what: str) -> dict[str, str | None]:
     return out
 
 
+def apply_vision_tower(fields: dict, tower: str, named_defended: dict[str, str | None]) -> dict:
+    """``--vision-tower``: each defended LLaVA (or, for a family the defended side was not given, the
+    baseline's LLaVA) becomes ``<llava>|tower=<tower>``; a selection without a LLaVA is refused."""
+    from .models.llava import tower_name
+    from .models.loading import is_llava
+
+    swapped = False
+    for fam in FAMILIES:
+        defended, baseline = fields["defended"].get(fam), fields["baseline"].get(fam)
+        base = defended if defended and is_llava(defended) else \
+            baseline if baseline and is_llava(baseline) and fam not in named_defended else None
+        if base:
+            fields["defended"][fam] = tower_name(base, tower)
+            swapped = True
+    if not swapped:
+        raise ValueError("--vision-tower swaps a LLaVA's vision encoder: name a LLaVA in --baseline or --defended "
+                         "(e.g. captioner=llava-hf/llava-1.5-7b-hf,vqa=llava-hf/llava-1.5-7b-hf)")
+    return fields
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -89,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         apply_weights_dir(args)
         service = InspectService(suite=args.suite, device=args.device, precision=args.precision,
                                  policy=ModelPolicy.local())  # a local command: its user owns the machine
-        fields = service.suite_fields(
-            args.suite, {"baseline": parse_models(args.baseline, "baseline"),
-                         "defended": parse_models(args.defended, "defended")},
-            args.classes, args.template, args.question, args.label_set)
+        named = {"baseline": parse_models(args.baseline, "baseline"), "defended": parse_models(args.defended, "defended")}
+        fields = service.suite_fields(args.suite, named, args.classes, args.template, args.question, args.label_set)
+        if args.vision_tower:
+            fields = apply_vision_tower(fields, args.vision_tower.strip(), named["defended"])
         req = InspectRequest(
             **fields, attack=args.attack, norm=args.norm, eps_k=parse_eps(args.eps) * 255, steps=args.steps,
             alpha_k=parse_eps(args.alpha) * 255, random_start=not args.no_random_start, seed=args.seed,

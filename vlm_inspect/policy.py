@@ -91,6 +91,16 @@ class ModelPolicy:
             raise ModelRefused(f"a model name has at most {MAX_NAME_CHARS} characters; this one has {len(name)}")
         if self.open or name in catalog():
             return
+        from .models.llava import TOWER_SEP, split_tower
+
+        if TOWER_SEP in name:  # a LLaVA with another CLIP's vision tower: each part is a model name like any other
+            try:
+                parts = split_tower(name)
+            except ValueError:
+                raise refused(name) from None
+            for part in parts:
+                self.admit(str(part), catalog)
+            return
         if name.startswith("hf-hub:"):
             if HUB_NAME.fullmatch(name) and any(fnmatch.fnmatchcase(name.removeprefix("hf-hub:"), p.removeprefix("hf-hub:"))
                                             for p in self.hub):

@@ -38,6 +38,12 @@ def frozen_copy(adapter):
     return frozen
 
 
+def vision_tower(model) -> nn.Module:
+    """The vision encoder a CLIP defense trains: the adapter's ``vision_module()`` (a transformers CLIP's
+    vision model and projection), else open_clip's ``visual``."""
+    return model.vision_module() if hasattr(model, "vision_module") else model.model.visual
+
+
 def pgd_zero_shot(model, pixels: torch.Tensor, labels: torch.Tensor, class_texts: list[str],
                   text_features: torch.Tensor, eps: float, alpha: float, steps: int) -> torch.Tensor:
     """Training-time PGD-Linf with a random start on the zero-shot CE (the model's weights untouched)."""
@@ -62,7 +68,7 @@ class ZeroShotTask(Task):
         for p in model.parameters():
             p.requires_grad_(False)
         if self.trains_visual:
-            for p in model.model.visual.parameters():
+            for p in vision_tower(model).parameters():
                 p.requires_grad_(True)
         with torch.no_grad():  # the frozen text encoder's class-prompt features
             self.text_features = model.encode_text(self.class_texts)

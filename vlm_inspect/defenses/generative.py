@@ -19,7 +19,11 @@ PARTS = ("decoder", "full", "encoder")
 
 
 def vision_encoder(model) -> torch.nn.Module:
-    """The image encoder of a captioner (ViT) or VQA model (BLIP's vision model)."""
+    """The image encoder of a captioner (ViT) or VQA model (BLIP's vision model), or the one an adapter names
+    (a LLaVA's vision tower)."""
+    own = getattr(model, "vision_module", None)
+    if callable(own):
+        return own()
     if model.family == "captioner":
         return model.model.encoder
     if model.family == "vqa":

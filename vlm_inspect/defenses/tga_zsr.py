@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..explain.attention import attention_from_tokens
-from .adversarial import ZeroShotTask, frozen_copy
+from .adversarial import ZeroShotTask, frozen_copy, vision_tower
 from .common import DEFENSES
 
 DISTANCES = ("l2", "cos", "l1")
@@ -74,7 +74,7 @@ class TGAZSR(ZeroShotTask):
         when no weight requires grad, whose rounding differs by ~1e-6; then the model-constraint term
         would not be exactly 0 at the start, where θ = θ0. So θ0's weights require grad for the pass,
         and the result is detached (θ0 gets no gradient and is never updated)."""
-        weights = list(self.frozen.model.visual.parameters())
+        weights = list(vision_tower(self.frozen).parameters())
         for p in weights:
             p.requires_grad_(True)
         try:

@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "... shards the samples across them (the same table as one process).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", required=True, help="comma-separated preset names or checkpoint folders")
+    p.add_argument("--vision-tower", default=None, metavar="CLIP",
+                   help="every LLaVA in --models reads images through this CLIP's vision encoder (an open_clip name "
+                        "or folder, or a transformers CLIPModel), as if named '<llava>|tower=<CLIP>'; to compare "
+                        "both, list the LLaVA and '<llava>|tower=<CLIP>' in --models instead")
     p.add_argument("--data", default=None,
                    help="comma-free list separated by ';' of data specs; default: every shapes data set of the family")
     p.add_argument("--attack", default="pgd",
@@ -58,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="markdown file to write (JSON and PNG plot beside it)")
     p.add_argument("--title", default=None, help="heading above the table")
     return p
+
+
+def with_vision_tower(models: list[str], tower: str) -> list[str]:
+    """``--vision-tower``: each LLaVA of ``models`` as ``<llava>|tower=<tower>``; refused without a LLaVA."""
+    from ..models.llava import tower_name
+    from ..models.loading import is_llava
+
+    if not any(is_llava(m) for m in models):
+        raise ValueError("--vision-tower swaps a LLaVA's vision encoder and --models names no LLaVA "
+                         "(e.g. llava-hf/llava-1.5-7b-hf)")
+    return [tower_name(m, tower) if is_llava(m) else m for m in models]
 
 
 def attack_specs(args) -> list[AttackSpec]:
@@ -242,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         specs = attack_specs(args)
         regions = region_specs(args)
         models = [m.strip() for m in args.models.split(",") if m.strip()]
+        if args.vision_tower:
+            models = with_vision_tower(models, args.vision_tower.strip())
         data = [d.strip() for d in args.data.split(";") if d.strip()] if args.data else None
         apply_weights_dir(args)
     except (DataError, CheckpointError, ValueError, ModelUnavailableError) as e:

@@ -21,6 +21,7 @@ from ..checkpoints import weights_digest
 from ..data.sources import open_data
 from ..images import to_pixels
 from ..models import load
+from ..models.base import families_of
 from ..objectives import answer_nll, caption_nll, zero_shot_ce
 from . import autoattack as AA
 from .metrics import caption_scores, exact_match, lower_cider
@@ -85,10 +86,12 @@ def _chunks(n: int, size: int):
 
 
 def evaluate_model(model, data_spec: str, attacks: Sequence[AttackSpec], n: int, batch_size: int = 100,
-                   seed: int = 0, split: str = "test", shard: D.DistInfo | None = None) -> list[dict[str, Any]]:
-    """Rows ``{model, data, eps, attack, metric, value, n}`` for one model and data set."""
+                   seed: int = 0, split: str = "test", shard: D.DistInfo | None = None,
+                   family: str | None = None) -> list[dict[str, Any]]:
+    """Rows ``{model, data, eps, attack, metric, value, n}`` for one model and data set (as the ``family``
+    model: default its own; a LLaVA is scored as a captioner and as a VQA model)."""
     data = open_data(data_spec, split, seed=seed, length=n, image_size=model.image_size)
-    return evaluate_data(model, data, data_spec, attacks, n, batch_size, seed, shard)
+    return evaluate_data(model, data, data_spec, attacks, n, batch_size, seed, shard, family)
 
 
 def _chunk_seed(seed: int, restart: int, chunk: int) -> int:
@@ -98,7 +101,7 @@ def _chunk_seed(seed: int, restart: int, chunk: int) -> int:
 
 
 def evaluate_data(model, data, data_spec: str, attacks: Sequence[AttackSpec], n: int, batch_size: int = 100,
-                  seed: int = 0, shard: D.DistInfo | None = None) -> list[dict[str, Any]]:
+                  seed: int = 0, shard: D.DistInfo | None = None, family: str | None = None) -> list[dict[str, Any]]:
     """:func:`evaluate_model` on an opened data set (``attacks=[]``: clean metrics only).
 
     The samples are split into batches of ``batch_size``, each attacked with its own seeded random
@@ -107,7 +110,7 @@ def evaluate_data(model, data, data_spec: str, attacks: Sequence[AttackSpec], n:
     every caption), so the rows equal a single process's."""
     shard = shard or D.DistInfo()
     n = min(n, len(data))
-    fam = model.family
+    fam = family or model.family
     records = [data[i] for i in range(n)]
     pixels = to_pixels([r["image"] for r in records], model.image_size)
     mine = [(k, idx) for k, idx in enumerate(_chunks(n, batch_size)) if k % shard.world == shard.rank]
@@ -296,9 +299,10 @@ def evaluate(models: Sequence[str], data: Sequence[str] | None, attacks: Sequenc
         digest = weights_digest(model)  # the adapter: prompts and normalisation included
         for spec in (data or default_data(model.family)):
             t = time.time()
-            with autocast(device, precision, decoding=decode):
-                rows += [{**r, "weights_digest": digest} for r in evaluate_model(model, spec, attacks, n, batch_size, seed,
-                                                                                   shard=shard)]
+            for fam in families_of(model):  # a LLaVA: its captions and its answers (rows differ by metric)
+                with autocast(device, precision, decoding=decode):
+                    rows += [{**r, "weights_digest": digest} for r in evaluate_model(
+                        model, spec, attacks, n, batch_size, seed, shard=shard, family=fam)]
             log.info("%s on %s: %.1fs", name, spec, time.time() - t)
             if progress:
                 progress(name, spec)

@@ -22,6 +22,7 @@ from ..attacks.base import eps_label
 from ..data.sources import open_data
 from ..images import resize_pixels, to_pixels
 from ..models import load
+from ..models.base import families_of, serves
 from ..objectives import answer_nll, caption_nll, zero_shot_ce
 from .metrics import caption_scores, exact_match, lower_cider
 from .run import AttackSpec, _chunk_seed, _chunks, default_data
@@ -49,15 +50,17 @@ def _transfer(sources, targets, data, attacks, n, batch_size, seed, device, shar
         raise ValueError("--transfer-from crafts with one attack at a time and autoattack is an ensemble: add "
                          "pgd, apgd, bim or fgsm to --attack")
     tgt = {name: load(name, device=device).eval() for name in targets}
-    families = sorted({m.family for m in tgt.values()})
-    if len(families) > 1:
+    common = set.intersection(*(set(families_of(m)) for m in tgt.values()))
+    if not common:
+        families = sorted({f for m in tgt.values() for f in families_of(m)})
         raise ValueError(f"--transfer-from scores every --models entry on the same images: give models of one "
                          f"family, got {' and '.join(families)} models")
-    fam = families[0]
+    first = next(iter(tgt.values())).family  # targets serving several families (LLaVAs): the first one's own
+    fam = first if first in common else sorted(common)[0]
     rows: list[dict[str, Any]] = []
     for source_name in sources:
         src = load(source_name, device=device).eval()
-        if src.family != fam:
+        if not serves(src, fam):
             raise ValueError(f"the transfer source {source_name!r} is a {src.family} model and the targets are "
                              f"{fam} models: a source must be of the targets' family")
         for spec_data in data or default_data(fam):

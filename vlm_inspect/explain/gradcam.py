@@ -61,7 +61,8 @@ def _vit_token_grid(model) -> tuple[TokenGrid, Any]:
         grid = view(patches.transpose(1, 2).reshape(out.shape[0], out.shape[2], g, g))
         return torch.cat([cls, grid.flatten(2).transpose(1, 2), extra], dim=1)
 
-    blocks = model.model.visual.transformer.resblocks
+    # the adapter's own blocks (a transformers CLIP), else open_clip's
+    blocks = model.vision_blocks() if hasattr(model, "vision_blocks") else model.model.visual.transformer.resblocks
     if len(blocks) < 2:
         raise ValueError("Grad-CAM needs a ViT with at least two blocks")
     return view, blocks[-2].register_forward_hook(as_grid)

@@ -47,6 +47,16 @@ def model_guard(module: nn.Module | None) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def families_of(model: Any) -> tuple[str, ...]:
+    """Every family ``model`` serves: its ``families`` (a LLaVA is a captioner and a VQA model), else its ``family``."""
+    return tuple(getattr(model, "families", ()) or (getattr(model, "family", None),))
+
+
+def serves(model: Any, family: str) -> bool:
+    """True if ``model`` can be used as the ``family`` model (compare with this, not with ``model.family``)."""
+    return family in families_of(model)
+
+
 def check_pixels(pixels: Any, image_size: int | None = None) -> torch.Tensor:
     """Raise a ValueError saying what was expected unless ``pixels`` is a float (B,3,H,W) tensor in [0,1]."""
     want = f"(B, 3, {image_size}, {image_size})" if image_size else "(B, 3, H, W)"

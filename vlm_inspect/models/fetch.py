@@ -48,6 +48,10 @@ def fetch(names: list[str], out: str | Path, random: bool = False) -> list[Path]
                 raise ValueError(f"{name!r} is not a pretrained preset; valid: "
                                  f"{', '.join(list_presets(suite='pretrained'))}, or hf-hub:<org>/<repo>")
             adapter = load(name, weights="random" if random else "default")
+            if random and adapter.spec.get("tokenizer", {}).get("kind") == "clip-bpe-standin":
+                # a transformers CLIP's copy holds its tokenizer as files (what the hub copy holds), so the
+                # stand-in is saved with it and read back from the folder
+                adapter.spec = {**adapter.spec, "tokenizer": {"kind": "files"}}
             save_adapter(adapter, dest, preset=name,
                          extra={"source": "random" if random else (PRESETS[name].source or name)})
         log.info("wrote %s", dest)

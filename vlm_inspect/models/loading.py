@@ -6,6 +6,7 @@ local copies of pretrained weights, and the guard a served app puts in front of 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from contextvars import ContextVar
 from pathlib import Path
@@ -19,6 +20,8 @@ from .presets import PRESETS, Preset, is_pretrained, list_presets
 from .tokenizers import hf_tokenizer_from_folder, tokenizer_from_ref
 
 log = logging.getLogger(__name__)
+
+SHARDED_INDEX = "model.safetensors.index.json"  # transformers' sharded safetensors (e.g. a 7B LLaVA)
 
 
 def local_copy(name: str) -> Path | None:
@@ -171,7 +174,7 @@ def load_base(folder: Path, config: dict[str, Any], device: str = "cpu", what: s
         raise CheckpointError(f"{folder / 'config.json'}: this checkpoint must name its base model ('base')")
     ref = str(ref)
     if ref in PRESETS or (checkpoints_dir() / ref / "config.json").is_file():
-        base = load(ref, device=device)
+        base = load(ref, device=device, private=True)  # its weights are about to change: never a shared LLaVA
     else:
         path = _base_folder(folder, ref)
         if path is None:
@@ -195,20 +198,42 @@ def load_partial(folder: Path, config: dict[str, Any], name: str, device: str = 
     return adapter
 
 
+def _processor_normalisation(folder: Path) -> dict[str, list[float]]:
+    """``image_mean`` / ``image_std`` of a transformers folder's ``preprocessor_config.json`` (read as JSON
+    only, never through a processor class), when it gives both; ``{}`` without one."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        if path.stat().st_size > 1_000_000:  # a processor config is a few hundred bytes
+            raise ValueError("larger than 1 MB")
+        data = json.loads(path.read_text())
+        mean, std = data.get("image_mean"), data.get("image_std")
+        if mean is None or std is None:
+            return {}
+        mean, std = [float(v) for v in mean], [float(v) for v in std]
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError("image_mean and image_std must be 3 numbers each, std > 0")
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a usable preprocessor config ({e})") from e
+    return {"mean": mean, "std": std}
+
+
 def _load_hf_folder(folder: Path, name: str, model_type: str) -> Adapter:
     cls, _ = _hf_classes(folder, model_type)
-    if not (folder / WEIGHTS_FILE).is_file():
+    if not ((folder / WEIGHTS_FILE).is_file() or (folder / SHARDED_INDEX).is_file()):  # one file, or shards
         raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} in this transformers folder (only safetensors "
                               "weights are loaded, never pickled .bin files)")
+    builder = hf_builder(model_type)
+    tok = hf_tokenizer_from_folder(None, folder)  # first: a folder without tokenizer files fails before the weights load
+    norm = {**builder.normalisation(), **_processor_normalisation(folder)}
     try:
         model = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{folder}: transformers could not load it ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
-    builder = hf_builder(model_type)
-    tok = hf_tokenizer_from_folder(None, folder)
-    spec = make_spec(name, builder.family, builder.name, model.config.to_dict(), {"kind": "files"},
-                     **builder.normalisation())
+    extra = builder.folder_spec(folder) if builder.folder_spec is not None else {}  # e.g. LLaVA's chat template
+    spec = make_spec(name, builder.family, builder.name, model.config.to_dict(), {"kind": "files"}, **norm, **extra)
     return make_adapter(name, model, tok, spec, str(folder))
 
 
@@ -220,7 +245,7 @@ def _load_pretrained_default(p: Preset) -> Adapter:
             return from_hub(p)
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(p.source, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        folder = snapshot_download(p.source, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
         return _load_hf_folder(Path(folder), p.name, read_config(folder).get("model_type", ""))
     except CheckpointError:
         raise
@@ -228,26 +253,93 @@ def _load_pretrained_default(p: Preset) -> Adapter:
         raise unavailable(p.name, e) from e
 
 
-def load(name: str, device: str = "cpu", weights: str = "default") -> Adapter:
+def load(name: str, device: str = "cpu", weights: str = "default", private: bool = False) -> Adapter:
     """Build the adapter for ``name`` (docs/ARCHITECTURE.md, "Adapters").
 
     ``weights``: ``"default"`` — the shipped checkpoint for embedded presets (random init with a
     warning until one exists) or the hub weights for pretrained ones; ``"random"`` — same
     architecture, random init, no network; or a path to a local checkpoint folder.
+
+    ``<llava>|tower=<clip>`` names LLaVA ``<llava>`` (loaded with ``weights``) reading images through the
+    vision encoder of CLIP ``<clip>`` (any name this function loads). A LLaVA already loaded is not loaded
+    again: its variants share its language model (models/llava.py). ``private=True`` loads a copy nobody
+    else holds, for whoever changes the weights (training, a partial checkpoint put on its base).
     """
+    from . import llava
+
+    base, tower = llava.split_tower(name)
+    stamp = _weights_stamp(name, weights) if tower is None else (_weights_stamp(base, weights), _weights_stamp(tower))
+    key = (name, weights, str(device), stamp)
+    hit = None if private else llava.shared(key)
+    if hit is not None:
+        return hit
+    if tower is not None:
+        adapter = llava.with_vision_tower(load(base, device, weights, private), load(tower, device), name, tower)
+    else:
+        adapter = _load_named(name, device, weights)
+    return adapter if private else llava.remember(key, adapter)
+
+
+def _weights_stamp(name: str, weights: str = "default") -> Any:
+    """Changes when the weights file behind ``name`` changes (a LLaVA remembered by load() is then reloaded)."""
+    if weights not in ("default", "random"):
+        folder: Path | None = Path(weights)
+    else:
+        folder = (local_copy(name) if is_pretrained(name) else None) \
+            or next((f for f in (Path(name), checkpoints_dir() / name) if f.is_dir()), None)
+    for f in (WEIGHTS_FILE, SHARDED_INDEX, "open_clip_model.safetensors"):
+        if folder is not None and (folder / f).is_file():
+            st = (folder / f).stat()
+            return (str(folder / f), st.st_mtime_ns, st.st_size)
+    return None
+
+
+def is_llava(name: str) -> bool:
+    """Whether ``name`` is a LLaVA, told from its preset or its folder's config without loading it (what
+    ``--vision-tower`` rewrites)."""
+    from .llava import split_tower
+
+    base, tower = split_tower(name)
+    if tower is not None:
+        return True
+    if base in PRESETS:
+        return PRESETS[base].builder == "llava"
+    for folder in (Path(base), checkpoints_dir() / base, local_copy(base) if is_pretrained(base) else None):
+        if folder is not None and (folder / "config.json").is_file():
+            try:
+                config = read_config(folder)
+            except CheckpointError:
+                return False
+            return config.get("model_type") == "llava" or (config.get("model") or {}).get("builder") == "llava"
+    return False
+
+
+def _check_preset_folder(name: str, adapter: Adapter, where: Any) -> Adapter:
+    """Refuse, in one sentence, a folder standing in for preset ``name`` that holds another kind of model."""
+    if name not in PRESETS:
+        return adapter
+    p, built = PRESETS[name], adapter.spec.get("builder")
+    # a transformers builder reads one class (a LLaVA preset cannot run a BLIP); open_clip folders are all CLIPs
+    if BUILDERS.get(p.builder).hf_model_type and built != p.builder:
+        raise CheckpointError(f"{where} holds a {built} model ({type(adapter.model).__name__}), not a {p.builder} "
+                              f"model like {name}")
+    if p.family != adapter.family:
+        raise CheckpointError(f"{where} holds a {adapter.family} checkpoint "
+                              f"({adapter.spec.get('preset')}), not a {p.family} model like {name}")
+    return adapter
+
+
+def _load_named(name: str, device: str, weights: str) -> Adapter:
+    """:func:`load` of a name without a tower part."""
     if weights not in ("default", "random"):
         adapter = load_folder(weights, name if name in PRESETS or name.startswith("hf-hub:") else None, device)
-        want = PRESETS[name].family if name in PRESETS else None
-        if want is not None and adapter.family != want:
-            raise CheckpointError(f"{weights} holds a {adapter.family} checkpoint "
-                                  f"({adapter.spec.get('preset')}), not a {want} model like {name}")
-        return adapter
+        return _check_preset_folder(name, adapter, weights)
     if weights == "default" and is_pretrained(name):
         local = local_copy(name)
         if local is not None:
-            return load_folder(local, name, device)
+            return _check_preset_folder(name, load_folder(local, name, device), local)
         log.info("loading %s (the first use downloads its weights into the Hugging Face cache)", name)
-    if name.startswith("hf-hub:"):
+    if name.startswith("hf-hub:") and name not in PRESETS:  # a preset knows its architecture (random weights)
         if weights == "random":
             raise ValueError(f"{name}: random weights need a known architecture; hub names only load real weights")
         try:

@@ -18,6 +18,8 @@ from .architectures import (blip_vqa_base_architecture, shapes_captioner_archite
 from .base import HALF_MEAN, HALF_STD
 from .builders import BUILDERS, make_spec
 from .conse import NAME as PHOTO_CLIP
+from .llava import llava_15_7b_architecture
+from .hf_clip import clip_vit_b32_architecture
 from .tokenizers import shapes_tokenizer_ref
 
 FAMILIES = ("clip", "captioner", "vqa")
@@ -37,6 +39,12 @@ class Preset:
     tokenizer: Callable[[dict[str, Any]], dict[str, Any]] | None = field(repr=False, default=None)
     mean: tuple[float, ...] | None = None   # normalisation; None: the builder's
     std: tuple[float, ...] | None = None
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """Every family the model serves (its builder's: a LLaVA is a captioner and a VQA model)."""
+        served = BUILDERS.get(self.builder).served()
+        return served if self.family in served else (self.family,)
 
     def spec(self) -> dict[str, Any]:
         """The build spec (architecture + tokenizer reference + normalisation), random weights."""
@@ -81,11 +89,29 @@ for _arch, _oc in (("ViT-B-32", "ViT-B-32-quickgelu"), ("ViT-B-16", "ViT-B-16"),
     register_preset(Preset(f"openai/{_arch}", "clip", "pretrained", "open_clip",
                            (lambda oc=_oc: {"open_clip_name": oc}), source="openai",
                            description=f"OpenAI CLIP {_arch} through open_clip"))
+# transformers CLIPModel hub ids (weights = a save_pretrained folder from the hub); a robust hub CLIP of the same
+# shape (e.g. a LEAF-CLIP or FARE ViT-B/32 in transformers format) is one more row here
+for _repo, _arch_fn, _what in (("openai/clip-vit-base-patch32", clip_vit_b32_architecture, "OpenAI CLIP ViT-B/32"),):
+    register_preset(Preset(_repo, "clip", "pretrained", "hf-clip", _arch_fn, source=_repo,
+                           description=f"{_what} through transformers (CLIPModel)"))
+# Published robust CLIPs (open_clip ViT-L/14 fine-tunes of OpenAI's, ImageNet, L-inf): FARE (unsupervised,
+# Schlarmann et al. 2024) and TeCoA (supervised, Mao et al. 2023) at 2/255 and 4/255, as their authors host them.
+# The name is the open_clip hub name, so it reads the same on the page, on the command line and in a report.
+for _repo, _what in (("chs20/fare2-clip", "FARE, eps 2/255"), ("chs20/fare4-clip", "FARE, eps 4/255"),
+                     ("chs20/tecoa2-clip", "TeCoA, eps 2/255"), ("chs20/tecoa4-clip", "TeCoA, eps 4/255")):
+    register_preset(Preset(f"hf-hub:{_repo}", "clip", "pretrained", "open_clip",
+                           (lambda: {"open_clip_name": "ViT-L-14-quickgelu"}), source=f"hf-hub:{_repo}",
+                           description=f"robust CLIP ViT-L/14 ({_what}) through open_clip"))
 register_preset(Preset("nlpconnect/vit-gpt2-image-captioning", "captioner", "pretrained", "vision-encoder-decoder",
                        vit_gpt2_architecture, source="nlpconnect/vit-gpt2-image-captioning",
                        description="ViT-GPT2 captioner (transformers)"))
 register_preset(Preset("Salesforce/blip-vqa-base", "vqa", "pretrained", "blip-vqa", blip_vqa_base_architecture,
                        source="Salesforce/blip-vqa-base", description="BLIP VQA base (transformers)"))
+# listed after ViT-GPT2 and BLIP, so that they stay the suite's defaults (a 7B model is a choice, not a default)
+register_preset(Preset("llava-hf/llava-1.5-7b-hf", "captioner", "pretrained", "llava", llava_15_7b_architecture,
+                       source="llava-hf/llava-1.5-7b-hf",
+                       description="LLaVA-1.5 7B (transformers), a captioner and a VQA model in one; "
+                                   "'<name>|tower=<CLIP>' reads images through another CLIP's vision encoder"))
 
 
 # what the app's pretrained suite selects by default (and what `python -m vlm_inspect.models.fetch` copies)
@@ -132,7 +158,7 @@ def list_presets(suite: str | None = None, family: str | None = None) -> list[st
     if family is not None and family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
     names = [p.name for p in PRESETS.values()
-             if (suite is None or p.suite == suite) and (family is None or p.family == family)]
+             if (suite is None or p.suite == suite) and (family is None or family in p.families)]
     if suite in (None, "embedded"):
         names += [n for n, f in _checkpoint_presets().items() if family is None or f == family]
     return names

@@ -37,6 +37,10 @@ class DeepPrompts(nn.Module):
                  init_text: str = "a photo of a") -> None:
         super().__init__()
         model = adapter.model
+        if getattr(model, "visual", None) is None or getattr(model, "transformer", None) is None:
+            # the prompts are inserted between open_clip's residual blocks; other CLIPs lay theirs out differently
+            raise ValueError(f"deep prompts (APD, CAPT) need an open_clip CLIP ViT; {adapter.name!r} is a "
+                             f"{type(model).__name__}")
         if n_vision < 0 or n_text < 0 or depth < 0:
             raise ValueError("prompt sizes and depth must be >= 0")
         self.n_vision, self.n_text = int(n_vision), int(n_text)

@@ -150,6 +150,48 @@ def char_wordpiece_bert_standin(vocab_size: int = 30524) -> PreTrainedTokenizerF
                                    sep_token="[SEP]", mask_token="[MASK]", bos_token="[DEC]", model_max_length=512)
 
 
+def clip_bpe_standin(vocab_size: int = 49408, model_max_length: int = 77) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with no merges (the 256 byte symbols at ids 0-255), lower-cased like CLIP's, with CLIP's
+    ``<|startoftext|>`` = ``vocab_size - 2`` (49406) and ``<|endoftext|>`` = ``vocab_size - 1`` (49407, also
+    padding): every text encodes, ids fit the table, and the end of text is the largest id, so both of
+    transformers' pooling rules (first ``eos_token_id``, or argmax of the ids) find it."""
+    from tokenizers import decoders
+
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab[bos], vocab[eos] = vocab_size - 2, vocab_size - 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A {eos}",
+                                                       special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])])
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=eos, pad_token=eos,
+                                   model_max_length=model_max_length)
+
+
+def llava_byte_standin(vocab_size: int = 32064, image_id: int = 32000, pad_id: int = 32001) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with no merges for a random-weight LLaVA: Llama's ``<unk>`` = 0, ``<s>`` = 1 (put first,
+    as Llama's tokenizer does), ``</s>`` = 2, the 256 byte symbols at 3-258, and LLaVA's ``<image>`` and
+    ``<pad>`` at the ids its config names; no chat template (the adapter falls back to LLaVA-1.5's)."""
+    from tokenizers import AddedToken, decoders
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({ch: 3 + i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
+    vocab["<image>"], vocab["<pad>"] = image_id, pad_id
+    if not 259 <= min(image_id, pad_id) <= max(image_id, pad_id) < vocab_size or image_id == pad_id:
+        raise CheckpointError(f"the LLaVA stand-in tokenizer needs <image> = {image_id} and <pad> = {pad_id} apart, "
+                              f"above its 259 byte and special ids and below the vocabulary size {vocab_size}")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>", "<image>",
+                                                                                     "<pad>")])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", model_max_length=4096)
+
+
 # ---- tokenizer references -------------------------------------------------------------------------
 
 TOKENIZERS: Registry[Callable[[dict[str, Any], Path | None], Any]] = Registry("tokenizer kind")
@@ -188,6 +230,35 @@ def _open_clip(ref: dict[str, Any], folder: Path | None) -> Any:
 
 TOKENIZERS.register("gpt2-byte-standin", lambda ref, folder: byte_level_gpt2_standin(ref.get("eos_id", 50256)))
 TOKENIZERS.register("bert-char-standin", lambda ref, folder: char_wordpiece_bert_standin(ref.get("vocab_size", 30524)))
+TOKENIZERS.register("llava-byte-standin", lambda ref, folder: llava_byte_standin(
+    ref.get("vocab_size", 32064), ref.get("image_id", 32000), ref.get("pad_id", 32001)))
+TOKENIZERS.register("clip-bpe-standin", lambda ref, folder: clip_bpe_standin(ref.get("vocab_size", 49408),
+                                                                       ref.get("context_length", 77)))
+
+
+# what a transformers tokenizer is saved as: a fast tokenizer, BPE / WordPiece vocabularies, sentencepiece models
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
+# model_type -> (the files its tokenizer is, the class that saves it), for the message of a folder without them
+_TOKENIZER_HINTS = {"clip": ("tokenizer.json, or vocab.json + merges.txt", "CLIPTokenizer")}
+
+
+def _no_tokenizer_files(folder: Path) -> CheckpointError:
+    """One sentence: ``folder`` was saved without its tokenizer, and how to add it."""
+    from ..checkpoints import read_config
+
+    try:
+        config = read_config(folder)
+    except CheckpointError:
+        config = {}
+    model_type = str(config.get("model_type", ""))
+    what = ((config.get("architectures") or [None])[0] or model_type or "checkpoint") if "format" not in config \
+        else "checkpoint"
+    files, cls = _TOKENIZER_HINTS.get(model_type, ("tokenizer.json, or the tokenizer's vocabulary files",
+                                                   "AutoTokenizer"))
+    return CheckpointError(f"{folder}: this {what} folder has no tokenizer files ({files}); save the tokenizer with "
+                           f"it ({cls}.from_pretrained(<the model's hub id>).save_pretrained(<folder>)) and load it "
+                           "again")
 
 
 @TOKENIZERS.register("files")
@@ -195,6 +266,8 @@ def hf_tokenizer_from_folder(ref: dict[str, Any] | None, folder: Path | str | No
     """The tokenizer files saved in ``folder`` (a transformers ``save_pretrained`` folder)."""
     from transformers import AutoTokenizer
 
+    if folder is not None and not any((Path(folder) / f).is_file() for f in TOKENIZER_FILES):
+        raise _no_tokenizer_files(Path(folder))
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds here

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..images import resize_pixels
-from ..models.base import Adapter, as_text_list
+from ..models.base import Adapter, as_text_list, families_of, serves
 from ..registry import Registry
 
 OBJECTIVES: Registry = Registry("objective")
@@ -77,9 +77,9 @@ class Objective:
         raise NotImplementedError(f"the {self.name} objective cannot be restricted to part of a batch")
 
     def _require(self, family: str) -> None:
-        if getattr(self.model, "family", None) != family:
+        if not serves(self.model, family):
             raise ValueError(f"the {self.name} objective needs a {family} model, got "
-                             f"{getattr(self.model, 'name', self.model)!r} ({getattr(self.model, 'family', '?')})")
+                             f"{getattr(self.model, 'name', self.model)!r} ({'/'.join(map(str, families_of(self.model)))})")
 
 
 @OBJECTIVES.register("zero-shot", family="clip", inspects="clip", metric="p(clean top-1 class)",

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..models import ModelUnavailableError, load
+from ..models.base import families_of, serves
 from ..models.presets import is_pretrained
 from ..policy import ModelPolicy, ModelRefused
 from ..runtime import checkpoints_dir, resolve_device, resolve_precision
@@ -114,10 +115,12 @@ class InspectService(ModelCatalog):
             raise InputError(f"model {name[:80]!r} could not be loaded ({type(e).__name__}: {first})") from None
 
     def family_model(self, name: str, family: str, progress: Callable[[float, str], None] | None = None):
-        """:meth:`model`, refused with a clear message unless it is a ``family`` model."""
+        """:meth:`model`, refused with a clear message unless it serves ``family`` (a LLaVA serves two: the
+        caption box and the VQA box then hold the same loaded object)."""
         adapter = self.model(name, progress)
-        if adapter.family != family:
-            raise InputError(f"{name} is a {adapter.family} model; it cannot be used as the {family} model")
+        if not serves(adapter, family):
+            raise InputError(f"{name} is a {' and '.join(families_of(adapter))} model; it cannot be used as the "
+                             f"{family} model")
         return adapter
 
     def precision_for(self, models: Sequence[Any]) -> str:

@@ -127,7 +127,7 @@ def run_inspection(service: Any, image: Any, request: InspectRequest, progress: 
         perturbation: dict[str, dict[str, Any]] = {}
         clean_display = None
         texts = TextBatch()  # captions and answers of this request, generated together at the end
-        clean = {s: {f: views.clean(m, img, digest, req, texts) for f, m in sides[s].items() if m is not None}
+        clean = {s: {f: views.clean(m, img, digest, req, texts, f) for f, m in sides[s].items() if m is not None}
                  for s in SIDES}
         if sources and family != "clip":
             views.generate(texts, clean_only=True)  # the objectives need the clean captions and answers now
@@ -168,7 +168,7 @@ def run_inspection(service: Any, image: Any, request: InspectRequest, progress: 
             if key not in seen:
                 m = sides[side][fam]
                 seen[key] = views.adversarial(m, resize_pixels(crafted[src][0].adv, m.image_size), clean[side][fam],
-                                              req, texts)
+                                              req, texts, fam)
             return seen[key]
 
         rows: list[tuple[str, str, Any, bool, Any, Any]] = []
@@ -191,7 +191,8 @@ def run_inspection(service: Any, image: Any, request: InspectRequest, progress: 
                     continue
                 if clean_display is None:
                     clean_display = pixels_to_uint8(views.pixels(m, img))
-                white_box = src is not None and any(m is c for c in crafted[src][2])
+                # attacked: the model of the attacked family (a LLaVA in both text boxes is attacked as one of them)
+                white_box = src is not None and fam == family and any(m is c for c in crafted[src][2])
                 rows.append((side, fam, m, white_box, clean[side][fam], view(src, side, fam) if src else None))
         cells = []
         for src in crafted:
@@ -238,7 +239,11 @@ def _model_entries(rows, images: dict[str, np.ndarray]) -> dict[str, Any]:
     """The report's ``models`` entries (and the heatmap images) from each model's clean and adversarial outputs."""
     entries: dict[str, Any] = {}
     for side, fam, m, white_box, clean_out, adv in rows:
-        key = m.name if m.name not in entries else f"{m.name} ({side})"
+        key = m.name
+        if key in entries:  # the same model on both sides, or in two families of one side (a LLaVA)
+            key = f"{m.name} ({fam})" if entries[key]["role"] == side else f"{m.name} ({side})"
+        if key in entries:
+            key = f"{m.name} ({side}, {fam})"
         entry = {"role": side, "family": fam, "attacked": white_box, "clean": clean_out.public()}
         if getattr(m, "description", None):  # a clip-family model that is not CLIP says what it is
             entry["about"] = m.description
@@ -283,7 +288,7 @@ def run_curve(service: Any, image: Any, request: InspectRequest, eps_k: Sequence
         for i, (side, name) in enumerate(names):
             m = models[i]
             px1 = views.pixels(m, img)
-            objective = views.objective(m, req, views.clean(m, img, digest, req), px1)
+            objective = views.objective(m, req, views.clean(m, img, digest, req, family=family), px1)
 
             def cb(step, steps, loss, i=i, side=side):
                 if cancelled is not None and cancelled():

@@ -71,15 +71,17 @@ class TextBatch:
     decoding of a row does not depend on the other rows of its batch (up to floating-point rounding)."""
 
     def __init__(self) -> None:
-        self.jobs: list[tuple[Any, torch.Tensor, str, TextOutputs, tuple | None]] = []
+        self.jobs: list[tuple[Any, torch.Tensor, str, TextOutputs, tuple | None, str]] = []
         self.pending: dict[tuple, TextOutputs] = {}  # clean outputs queued here, by cache key
 
     def __len__(self) -> int:
         return len(self.jobs)
 
-    def add(self, model, pixels: torch.Tensor, question: str, out: TextOutputs, key: tuple | None = None) -> None:
-        """Queue ``model``'s caption (captioner) or answer to ``question`` (VQA) for ``pixels`` (1, 3, H, W)."""
-        self.jobs.append((model, pixels, question, out, key))
+    def add(self, model, pixels: torch.Tensor, question: str, out: TextOutputs, key: tuple | None = None,
+            family: str | None = None) -> None:
+        """Queue ``model``'s caption (``family`` captioner) or answer to ``question`` (VQA) for ``pixels``
+        (1, 3, H, W); ``family`` defaults to the model's own (a LLaVA serves both)."""
+        self.jobs.append((model, pixels, question, out, key, family or model.family))
         if key is not None:
             self.pending[key] = out
 
@@ -87,13 +89,13 @@ class TextBatch:
         """Generate everything queued (with ``clean_only``, only the clean outputs: the rest stays queued);
         returns the (key, outputs) of the completed clean jobs."""
         now = [j for j in self.jobs if j[4] is not None] if clean_only else self.jobs
-        groups: dict[int, list] = {}
-        for job in now:
-            groups.setdefault(id(job[0]), []).append(job)
-        for jobs in groups.values():
+        groups: dict[tuple[int, str], list] = {}
+        for job in now:  # one call per model and task (a LLaVA captions and answers: two calls)
+            groups.setdefault((id(job[0]), job[5]), []).append(job)
+        for (_, family), jobs in groups.items():
             model, pixels = jobs[0][0], torch.cat([j[1] for j in jobs])
             with torch.no_grad():
-                if model.family == "captioner":
+                if family == "captioner":
                     name, values = "caption", model.generate(pixels)
                 else:
                     name, values = "answer", model.answer(pixels, [j[2] for j in jobs])

@@ -64,14 +64,17 @@ class ModelViews:
                 return probs, top, heat, notes
         return probs, top, heatmap(model, px, req.prompts[top], text[top:top + 1])[0].float(), notes
 
-    def clean(self, model, img, digest: str, req: InspectRequest, texts: TextBatch | None = None) -> Outputs:
-        """The model's outputs on the clean image, cached. A caption or answer is queued in ``texts``
-        (filled in, and cached, by :meth:`generate`); without ``texts`` it is generated at once."""
+    def clean(self, model, img, digest: str, req: InspectRequest, texts: TextBatch | None = None,
+              family: str | None = None) -> Outputs:
+        """The model's outputs on the clean image as the ``family`` model (default: its own; a LLaVA is a
+        captioner and a VQA model), cached. A caption or answer is queued in ``texts`` (filled in, and
+        cached, by :meth:`generate`); without ``texts`` it is generated at once."""
         kind = torch.device(self.device).type  # the precision the outputs are computed at is part of the key
         precision = str(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else "fp32"
-        clip = model.family == "clip"
-        key = ((model.name, self._stamp(model.name)), digest, model.family, tuple(req.prompts) if clip else (),
-               req.question if model.family == "vqa" else "", req.heatmap if clip else "", req.top_k, precision)
+        family = family or model.family
+        clip = family == "clip"
+        key = ((model.name, self._stamp(model.name)), digest, family, tuple(req.prompts) if clip else (),
+               req.question if family == "vqa" else "", req.heatmap if clip else "", req.top_k, precision)
         hit = self._clean.get(key)
         if hit is not None:
             self._clean.move_to_end(key)
@@ -85,16 +88,17 @@ class ModelViews:
                               top_k(probs, req.classes, req.top_k), notes, attention_text=req.prompts[top])
             self._remember(key, out)
             return out
-        text_out = TextOutputs(question=req.question if model.family == "vqa" else None)
+        text_out = TextOutputs(question=req.question if family == "vqa" else None)
         queue = TextBatch() if texts is None else texts
-        queue.add(model, px, req.question, text_out, key)
+        queue.add(model, px, req.question, text_out, key, family)
         if texts is None:
             self.generate(queue)
         return text_out
 
     def adversarial(self, model, adv: torch.Tensor, clean: Outputs, req: InspectRequest,
-                    texts: TextBatch) -> Outputs:
-        """The model's outputs on the adversarial image; a caption or answer is queued in ``texts``."""
+                    texts: TextBatch, family: str | None = None) -> Outputs:
+        """The model's outputs on the adversarial image as the ``family`` model (default: its own); a caption
+        or answer is queued in ``texts``."""
         if isinstance(clean, ClipOutputs):
             top = clean.top
             probs, _, adv_map, notes = self.clip_view(model, adv, req, top=top)  # the map for the clean top-1's text
@@ -104,7 +108,7 @@ class ModelViews:
                                top1_changed=int(probs.argmax()) != top,
                                attention_shift=round(float(attention_shift(clean.heat[None], adv_map[None])[0]), 6))
         out = TextOutputs()
-        texts.add(model, adv, req.question, out)
+        texts.add(model, adv, req.question, out, family=family)
         return out
 
     def _remember(self, key: tuple, out: Outputs) -> None:

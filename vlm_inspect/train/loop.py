@@ -27,6 +27,7 @@ from ..data.sources import open_data
 from ..defenses import DEFENSES
 from ..defenses.common import make_config
 from ..models import load
+from ..models.base import serves
 from ..runtime import autocast, resolve_device, resolve_precision
 from .. import distributed as D
 from .state import check_writable, restore_intact, resume_config, save_snapshot, writing
@@ -163,11 +164,11 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = T
     random.seed(cfg.seed)
 
     task_cls = DEFENSES.get(cfg.defense)
-    model = load(cfg.model, device=cfg.device, weights=cfg.init)
+    model = load(cfg.model, device=cfg.device, weights=cfg.init, private=True)  # trained in place: never shared
     if getattr(model, "kind", None) == "conse":
         raise ValueError(f"{model.name} cannot be trained here: the defenses train CLIP ViTs (e.g. shapes-clip, "
                          "openai/ViT-B-32), and the ConSE model loads only from its PyPI packages")
-    if model.family not in task_cls.families:
+    if not any(serves(model, f) for f in task_cls.families):
         raise ValueError(f"defense {cfg.defense!r} applies to {', '.join(task_cls.families)} models, "
                          f"not {model.name!r} ({model.family})")
     data = open_data(cfg.data, "train", seed=cfg.seed, image_size=model.image_size, shots=cfg.shots)

@@ -71,7 +71,9 @@ def build_demo(service: InspectService, upload_ttl_s: int = UPLOAD_TTL_S) -> gr.
                                                          allow_custom_value=True,
                                                          elem_id=f"model-{side}-{fam}"))
                     gr.Markdown("Pick a model or type one: a checkpoint folder, or for CLIP an open_clip "
-                                "`hf-hub:<org>/<repo>` name (e.g. a published robust CLIP as the defended model). "
+                                "`hf-hub:<org>/<repo>` name (e.g. a published robust CLIP as the defended model); "
+                                "a LLaVA with another CLIP's vision encoder is `<llava>|tower=<CLIP>` "
+                                "(e.g. `llava-hf/llava-1.5-7b-hf|tower=hf-hub:chs20/fare2-clip`). "
                                 "Pretrained weights download on first use; offline, start the app with "
                                 "`--weights-dir` (see `python -m vlm_inspect.models.fetch --help`).")
                     refresh = gr.Button("↻ Refresh model lists", size="sm", elem_id="refresh-models")
