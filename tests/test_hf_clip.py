@@ -326,3 +326,25 @@ def test_openai_clip_vit_base_patch32_shape_from_a_save_pretrained_folder(tmp_pa
     copy = load("openai/clip-vit-base-patch32")
     assert isinstance(copy, HFClipAdapter) and copy.weights == str(written)
     assert copy.spec["tokenizer"] == {"kind": "files"} and copy.tokenize("a cat")[0, 0] == 49406
+
+
+def test_inspect_and_evaluate_take_the_folder(folder, tmp_path, capsys):
+    """The two local commands, in process: `inspect` attacks the folder as the baseline CLIP (APGD) and writes
+    its report; `evaluate` scores it under PGD and writes the table and its RobustBench-style record."""
+    from vlm_inspect import inspect as inspect_cli
+    from vlm_inspect.evaluate import cli as evaluate_cli
+
+    root = Path(__file__).resolve().parents[1]
+    code = inspect_cli.main([str(root / "assets" / "shapes_plain_3.png"), "--out", str(tmp_path / "ins"),
+                             "--baseline", f"clip={folder},captioner=none,vqa=none", "--defended", "clip=none",
+                             "--attack", "apgd", "--eps", "2/255", "--steps", "3"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "ins" / "report.json").read_text())
+    entry = report["models"][str(folder)]
+    assert entry["role"] == "baseline" and entry["attacked"] and len(entry["adversarial"]["zero_shot"]["probs"]) == 5
+    code = evaluate_cli.main(["--models", str(folder), "--data", "shapes:shapes-combo", "--attack", "pgd",
+                              "--eps", "1/255", "--steps", "3", "--samples", "4", "--out", str(tmp_path / "ev" / "t.md")])
+    assert code == 0, capsys.readouterr().err
+    doc = json.loads((tmp_path / "ev" / "t.json").read_text())
+    rows = doc["rows"] if isinstance(doc, dict) else doc
+    assert {r["model"] for r in rows} == {str(folder)} and {r["attack"] for r in rows} >= {"pgd"}
