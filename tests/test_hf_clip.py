@@ -328,6 +328,22 @@ def test_openai_clip_vit_base_patch32_shape_from_a_save_pretrained_folder(tmp_pa
     assert copy.spec["tokenizer"] == {"kind": "files"} and copy.tokenize("a cat")[0, 0] == 49406
 
 
+def test_a_transformers_hub_id_offline_is_one_sentence_and_a_served_app_refuses_it(tmp_path, monkeypatch):
+    """`<org>/<repo>` that is no preset and no folder is a transformers hub id for the local commands (a robust
+    CLIPModel such as a LEAF-CLIP one); offline that is the usual sentence. A served app admits no such name."""
+    from vlm_inspect.models import ModelUnavailableError
+    from vlm_inspect.service import InputError, InspectService
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # no folder of that name here
+    with pytest.raises(ModelUnavailableError) as e:
+        load("some-org/robust-clip-vit-b32")
+    assert "some-org/robust-clip-vit-b32" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(InputError, match="not offered by this server"):
+        InspectService(model_dirs=[]).model("some-org/robust-clip-vit-b32")
+
+
 def test_inspect_and_evaluate_take_the_folder(folder, tmp_path, capsys):
     """The two local commands, in process: `inspect` attacks the folder as the baseline CLIP (APGD) and writes
     its report; `evaluate` scores it under PGD and writes the table and its RobustBench-style record."""

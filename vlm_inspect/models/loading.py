@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -243,14 +244,24 @@ def _load_pretrained_default(p: Preset) -> Adapter:
         from_hub = BUILDERS.get(p.builder).from_hub
         if from_hub is not None:
             return from_hub(p)
-        from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(p.source, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
-        return _load_hf_folder(Path(folder), p.name, read_config(folder).get("model_type", ""))
+        return _load_hf_hub(p.source, p.name)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - network / hub errors come in many types
         raise unavailable(p.name, e) from e
+
+
+HF_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")  # fullmatch: org/repo
+
+
+def _load_hf_hub(repo: str, name: str) -> Adapter:
+    """A transformers model from the hub (its safetensors, configs, tokenizer and template files only; never a
+    pickled ``.bin``), loaded like a local folder of its ``model_type``."""
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+    return _load_hf_folder(Path(folder), name, read_config(folder).get("model_type", ""))
 
 
 def load(name: str, device: str = "cpu", weights: str = "default", private: bool = False) -> Adapter:
@@ -376,5 +387,15 @@ def _load_named(name: str, device: str, weights: str) -> Adapter:
         return load_folder(ckpt, name, device)
     if Path(name).is_dir():
         return load_folder(name, None, device)
+    if HF_HUB_ID.fullmatch(name) and weights == "default":
+        # a transformers hub id (e.g. a robust CLIPModel): the local commands' way to any published folder; a
+        # served app never gets here with it (its policy admits catalog names, allowed folders and hf-hub: only)
+        try:
+            return _load_hf_hub(name, name).to(device)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - offline, unknown repository, gated...
+            raise unavailable(name, e) from e
     raise ValueError(f"unknown model {name!r}; valid presets: {', '.join(list_presets())}; "
-                     "or an open_clip 'hf-hub:<org>/<repo>' name, or a checkpoint folder")
+                     "or an open_clip 'hf-hub:<org>/<repo>' name, a transformers hub id '<org>/<repo>', "
+                     "or a checkpoint folder")
