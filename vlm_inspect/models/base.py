@@ -57,6 +57,17 @@ def serves(model: Any, family: str) -> bool:
     return family in families_of(model)
 
 
+def image_index_of(image_index: Any, batch: int, device: Any) -> torch.Tensor | None:
+    """``image_index`` (which of ``batch`` images each question asks about) as a 1-D long tensor, or None;
+    a ValueError unless every entry indexes an image."""
+    if image_index is None:
+        return None
+    index = torch.as_tensor(image_index, dtype=torch.long, device=device)
+    if index.ndim != 1 or (len(index) and not 0 <= int(index.min()) <= int(index.max()) < batch):
+        raise ValueError(f"image_index must be a 1-D list of indices into the {batch} images")
+    return index
+
+
 def check_pixels(pixels: Any, image_size: int | None = None) -> torch.Tensor:
     """Raise a ValueError saying what was expected unless ``pixels`` is a float (B,3,H,W) tensor in [0,1]."""
     want = f"(B, 3, {image_size}, {image_size})" if image_size else "(B, 3, H, W)"

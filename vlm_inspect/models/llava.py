@@ -55,7 +55,7 @@ from torch import nn
 
 from ..checkpoints import CheckpointError
 from ..runtime import decoding
-from .base import OPENAI_MEAN, OPENAI_STD, Adapter, as_text_list
+from .base import OPENAI_MEAN, OPENAI_STD, Adapter, as_text_list, image_index_of
 from .captioner import token_nll
 
 log = logging.getLogger(__name__)
@@ -243,13 +243,8 @@ class LlavaAdapter(Adapter):
                       image_index: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher-forced next-token logits (N, T, V) of each answer (``answer <eos>`` after the short-answer
         prompt of its question), with (N, T) target ids and (N, T) mask; ``image_index`` as in :meth:`answer_nll`."""
-        b = pixels.shape[0]
-        index = None
-        if image_index is not None:
-            index = torch.as_tensor(image_index, dtype=torch.long, device=self.device)
-            if index.ndim != 1 or (len(index) and not 0 <= int(index.min()) <= int(index.max()) < b):
-                raise ValueError(f"image_index must be a 1-D list of indices into the {b} images")
-            b = len(index)
+        index = image_index_of(image_index, pixels.shape[0], self.device)
+        b = pixels.shape[0] if index is None else len(index)
         questions = as_text_list(questions, b, "questions")
         answers = as_text_list(answers, b, "answers")
         return self._score_logits(pixels, [self.question_prompt(q) for q in questions], answers, index)

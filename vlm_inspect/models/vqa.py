@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import decoding
-from .base import Adapter, as_text_list, install_vit_stem
+from .base import Adapter, as_text_list, image_index_of, install_vit_stem
 from .captioner import token_nll, pad_targets
 
 
@@ -50,12 +50,8 @@ class VqaAdapter(Adapter):
                       image_index: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher-forced next-token logits (N, L, V) of each answer (``answer [SEP]``), with its (N, L)
         target ids and (N, L) mask of real tokens; ``image_index`` as in :meth:`answer_nll`."""
-        b = pixels.shape[0]
-        if image_index is not None:
-            image_index = torch.as_tensor(image_index, dtype=torch.long, device=self.device)
-            if image_index.ndim != 1 or (len(image_index) and not 0 <= int(image_index.min()) <= int(image_index.max()) < b):
-                raise ValueError(f"image_index must be a 1-D list of indices into the {b} images")
-            b = len(image_index)
+        image_index = image_index_of(image_index, pixels.shape[0], self.device)
+        b = pixels.shape[0] if image_index is None else len(image_index)
         questions = as_text_list(questions, b, "questions")
         answers = as_text_list(answers, b, "answers")
         tcfg = self.model.config.text_config
