@@ -432,6 +432,25 @@ def test_service_end_to_end_with_llava_in_both_boxes_and_a_tower_swap(folders):
     assert len(curve["series"]["defended"]["values"]) == 2
 
 
+def test_the_app_reloads_a_tower_swap_when_its_tower_is_retrained(folders, tmp_path):
+    """The app keeps a loaded model until its weights change on disk; for a tower name that is either part."""
+    from vlm_inspect.policy import ModelPolicy
+    from vlm_inspect.service import InspectService
+
+    service = InspectService(model_dirs=[], policy=ModelPolicy.local())
+    tower = tiny_open_clip_folder(tmp_path / "tower")
+    name = f"{folders['llava']}|tower={tower}"
+    first = service.model(name)
+    assert service.model(name) is first  # nothing changed: the same object
+    weight = lambda m: next(m.model.model.vision_tower.parameters()).detach().clone()  # noqa: E731
+    before = weight(first)
+    tiny_open_clip_folder(tower, seed=7)  # the tower retrained in place
+    second = service.model(name)
+    assert second is not first and not torch.equal(weight(second), before)
+    # the base LLaVA was not retrained: the new variant still shares its language model
+    assert second.model.model.language_model is service.model(folders["llava"]).model.model.language_model
+
+
 def test_a_served_app_admits_a_tower_swap_only_if_it_admits_both_parts(folders, tmp_path):
     from vlm_inspect.policy import ModelPolicy, ModelRefused
 

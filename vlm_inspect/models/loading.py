@@ -279,8 +279,7 @@ def load(name: str, device: str = "cpu", weights: str = "default", private: bool
     from . import llava
 
     base, tower = llava.split_tower(name)
-    stamp = _weights_stamp(name, weights) if tower is None else (_weights_stamp(base, weights), _weights_stamp(tower))
-    key = (name, weights, str(device), stamp)
+    key = (name, weights, str(device), weights_stamp(name, weights))
     hit = None if private else llava.shared(key)
     if hit is not None:
         return hit
@@ -291,8 +290,16 @@ def load(name: str, device: str = "cpu", weights: str = "default", private: bool
     return adapter if private else llava.remember(key, adapter)
 
 
+def weights_stamp(name: str, weights: str = "default") -> Any:
+    """Changes when a weights file behind ``name`` changes on disk: a LLaVA remembered by :func:`load`, or a
+    model the app keeps, is then reloaded. A tower name ``<llava>|tower=<clip>`` changes with either part."""
+    from .llava import split_tower
+
+    base, tower = split_tower(name)
+    return _weights_stamp(name, weights) if tower is None else (_weights_stamp(base, weights), _weights_stamp(tower))
+
+
 def _weights_stamp(name: str, weights: str = "default") -> Any:
-    """Changes when the weights file behind ``name`` changes (a LLaVA remembered by load() is then reloaded)."""
     if weights not in ("default", "random"):
         folder: Path | None = Path(weights)
     else:

@@ -9,9 +9,10 @@ from typing import Any, Callable, Sequence
 
 from ..models import ModelUnavailableError, load
 from ..models.base import families_of, serves
+from ..models.loading import weights_stamp
 from ..models.presets import is_pretrained
 from ..policy import ModelPolicy, ModelRefused
-from ..runtime import checkpoints_dir, resolve_device, resolve_precision
+from ..runtime import resolve_device, resolve_precision
 from .catalog import ModelCatalog
 from .check import run_check
 from .inspection import Inspection, run_curve, run_inspection
@@ -63,13 +64,9 @@ class InspectService(ModelCatalog):
 
     # -- loading --
     def _stamp(self, name: str) -> Any:
-        """Changes when the weights behind ``name`` change on disk (so retrained models reload)."""
-        for folder in (Path(name), checkpoints_dir() / name):
-            f = folder / "model.safetensors"
-            if f.is_file():
-                st = f.stat()
-                return (str(f), st.st_mtime_ns, st.st_size)
-        return None
+        """Changes when the weights behind ``name`` change on disk (so retrained models reload): a run
+        folder, a local copy under ``--weights-dir``, either part of a tower name."""
+        return weights_stamp(name)
 
     def model(self, name: str, progress: Callable[[float, str], None] | None = None):
         """The adapter for ``name``, loaded once and kept (LRU). A model that cannot be had (no network
