@@ -141,6 +141,7 @@ def _evaluate_json(args: list[str], out, nproc: int) -> list:
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (f"rank 1 of {nproc}" in r.stderr) == (nproc > 1)
+    assert not out.with_name(out.stem + ".partial.jsonl").exists()  # the journal of a finished run is gone
     doc = json.loads(out.with_suffix(".json").read_text())
     for row in doc["rows"]:
         for stage in row.get("stages", []):
@@ -159,3 +160,77 @@ def test_two_processes_equal_one(args, tmp_path):
     one = _evaluate_json(args, tmp_path / "one" / "t.md", 1)
     two = _evaluate_json(args, tmp_path / "two" / "t.md", 2)
     assert one == two and len(one) >= 3
+
+
+# ---- a killed run resumes (evaluate --resume) ----------------------------------------------------------
+
+def test_a_killed_run_resumes_where_it_stopped_and_writes_the_same_table(tmp_path, monkeypatch):
+    from vlm_inspect.evaluate import cli, run
+    from vlm_inspect.evaluate.journal import journal_path
+
+    args = ["--models", "shapes-clip,shapes-clip+apd", "--data", "shapes:shapes-combo;shapes:shapes-color",
+            "--attack", "pgd,autoattack", "--eps", "16/255", "--steps", "2", "--samples", "4", "--batch-size", "2"]
+
+    def rows(out):
+        doc = json.loads(out.with_suffix(".json").read_text())
+        for row in doc["rows"]:
+            for stage in row.get("stages", []):
+                stage.pop("seconds")
+        return doc["rows"]
+
+    full = tmp_path / "full.md"
+    assert cli.main([*args, "--out", str(full)]) == 0
+    assert not journal_path(full).exists()  # a finished run leaves no journal
+
+    real, calls = run.evaluate_model, []
+
+    def counted(kill_at=None):
+        def f(model, spec, *a, **kw):
+            if len(calls) == kill_at:
+                raise KeyboardInterrupt  # the run is killed while computing this unit
+            calls.append((model.name, spec))
+            return real(model, spec, *a, **kw)
+        return f
+
+    out = tmp_path / "cut.md"
+    monkeypatch.setattr(run, "evaluate_model", counted(kill_at=3))
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*args, "--out", str(out)])
+    assert not out.exists() and len(journal_path(out).read_text().splitlines()) == 3
+    calls.clear()
+    monkeypatch.setattr(run, "evaluate_model", counted())
+    assert cli.main([*args, "--out", str(out), "--resume"]) == 0
+    assert calls == [("shapes-clip+apd", "shapes:shapes-color")]  # only the unit the kill cut
+    assert rows(out) == rows(full) and not journal_path(out).exists()
+
+
+def test_the_journal_reuses_only_units_of_the_same_settings_and_weights(tmp_path, caplog):
+    from vlm_inspect.evaluate.journal import Journal
+
+    path, settings = tmp_path / "t.partial.jsonl", {"attacks": [{"attack": "pgd", "eps": "4/255"}], "seed": 0}
+    Journal(path, settings, resume=False).add("m", "d", "digest-1", [{"value": 0.5}])
+    Journal(path, {**settings, "seed": 1}, resume=False).add("m", "d2", "digest-1", [{"value": 0.25}])
+    with path.open("a") as f:
+        f.write('{"settings": {"attacks": [{"att')  # the line a kill cut short
+    j = Journal(path, settings, resume=True)
+    assert j.get("m", "d", "digest-1") == [{"value": 0.5}]
+    assert j.get("m", "d", "digest-2") is None      # the model was retrained since
+    assert j.get("m", "d2", "digest-1") is None     # another seed
+    with caplog.at_level("INFO", logger="vlm_inspect.evaluate"):
+        fresh = Journal(path, settings, resume=False)
+    assert fresh.get("m", "d", "digest-1") is None and "add --resume to reuse them" in caplog.text
+    reader = Journal(path, settings, resume=True, write=False)  # a torchrun rank other than the first
+    reader.add("m", "d3", "digest-1", [])
+    assert len(path.read_text().splitlines()) == 3
+    reader.finish()
+    assert path.exists()
+    Journal(path, settings, resume=True).finish()
+    assert not path.exists()
+
+
+def test_resume_needs_out(capsys):
+    from vlm_inspect.evaluate import cli
+
+    assert cli.main(["--models", "shapes-clip", "--resume"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --resume continues the run that writes --out; "
+                                               "give the same --out")

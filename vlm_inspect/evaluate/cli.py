@@ -13,8 +13,9 @@ from typing import Any
 from ..attacks import ATTACKS, NORMS, add_region_arguments, attack_help, booster_help, is_bounded, taking
 from ..attacks.boosters import check_diversity, check_momentum
 from ..attacks.base import parse_fraction
-from ..runtime import add_arguments, apply_weights_dir
+from ..runtime import add_arguments, apply_weights_dir, resolve_device
 from . import autoattack as AA
+from .journal import Journal, journal_path
 from .region import RegionSpec
 from .run import AttackSpec, parse_eps, records
 
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, precision_default="fp32")
     p.add_argument("--out", default=None, help="markdown file to write (JSON and PNG plot beside it)")
     p.add_argument("--title", default=None, help="heading above the table")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run with the same settings: every model x data set it finished "
+                        "(recorded beside --out, in <out>.partial.jsonl) is read back, not computed again "
+                        "(white-box and AutoAttack rows; transfer and region rows are computed again)")
     return p
 
 
@@ -264,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError, ValueError, ModelUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.resume and not args.out:
+        print("error: --resume continues the run that writes --out; give the same --out", file=sys.stderr)
+        return 2
     shard = D.setup(args.device)  # under torchrun: the samples are sharded across the ranks
     if shard.world > 1:
         logging.getLogger("vlm_inspect.evaluate").info("rank %d of %d: every %d-th batch of samples",
@@ -283,9 +291,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("the typographic and patch rows run in one process: run them without torchrun")
             rows += evaluate_region(models, data, regions, args.samples, args.batch_size, args.seed, args.device,
                                     args.precision, out=args.out)
+        journal = None
+        if args.out and (specs or not regions):  # every rank reads it, before any unit is done; rank 0 writes
+            journal = Journal(journal_path(args.out), {
+                "attacks": [s.describe() for s in specs], "samples": args.samples, "batch_size": args.batch_size,
+                "seed": args.seed, "precision": args.precision, "device": str(resolve_device(args.device))},
+                              args.resume, shard.main)
         if specs or not regions:
             rows += evaluate(models, data, specs, args.samples, args.batch_size, args.seed, args.device,
-                             precision=args.precision, shard=shard)
+                             precision=args.precision, shard=shard, journal=journal)
     except (DataError, CheckpointError, ValueError, ModelUnavailableError) as e:
         if shard.main:
             print(f"error: {e}", file=sys.stderr)
@@ -315,4 +329,6 @@ def main(argv: list[str] | None = None) -> int:
             plot(white, out.with_suffix(".png"))
             written.append(out.with_suffix(".png"))
         print("wrote " + ", ".join(map(str, written)))
+        if journal:
+            journal.finish()
     return 0

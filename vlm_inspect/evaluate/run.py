@@ -24,6 +24,7 @@ from ..models import load
 from ..models.base import families_of
 from ..objectives import answer_nll, caption_nll, zero_shot_ce
 from . import autoattack as AA
+from .journal import Journal
 from .metrics import caption_scores, exact_match, lower_cider
 
 log = logging.getLogger("vlm_inspect.evaluate")
@@ -278,11 +279,13 @@ def attack_zero_shot(atk, pixels: torch.Tensor, idx: list[int], ok: list[bool], 
 
 def evaluate(models: Sequence[str], data: Sequence[str] | None, attacks: Sequence[AttackSpec], n: int,
              batch_size: int = 100, seed: int = 0, device: str = "cpu", weights: dict[str, str] | None = None,
-             progress=None, precision: str = "fp32", shard: D.DistInfo | None = None) -> list[dict[str, Any]]:
+             progress=None, precision: str = "fp32", shard: D.DistInfo | None = None,
+             journal: Journal | None = None) -> list[dict[str, Any]]:
     """Rows of metrics for every model on every data set under every attack. ``precision`` is the
     autocast of attacks and predictions (:mod:`vlm_inspect.runtime`); the tables in docs/ use fp32.
     ``shard``: this process's rank among a ``torchrun``'s (:func:`evaluate_data`); every rank returns
-    the same rows."""
+    the same rows. ``journal``: each finished (model, data set) is recorded there, and one it already
+    holds is not computed again (``--resume``)."""
     from ..runtime import autocast, decoding_precision, resolve_device, resolve_precision
 
     device = resolve_device(device)
@@ -298,11 +301,21 @@ def evaluate(models: Sequence[str], data: Sequence[str] | None, attacks: Sequenc
                              "sample is kept)")
         digest = weights_digest(model)  # the adapter: prompts and normalisation included
         for spec in (data or default_data(model.family)):
-            t = time.time()
+            done = journal.get(name, spec, digest) if journal else None
+            if done is not None:
+                rows += done
+                log.info("%s on %s: done in an earlier run (%s)", name, spec, journal.path)
+                if progress:
+                    progress(name, spec)
+                continue
+            t, unit = time.time(), []
             for fam in families_of(model):  # a LLaVA: its captions and its answers (rows differ by metric)
                 with autocast(device, precision, decoding=decode):
-                    rows += [{**r, "weights_digest": digest} for r in evaluate_model(
+                    unit += [{**r, "weights_digest": digest} for r in evaluate_model(
                         model, spec, attacks, n, batch_size, seed, shard=shard, family=fam)]
+            rows += unit
+            if journal:
+                journal.add(name, spec, digest, unit)
             log.info("%s on %s: %.1fs", name, spec, time.time() - t)
             if progress:
                 progress(name, spec)
