@@ -141,6 +141,7 @@ def _evaluate_json(args: list[str], out, nproc: int) -> list:
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (f"rank 1 of {nproc}" in r.stderr) == (nproc > 1)
+    assert "keeps every process busy" not in r.stderr  # these runs give every rank a batch
     assert not out.with_name(out.stem + ".partial.jsonl").exists()  # the journal of a finished run is gone
     doc = json.loads(out.with_suffix(".json").read_text())
     for row in doc["rows"]:
@@ -160,6 +161,18 @@ def test_two_processes_equal_one(args, tmp_path):
     one = _evaluate_json(args, tmp_path / "one" / "t.md", 1)
     two = _evaluate_json(args, tmp_path / "two" / "t.md", 2)
     assert one == two and len(one) >= 3
+
+
+def test_two_processes_say_when_one_of_them_gets_no_batch(tmp_path):
+    import os
+
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+                        "-m", "vlm_inspect.evaluate", "--models", "shapes-clip", "--data", "shapes:shapes-color",
+                        "--attack", "none", "--samples", "4", "--out", str(tmp_path / "t.md")],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("4 sample(s) in batches of 100 make 1 batch(es) per data set, fewer than the 2 processes: the others "
+            "wait; --batch-size 2 or less keeps every process busy") in r.stderr
 
 
 # ---- a killed run resumes (evaluate --resume) ----------------------------------------------------------

@@ -276,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     if shard.world > 1:
         logging.getLogger("vlm_inspect.evaluate").info("rank %d of %d: every %d-th batch of samples",
                                                        shard.rank, shard.world, shard.world)
+        batches = -(-args.samples // args.batch_size)
+        if batches < shard.world and shard.main:  # the ranks without a batch would wait, not work
+            logging.getLogger("vlm_inspect.evaluate").warning(
+                "%d sample(s) in batches of %d make %d batch(es) per data set, fewer than the %d processes: the "
+                "others wait; --batch-size %d or less keeps every process busy", args.samples, args.batch_size,
+                batches, shard.world, max(1, args.samples // shard.world))
     try:
         rows = []
         if args.transfer_from:  # first: a source of another family stops the run before the long part
