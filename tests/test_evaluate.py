@@ -225,8 +225,9 @@ def test_the_journal_reuses_only_units_of_the_same_settings_and_weights(tmp_path
     Journal(path, {**settings, "seed": 1}, resume=False).add("m", "d2", "digest-1", [{"value": 0.25}])
     with path.open("a") as f:
         f.write('{"settings": {"attacks": [{"att')  # the line a kill cut short
+    Journal(path, settings, resume=True).add("m", "d4", "digest-1", [{"value": 1.0}])  # after the cut line
     j = Journal(path, settings, resume=True)
-    assert j.get("m", "d", "digest-1") == [{"value": 0.5}]
+    assert j.get("m", "d", "digest-1") == [{"value": 0.5}] and j.get("m", "d4", "digest-1") == [{"value": 1.0}]
     assert j.get("m", "d", "digest-2") is None      # the model was retrained since
     assert j.get("m", "d2", "digest-1") is None     # another seed
     with caplog.at_level("INFO", logger="vlm_inspect.evaluate"):
@@ -234,7 +235,7 @@ def test_the_journal_reuses_only_units_of_the_same_settings_and_weights(tmp_path
     assert fresh.get("m", "d", "digest-1") is None and "add --resume to reuse them" in caplog.text
     reader = Journal(path, settings, resume=True, write=False)  # a torchrun rank other than the first
     reader.add("m", "d3", "digest-1", [])
-    assert len(path.read_text().splitlines()) == 3
+    assert len(path.read_text().splitlines()) == 4
     reader.finish()
     assert path.exists()
     Journal(path, settings, resume=True).finish()

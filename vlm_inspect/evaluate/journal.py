@@ -61,8 +61,9 @@ class Journal:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"settings": self.settings, "model": model, "data": data, "digest": digest, "rows": rows})
+        cut = self.path.is_file() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
         with self.path.open("a", encoding="utf-8") as f:  # one line per unit: a kill loses at most the unit it cut
-            f.write(line + "\n")
+            f.write(("\n" if cut else "") + line + "\n")  # a line a kill cut short stays a line of its own
             f.flush()
 
     def finish(self) -> None:
