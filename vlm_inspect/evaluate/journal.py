@@ -31,6 +31,7 @@ class Journal:
         self.path, self.write = Path(path), write
         self.settings = json.loads(json.dumps(settings))  # as it reads back from the file
         self.done: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        self._cut = False  # the file ends in a line a kill cut short: the next line starts on a line of its own
         found = self._read()
         if found and not resume:
             log.info("%s holds %d finished model x data set unit(s) of a run with these settings; "
@@ -42,7 +43,9 @@ class Journal:
     def _read(self) -> int:
         if not self.path.is_file():
             return 0
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        self._cut = bool(text) and not text.endswith("\n")
+        for line in text.splitlines():
             try:
                 e = json.loads(line)
             except json.JSONDecodeError:  # the last line of a run killed while writing it
@@ -61,10 +64,10 @@ class Journal:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"settings": self.settings, "model": model, "data": data, "digest": digest, "rows": rows})
-        cut = self.path.is_file() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
         with self.path.open("a", encoding="utf-8") as f:  # one line per unit: a kill loses at most the unit it cut
-            f.write(("\n" if cut else "") + line + "\n")  # a line a kill cut short stays a line of its own
+            f.write(("\n" if self._cut else "") + line + "\n")
             f.flush()
+        self._cut = False
 
     def finish(self) -> None:
         """The table is written: the journal has served."""

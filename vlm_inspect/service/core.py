@@ -59,15 +59,10 @@ class InspectService(ModelCatalog):
         self.max_models = max_models
         self.policy = policy if policy is not None else ModelPolicy()
         self._models: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
-        self.views = ModelViews(self.device, self._stamp)
+        self.views = ModelViews(self.device, weights_stamp)  # retrained weights on disk: views rebuilt
         self.lock = threading.RLock()
 
     # -- loading --
-    def _stamp(self, name: str) -> Any:
-        """Changes when the weights behind ``name`` change on disk (so retrained models reload): a run
-        folder, a local copy under ``--weights-dir``, either part of a tower name."""
-        return weights_stamp(name)
-
     def model(self, name: str, progress: Callable[[float, str], None] | None = None):
         """The adapter for ``name``, loaded once and kept (LRU). A model that cannot be had (no network
         for a first download, a bad checkpoint) raises an :class:`InputError` that says how to fix it."""
@@ -78,7 +73,7 @@ class InspectService(ModelCatalog):
                     self.policy.admit(name, self.catalog)
             except ModelRefused as e:
                 raise InputError(str(e)) from None
-            stamp = self._stamp(name)
+            stamp = weights_stamp(name)  # a retrained run folder, --weights-dir copy or tower part reloads
             hit = self._models.get(name)
             if hit is not None and hit[1] == stamp:
                 self._models.move_to_end(name)
