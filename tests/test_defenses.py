@@ -113,6 +113,7 @@ PROMPT_PARTS = {
     ("apd", "offline"): {"kl_student", "ce_teacher_clean", "acc_student_adv"},
     ("capt", True): {"ce_adv", "consistency_train", "consistency_frozen", "alpha"},
     ("capt", False): {"ce_adv", "consistency_train"},
+    ("advpt", True): {"ce_adv", "acc_adv"},
 }
 
 
@@ -137,7 +138,7 @@ def prompt_step(model, key: str, data, records, **options):
 
 
 @pytest.mark.parametrize("key,options", [("apd", {}), ("apd", {"distillation": "offline"}), ("capt", {}),
-                                         ("capt", {"frozen_consistency": False})])
+                                         ("capt", {"frozen_consistency": False}), ("advpt", {})])
 def test_prompt_defenses_one_step_on_the_embedded_clip(key, options):
     model = load("shapes-clip", weights="random")
     data = ShapesDataset("shapes-combo", split="train", length=64)
@@ -161,7 +162,7 @@ def test_apd_unimodal_prompts(modality, has_vision, has_text):
     assert moved
 
 
-@pytest.mark.parametrize("key", ["apd", "capt"])
+@pytest.mark.parametrize("key", ["apd", "capt", "advpt"])
 def test_prompt_defenses_one_step_on_vit_b32_architecture(key):
     model = load("openai/ViT-B-32", weights="random")
     rng = np.random.default_rng(0)
@@ -201,6 +202,28 @@ def test_capt_loss_by_hand_with_eps_zero():
         expected = ce + 0.5 * (alpha * kl_per_sample(frozen, prompted)).mean()
     assert parts["consistency_train"] == pytest.approx(0.0, abs=1e-6)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_advpt_loss_is_the_prompted_models_ce_on_the_attacked_images_by_hand():
+    """eps = 0: x' = x and the loss is the prompted CLIP's zero-shot CE; eps > 0: the CE of the images PGD
+    made against the prompted model (same generator state), never of the unprompted one."""
+    model = load("shapes-clip", weights="random")
+    data = ShapesDataset("shapes-combo", split="train", length=64)
+    task_cls = DEFENSES.get("advpt")
+    task = task_cls(model, make_config(task_cls.Config, {"attack_eps": 0.0}), data)
+    batch = task.collate([data[i] for i in range(3)], 0)
+    loss, parts = task.loss(batch)
+    y, idx = batch["labels"], torch.arange(3)
+    with torch.no_grad():
+        prompted = task.model.zero_shot_logits(batch["pixels"], data.prompts)
+        plain = model.zero_shot_logits(batch["pixels"], data.prompts)
+    ce = lambda z: -z.log_softmax(-1)[idx, y].mean()  # noqa: E731
+    assert loss.item() == pytest.approx(ce(prompted).item(), rel=1e-4)
+    assert abs(ce(plain).item() - loss.item()) > 1e-3  # untrained prompts are not neutral: the prompted model's CE
+    attacked = task_cls(model, make_config(task_cls.Config, {"attack_eps": 8 / 255, "attack_step": 4 / 255}), data)
+    attacked.model.prompts.load_state_dict(task.model.prompts.state_dict())
+    adv_loss, _ = attacked.loss(batch)
+    assert adv_loss.item() > loss.item()  # PGD ascended the prompted model's CE
 
 
 def test_apd_loss_by_hand_with_eps_zero():

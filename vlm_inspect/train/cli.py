@@ -59,6 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's config from parsed arguments (``--set`` and ``--part`` become the defense's options)."""
+    options = {}
+    for item in args.options:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        options[k.strip()] = v.strip()
+    if args.part is not None:
+        options["part"] = args.part
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "options"}
+    return TrainConfig(**values, options=options)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -73,17 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         for f in dataclasses.fields(cls.Config):
             print(f"{f.name} = {f.default!r}")
         return 0
-    options = {}
-    for item in args.options:
-        if "=" not in item:
-            print(f"error: --set expects KEY=VALUE, got {item!r}", file=sys.stderr)
-            return 2
-        k, v = item.split("=", 1)
-        options[k.strip()] = v.strip()
-    if args.part is not None:
-        options["part"] = args.part
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "options"}
-    cfg = TrainConfig(**values, options=options)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from ..models import ModelUnavailableError
 
     try:

@@ -1,0 +1,194 @@
+"""``python -m vlm_inspect.reproduce``: manifests, the plan (done / resume / fresh / refused), the statistics,
+and a tiny table made end to end through the real train and evaluate processes."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from vlm_inspect.reproduce.cli import main
+from vlm_inspect.reproduce.manifest import ManifestError, load_manifest
+from vlm_inspect.reproduce.plan import DONE, FRESH, RESUME, plan
+from vlm_inspect.reproduce.stats import AGREES, DISAGREES, UNRESOLVED, figure, verdict, wilson
+
+TINY = Path(__file__).parent / "data" / "reproduce_tiny.toml"
+
+
+# ---- statistics ------------------------------------------------------------------------------------
+
+def test_wilson_interval_by_hand():
+    # (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n), z = 1.96, worked out for 5 of 10 and 0 of 10
+    lo, hi = wilson(5, 10)
+    assert (lo, hi) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson(256, 256)
+    assert hi == 1.0 and lo == pytest.approx(0.9852, abs=1e-4)
+    for bad in [(3, 0), (11, 10), (-1, 10)]:
+        with pytest.raises(ValueError):
+            wilson(*bad)
+
+
+def test_figure_mean_sd_and_span():
+    f = figure([0.5, 0.6, 0.7], 100, "top1")
+    assert f.mean == pytest.approx(0.6) and f.sd == pytest.approx(0.1)
+    assert f.span == (wilson(50, 100)[0], wilson(70, 100)[1])
+    assert f.text() == f"0.600 ± 0.100 [{f.span[0]:.2f}, {f.span[1]:.2f}]"
+    one = figure([0.25], 8, "top1")
+    assert one.sd is None and "±" not in one.text()
+    cider = figure([0.9, 1.1], 300, "cider")  # not a proportion: no binomial interval
+    assert cider.intervals() == [] and cider.span == (0.9, 1.1) and "[" not in cider.text()
+
+
+def test_verdicts_need_the_spans_to_separate():
+    high, low = figure([0.80, 0.82, 0.81], 256, "top1"), figure([0.50, 0.52, 0.49], 256, "top1")
+    assert verdict(">", high, low)[0] == AGREES
+    assert verdict(">", low, high)[0] == DISAGREES
+    near = figure([0.78, 0.80, 0.79], 256, "top1")
+    assert verdict(">", high, near)[0] == UNRESOLVED  # 2 points apart on 256 images: the intervals overlap
+    assert verdict(">", figure([0.9], 16, "top1"), figure([0.5], 16, "top1"))[0] == UNRESOLVED  # 16 images: too few
+    tie = figure([0.801, 0.799], 4096, "top1")
+    assert verdict("≈", tie, figure([0.800, 0.802], 4096, "top1"), margin=0.05)[0] == AGREES
+    assert verdict("≈", high, low, margin=0.05)[0] == DISAGREES
+    assert verdict("≈", high, near, margin=0.05)[0] == UNRESOLVED
+    with pytest.raises(ValueError, match="margin"):
+        verdict("≈", high, low)
+
+
+# ---- manifests ------------------------------------------------------------------------------------
+
+def _manifest(tmp_path: Path, text: str | None = None, **replace: str) -> Path:
+    text = (text if text is not None else TINY.read_text()).replace("OUT", str(tmp_path))
+    for old, new in replace.items():
+        text = text.replace(old.replace("_", " "), new)
+    p = tmp_path / "m.toml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("change,match", [
+    ({'title = "tiny: AdvPT at two seeds"': 'titel = "x"'}, "titel is not a manifest key"),
+    ({'"--lr", "2e-3"]': '"--lr", "2e-3", "--out", "x"]'}, "must not give --out: reproduce sets it"),
+    ({'b = "shapes-clip"': 'b = "tecoa"'}, "'tecoa' is not in evaluate.models"),
+    ({'relation = ">"': 'relation = "≈"'}, "needs a margin > 0"),
+    ({"seeds = [0, 1]": "seeds = [0, 0]"}, "distinct whole numbers"),
+    ({"minutes = 0.5": "minutes = -1"}, "positive number of minutes"),
+    ({"[evaluate]": "[evaluate\n"}, "not valid TOML"),
+])
+def test_manifest_problems_are_one_sentence(tmp_path, change, match):
+    text = TINY.read_text()
+    for old, new in change.items():
+        assert old in text
+        text = text.replace(old, new)
+    with pytest.raises(ManifestError, match=match):
+        load_manifest(_manifest(tmp_path, text))
+
+
+def test_unparsable_training_arguments_are_refused_before_anything_runs(tmp_path, capsys):
+    text = TINY.read_text().replace('args = ["--defense", "advpt"]', 'args = ["--defense", "advpt", "--stepz", "3"]')
+    assert main([str(_manifest(tmp_path, text)), "--plan"]) == 2
+    err = capsys.readouterr().err
+    assert "do not parse" in err and "--stepz" in err and not (tmp_path / "runs").exists()
+    text = TINY.read_text().replace('args = ["--defense", "advpt"]', 'args = ["--defense", "advpt", "--set", "depht=2"]')
+    assert main([str(_manifest(tmp_path, text)), "--plan"]) == 2
+    assert "unknown option(s) depht" in capsys.readouterr().err
+
+
+def test_every_shipped_manifest_loads_and_plans():
+    """The manifests in reproduce/ parse and name only registered defenses, options and models."""
+    from vlm_inspect.reproduce.manifest import manifest_dir
+
+    found = sorted(manifest_dir().glob("*.toml"))
+    assert found, "reproduce/ holds no manifest"
+    for p in found:
+        m = load_manifest(p)
+        assert m.out.parts[0] == "docs", p
+        for job in plan(m):
+            assert job.minutes > 0
+
+
+# ---- end to end ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """The tiny table made once, two jobs at a time, through real train and evaluate processes."""
+    tmp = tmp_path_factory.mktemp("reproduce")
+    manifest = _manifest(tmp)
+    assert main([str(manifest), "--jobs", "2", "--no-progress"]) == 0
+    return tmp, manifest
+
+
+def test_the_tiny_table_is_the_seeds_evaluations(made):
+    tmp, manifest = made
+    record = json.loads((tmp / "tiny.json").read_text())
+    evals = {p.stem: json.loads(p.read_text()) for p in (tmp / "runs" / "eval").glob("*.json")}
+    assert set(evals) == {"shapes-clip", "advpt-seed-0", "advpt-seed-1"}
+    robust = {k: next(r["value"] for r in e["rows"] if r["attack"] == "pgd") for k, e in evals.items()}
+    fig = next(f for f in record["figures"] if f["model"] == "advpt" and f["column"] == "pgd 4/255")
+    assert fig["values"] == [robust["advpt-seed-0"], robust["advpt-seed-1"]] and fig["n"] == 8
+    assert fig["mean"] == pytest.approx((robust["advpt-seed-0"] + robust["advpt-seed-1"]) / 2)
+    assert fig["intervals"] == [list(wilson(round(v * 8), 8)) for v in fig["values"]]
+    # the two seeds trained different prompts (seeded init and data order)
+    a, b = (load_file(tmp / "runs" / "advpt" / f"seed-{s}" / "model.safetensors") for s in (0, 1))
+    assert any(not a[k].equal(b[k]) for k in a)
+    text = (tmp / "tiny.md").read_text()
+    assert f"python -m vlm_inspect.reproduce {manifest}" in text
+    assert "| advpt | 2 | shapes-combo |" in text and "| shapes-clip | 1 | shapes-combo |" in text
+    assert record["claims"][0]["verdict"] == UNRESOLVED  # 8 images cannot settle anything
+
+
+def test_a_second_run_reruns_nothing_and_writes_the_same_table(made, capsys):
+    tmp, manifest = made
+    before = {p: p.stat().st_mtime_ns for p in (tmp / "runs").rglob("*.json")}
+    table = (tmp / "tiny.md").read_text()
+    assert all(j.state == DONE for j in plan(load_manifest(manifest)))
+    assert main([str(manifest), "--no-progress"]) == 0
+    assert "5 done, 0 to resume, 0 to run" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (tmp / "runs").rglob("*.json")} == before
+    assert (tmp / "tiny.md").read_text() == table
+
+
+def test_a_killed_run_resumes_exactly_and_its_evaluation_is_redone(made):
+    """Cut seed 1 back to its step-1 snapshot, as a kill between the two steps leaves it: the plan resumes
+    it (not from scratch), its evaluation runs again, and the prompts end bit for bit where they were."""
+    tmp, manifest = made
+    folder = tmp / "runs" / "advpt" / "seed-1"
+    finished = load_file(folder / "model.safetensors")
+    shutil.rmtree(folder / "checkpoints" / "step-0000002")
+    (folder / "checkpoints" / "LATEST").write_text("step-0000001")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "steps": 1}))
+    jobs = plan(load_manifest(manifest))
+    assert {(j.kind, j.label): j.state for j in jobs} == {
+        ("train", "advpt seed 0"): DONE, ("train", "advpt seed 1"): RESUME, ("evaluate", "shapes-clip"): DONE,
+        ("evaluate", "advpt seed 0"): DONE, ("evaluate", "advpt seed 1"): FRESH}
+    assert next(j for j in jobs if j.label == "advpt seed 1").argv[:2] == ["--resume", str(folder)]
+    assert main([str(manifest), "--no-progress"]) == 0
+    resumed = load_file(folder / "model.safetensors")
+    assert set(resumed) == set(finished) and all(resumed[k].equal(finished[k]) for k in finished)
+    log = (tmp / "runs" / "logs" / "train-advpt-seed-1.log").read_text()
+    assert "resumed" in log and "at step 1" in log
+
+
+def test_a_folder_holding_another_run_is_refused_with_the_difference(made, capsys):
+    tmp, manifest = made
+    other = _manifest(tmp, TINY.read_text().replace('"--lr", "2e-3"', '"--lr", "1e-3"'))
+    assert main([str(other), "--plan"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with other settings" in err and "lr 0.002 there, 0.001 here" in err
+    assert math.isfinite(json.loads((tmp / "runs" / "advpt" / "seed-0" / "config.json").read_text())["train_seconds"])
+
+
+def test_a_failing_job_stops_the_table_with_its_log(tmp_path, capsys):
+    text = TINY.read_text().replace('models = ["shapes-clip", "advpt"]', 'models = ["shapes-clip+nothing"]')
+    text = text.split("[[claims]]")[0].replace('[train.runs.advpt]\nargs = ["--defense", "advpt"]\nminutes = 0.5\n', "")
+    manifest = _manifest(tmp_path, text)
+    assert main([str(manifest), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "error: evaluate shapes-clip+nothing failed (exit 2)" in err and "evaluate-shapes-clip+nothing.log" in err
+    assert "shapes-clip+nothing" in err.split("log is", 1)[1]  # the log's last lines: evaluate's own sentence
+    assert not (tmp_path / "tiny.md").exists()

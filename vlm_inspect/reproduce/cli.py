@@ -1,0 +1,206 @@
+"""``python -m vlm_inspect.reproduce MANIFEST ...``: re-make tables of ``docs/`` from their manifests.
+
+Runs the training runs and evaluations a table needs (``--jobs`` at a time, each its own process on
+``--threads`` threads), skipping what is done and continuing what a kill cut short, with one progress bar
+over all of it and an estimate of the time left; then writes the table. Run the same command again after
+a kill, a reboot or a session's end: it picks up where the work stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .manifest import ManifestError, find, load_manifest, manifest_dir
+from .plan import DONE, RESUME, Job, plan
+
+POLL = 2.0  # seconds between looks at the running jobs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vlm_inspect.reproduce", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("manifests", nargs="*", metavar="MANIFEST",
+                   help="a .toml file, or the name of one in reproduce/ (e.g. clip-defenses)")
+    p.add_argument("--all", action="store_true", help="every manifest in reproduce/")
+    p.add_argument("--list", action="store_true", help="list the manifests in reproduce/ and stop")
+    p.add_argument("--plan", action="store_true", help="show the jobs, which are done, and the time left; run nothing")
+    p.add_argument("--jobs", type=int, default=1, help="jobs at a time (each a process of its own)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per job (OMP_NUM_THREADS)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per finished job)")
+    return p
+
+
+def _minutes_left(job: Job) -> float:
+    """The estimate of what is left of a job: a resumed run's done steps are not counted again."""
+    if job.state == DONE:
+        return 0.0
+    if job.state == RESUME and job.steps:
+        return job.minutes * (1 - _steps_done(job) / job.steps)
+    return job.minutes
+
+
+def _steps_done(job: Job) -> int:
+    import json
+
+    try:
+        return int(json.loads((job.folder / "config.json").read_text()).get("steps") or 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def _duration(minutes: float) -> str:
+    h, m = divmod(round(minutes), 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min"
+
+
+def describe(name: str, jobs: list[Job], n_jobs: int) -> str:
+    counts = {s: sum(j.state == s for j in jobs) for s in ("done", "resume", "fresh")}
+    left = sum(_minutes_left(j) for j in jobs)
+    lines = [f"{name}: {len(jobs)} jobs ({counts['done']} done, {counts['resume']} to resume, {counts['fresh']} to run); "
+             f"about {_duration(left)} of one-thread work left, {_duration(left / max(1, n_jobs))} on {n_jobs} "
+             f"job(s) at a time"]
+    for j in jobs:
+        left_j = _minutes_left(j)
+        lines.append(f"  [{j.state:>6}] {j.kind:<8} {j.label:<28} {'' if j.state == DONE else _duration(left_j)}")
+    return "\n".join(lines)
+
+
+class Runner:
+    """Runs jobs as processes, ``jobs`` at a time, training before the evaluations that need it."""
+
+    def __init__(self, jobs: list[Job], n_jobs: int, threads: int, logs: dict[tuple[str, str], Path], progress: bool):
+        self.jobs, self.n, self.threads, self.logs = jobs, n_jobs, threads, logs
+        self.running: dict[tuple[str, str], tuple[Job, subprocess.Popen, float]] = {}
+        self.failed: list[tuple[Job, int]] = []
+        self.progress = progress
+
+    def _ready(self) -> list[Job]:
+        trained = {j.label for j in self.jobs if j.kind == "train" and j.state == DONE}
+        return [j for j in self.jobs if j.state != DONE and (j.kind, j.label) not in self.running
+                and all(n in trained for n in j.needs)]
+
+    def _start(self, job: Job) -> None:
+        log = self.logs[job.kind, job.label]
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
+               "TOKENIZERS_PARALLELISM": "false"}
+        with log.open("a") as f:
+            f.write(f"\n$ {job.command}\n")
+        out = log.open("a")
+        proc = subprocess.Popen([sys.executable, "-m", f"vlm_inspect.{job.kind}", *job.argv], stdout=out,
+                                stderr=subprocess.STDOUT, env=env)
+        out.close()
+        self.running[job.kind, job.label] = (job, proc, time.time())
+
+    def _done_part(self, now: float) -> float:
+        """Estimated minutes of work finished, counting the running jobs' progress."""
+        total = sum(j.minutes - _minutes_left(j) for j in self.jobs)
+        for job, _, t0 in self.running.values():
+            if job.kind == "train" and job.steps:
+                total += job.minutes * _steps_done(job) / job.steps - (job.minutes - _minutes_left(job))
+            else:  # no step count to read: its elapsed time against the estimate, never past 95 %
+                total += min(0.95 * job.minutes, (now - t0) / 60)
+        return total
+
+    def run(self) -> bool:
+        from tqdm import tqdm
+
+        total = sum(j.minutes for j in self.jobs)
+        bar = tqdm(total=round(total, 1), initial=round(self._done_part(time.time()), 1), unit="min", disable=not self.progress,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} est. min of work [{elapsed} elapsed, {remaining} left]",
+                   desc="reproduce", dynamic_ncols=True)
+        try:
+            while True:
+                for key, (job, proc, _) in list(self.running.items()):
+                    rc = proc.poll()
+                    if rc is None:
+                        continue
+                    del self.running[key]
+                    if rc == 0:
+                        job.state = DONE
+                        tqdm.write(f"done: {job.kind} {job.label}") if self.progress else print(f"done: {job.kind} {job.label}", flush=True)
+                    else:
+                        self.failed.append((job, rc))
+                if not self.failed:
+                    for job in self._ready()[: self.n - len(self.running)]:
+                        self._start(job)
+                if not self.running:
+                    break
+                bar.n = round(min(total, self._done_part(time.time())), 1)
+                bar.refresh()
+                time.sleep(POLL)
+        except KeyboardInterrupt:
+            for _, proc, _ in self.running.values():
+                proc.terminate()
+            for _, proc, _ in self.running.values():
+                proc.wait()
+            bar.close()
+            print("stopped; the same command continues where this stopped", file=sys.stderr)
+            return False
+        bar.close()
+        return not self.failed and all(j.state == DONE for j in self.jobs)
+
+
+def _last_lines(path: Path, n: int = 6) -> str:
+    try:
+        return "\n".join("    " + x for x in path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list:
+        for p in sorted(manifest_dir().glob("*.toml")):
+            try:
+                print(f"{p.stem}: {load_manifest(p).title}")
+            except ManifestError as e:
+                print(f"{p.stem}: (cannot be read: {e})")
+        return 0
+    if args.jobs < 1 or args.threads < 1:
+        print("error: --jobs and --threads must be >= 1", file=sys.stderr)
+        return 2
+    names = [str(p) for p in sorted(manifest_dir().glob("*.toml"))] if args.all else args.manifests
+    if not names:
+        print("error: name a manifest (see --list) or give --all", file=sys.stderr)
+        return 2
+    try:
+        manifests = [load_manifest(find(n)) for n in names]
+        plans = [(m, plan(m)) for m in manifests]
+    except ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for m, jobs in plans:
+        print(describe(m.name, jobs, args.jobs))
+    if args.plan:
+        return 0
+    from .table import write
+
+    status = 0
+    for m, jobs in plans:
+        logs = {(j.kind, j.label): m.runs_dir / "logs" / (j.kind + "-" + j.label.replace(" ", "-").replace("/", "_") + ".log")
+                for j in jobs}
+        runner = Runner(jobs, args.jobs, args.threads, logs, not args.no_progress)
+        ok = runner.run()
+        for job, rc in runner.failed:
+            log = logs[job.kind, job.label]
+            print(f"error: {job.kind} {job.label} failed (exit {rc}); its log is {log}:\n{_last_lines(log)}",
+                  file=sys.stderr)
+        if not ok:
+            return 1
+        command = "python -m vlm_inspect.reproduce " + shlex.quote(_shown(m.path))
+        print("wrote " + ", ".join(map(str, write(m, jobs, command))))
+    return status
+
+
+def _shown(path: Path) -> str:
+    """The manifest as a reader would type it: relative to the working folder when it is under it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

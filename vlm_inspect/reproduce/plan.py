@@ -1,0 +1,169 @@
+"""What a manifest needs done, and what is done already: the jobs of one table.
+
+A **training job** is one run at one seed, in ``<runs>/<name>/seed-<k>``. Its state comes from the folder:
+``done`` when its ``config.json`` records every step of a run with the manifest's settings, ``resume``
+when it holds a snapshot of such a run that stopped early (a kill: ``train --resume`` continues it
+exactly), ``fresh`` when there is nothing. A folder holding a run with *other* settings is refused with
+the setting that differs: reproduce never overwrites or silently reuses someone else's run.
+
+An **evaluation job** is one model (a run at one seed, or a preset / folder once) under the manifest's
+protocol, written to ``<runs>/eval/<model>[-seed-<k>].md`` and ``.json``. It is ``done`` when that JSON
+was written by exactly this command; a killed one continues from its journal (``evaluate --resume``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .manifest import Manifest, ManifestError
+
+DONE, RESUME, FRESH = "done", "resume", "fresh"
+# settings that do not change what a run computes: where it writes, on which device, how many loaders
+IGNORED = {"out", "device", "workers"}
+
+
+@dataclass
+class Job:
+    kind: str                  # train | evaluate
+    label: str                 # tecoa seed 1, shapes-clip, ...
+    argv: list[str]            # after python -m vlm_inspect.<kind>
+    minutes: float             # the manifest's estimate (one thread)
+    state: str = FRESH
+    model: str = ""            # the manifest's model entry (evaluate) or run name (train)
+    seed: int | None = None
+    folder: Path | None = None
+    out: Path | None = None    # evaluate: the markdown it writes
+    needs: list[str] = field(default_factory=list)  # labels of the jobs that must finish first
+    steps: int = 0             # train: total optimiser steps (for progress)
+
+    @property
+    def command(self) -> str:
+        return f"python -m vlm_inspect.{self.kind} " + " ".join(shlex.quote(a) for a in self.argv)
+
+
+def run_folder(m: Manifest, name: str, seed: int) -> Path:
+    return m.runs_dir / name / f"seed-{seed}"
+
+
+def eval_out(m: Manifest, model: str, seed: int | None, eps: str | None = None) -> Path:
+    name = model + (f"-seed-{seed}" if seed is not None else "") + (f"-eps-{eps}" if eps else "")
+    return m.runs_dir / "eval" / (name.replace("/", "_").replace(":", "_") + ".md")
+
+
+def _protocols(m: Manifest) -> list[tuple[str | None, list[str]]]:
+    """The evaluate arguments of each job of one model: all of them, or one job per budget (``split_eps``)."""
+    args = m.evaluate_args
+    if not m.split_eps:
+        return [(None, args)]
+    i = args.index("--eps")
+    return [(e, [*args[:i + 1], e, *args[i + 2:]]) for e in args[i + 1].split(",") if e.strip()]
+
+
+def _train_config(m: Manifest, argv: list[str]) -> dict[str, Any]:
+    """The resolved config ``python -m vlm_inspect.train argv`` would run, as a checkpoint records it."""
+    from ..defenses import DEFENSES
+    from ..defenses.common import make_config
+    from ..train.cli import build_parser, config_from_args
+    from ..train.loop import resolve_config
+
+    parser = build_parser()
+
+    def refuse(message: str):
+        raise ManifestError(f"{m.path.name}: the training arguments {' '.join(argv)} do not parse: {message}")
+
+    parser.error = refuse  # one sentence, not argparse's usage text and exit
+    try:
+        cfg = resolve_config(config_from_args(parser.parse_args(argv)))
+        options = make_config(DEFENSES.get(cfg.defense).Config, cfg.options)
+    except (ValueError, KeyError) as e:
+        if isinstance(e, ManifestError):
+            raise
+        raise ManifestError(f"{m.path.name}: {' '.join(argv)}: {e}") from None
+    loop = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "options"}
+    return json.loads(json.dumps({"loop": loop, "defense": dataclasses.asdict(options)}, default=str))
+
+
+def _differences(want: dict[str, Any], have: dict[str, Any]) -> list[str]:
+    out = []
+    for part in ("loop", "defense"):
+        w, h = want.get(part, {}), have.get(part, {}) or {}
+        for k in sorted(set(w) | set(h)):
+            if k in IGNORED or part == "defense" and k == "seed":
+                continue
+            if w.get(k) != h.get(k):
+                out.append(f"{k} {h.get(k)!r} there, {w.get(k)!r} here")
+    return out
+
+
+def train_state(m: Manifest, folder: Path, want: dict[str, Any]) -> str:
+    """``done`` / ``resume`` / ``fresh`` for the run folder, or ManifestError when it holds another run."""
+    config_file = folder / "config.json"
+    have, steps = None, None
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+            have, steps = config.get("hyperparameters"), config.get("steps")
+        except (OSError, json.JSONDecodeError):
+            have = None
+    if have is None and (folder / "checkpoints").is_dir():
+        from ..checkpoints import CheckpointError
+        from ..train.state import resume_config
+
+        try:
+            cfg = resume_config(folder)
+        except CheckpointError:
+            cfg = None
+        if cfg is not None:
+            have = {"loop": {k: v for k, v in cfg.items() if k != "options"}, "defense": None}
+            steps = 0
+    if have is None:
+        if folder.is_dir() and any(folder.iterdir()):
+            raise ManifestError(f"{folder} is not empty and holds no run reproduce can read: move it away")
+        return FRESH
+    diff = _differences(want, have) if have.get("defense") is not None else \
+        _differences({"loop": want["loop"]}, {"loop": have["loop"]})
+    if diff:
+        raise ManifestError(f"{folder} holds a run with other settings ({'; '.join(diff[:3])}): move it away, or "
+                            f"change 'runs' in {m.path.name}")
+    return DONE if steps == want["loop"]["steps"] and (folder / "model.safetensors").is_file() else RESUME
+
+
+def _eval_state(job: Job) -> str:
+    js = job.out.with_suffix(".json")
+    try:
+        return DONE if json.loads(js.read_text()).get("command") == job.command else FRESH
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return FRESH
+
+
+def plan(m: Manifest) -> list[Job]:
+    """Every job of the manifest, in an order that runs training before the evaluations that need it."""
+    jobs: list[Job] = []
+    for name, run in m.runs.items():
+        for seed in m.seeds:
+            folder = run_folder(m, name, seed)
+            argv = [*m.train_args, *run.args, "--seed", str(seed), "--out", str(folder), "--no-progress"]
+            want = _train_config(m, argv)
+            state = train_state(m, folder, want)
+            if state == RESUME:
+                argv = ["--resume", str(folder), "--no-progress"]
+            jobs.append(Job("train", f"{name} seed {seed}", argv, run.minutes, state, model=name, seed=seed,
+                            folder=folder, steps=int(want["loop"]["steps"])))
+    for model in m.models:
+        seeds: list[int | None] = list(m.seeds) if model in m.runs else [None]
+        for seed in seeds:
+            for eps, args in _protocols(m):
+                ref = str(run_folder(m, model, seed)) if seed is not None else model
+                out = eval_out(m, model, seed, eps)
+                label = model + (f" seed {seed}" if seed is not None else "") + (f" eps {eps}" if eps else "")
+                job = Job("evaluate", label, [*args, "--models", ref, "--out", str(out), "--resume"],
+                          m.eval_minutes(model, eps), model=model, seed=seed, out=out,
+                          needs=[f"{model} seed {seed}"] if seed is not None else [])
+                trained = seed is None or next(j.state for j in jobs if j.label == job.needs[0]) == DONE
+                job.state = _eval_state(job) if trained else FRESH  # a model still training is evaluated again
+                jobs.append(job)
+    return jobs

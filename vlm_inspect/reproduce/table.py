@@ -1,0 +1,153 @@
+"""One table from a manifest's finished evaluations: every figure as mean ± sd over the training seeds
+with the span of the seeds' binomial 95 % intervals, the average over data sets, and the claims."""
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from .manifest import Manifest
+from .plan import Job
+from .stats import Figure, figure, verdict
+
+
+def column(row: dict[str, Any]) -> str:
+    return "clean" if row["attack"] == "none" else f"{row['attack']} {row['eps']}"
+
+
+def collect(jobs: list[Job]) -> list[dict[str, Any]]:
+    """The rows of every evaluation, each tagged with the manifest's model entry and the training seed."""
+    rows, seen = [], set()
+    for job in jobs:
+        if job.kind != "evaluate":
+            continue
+        doc = json.loads(job.out.with_suffix(".json").read_text())
+        for r in doc["rows"]:
+            key = (job.model, job.seed, r["data"], r["metric"], column(r))
+            if "source" in r or r.get("region") or key in seen:  # split_eps: each budget's job has the clean row
+                continue
+            seen.add(key)
+            rows.append({**r, "entry": job.model, "training_seed": job.seed})
+    return rows
+
+
+def figures(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], Figure]:
+    """``(metric, model entry, data, column) -> Figure`` over the seeds, plus ``data = "average"``: per
+    seed, the samples of every data set pooled (the mean over data sets when each has as many)."""
+    cells: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        cells.setdefault((r["metric"], r["entry"], r["data"], column(r)), []).append(r)
+    out = {}
+    for key, rs in cells.items():
+        rs = sorted(rs, key=lambda r: -1 if r["training_seed"] is None else r["training_seed"])
+        out[key] = figure([r["value"] for r in rs], rs[0]["n"], key[0])
+    averages: dict[tuple[str, str, str], dict[Any, list[dict[str, Any]]]] = {}
+    for (metric, entry, data, col), rs in cells.items():
+        for r in rs:
+            averages.setdefault((metric, entry, col), {}).setdefault(r["training_seed"], []).append(r)
+    for (metric, entry, col), by_seed in averages.items():
+        if len({r["data"] for rs in by_seed.values() for r in rs}) < 2:
+            continue
+        values, n = [], 0
+        for _, rs in sorted(by_seed.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
+            n = sum(r["n"] for r in rs)
+            values.append(sum(r["value"] * r["n"] for r in rs) / n)
+        out[(metric, entry, "average", col)] = figure(values, n, metric)
+    return out
+
+
+def _short(data: str) -> str:
+    return data.removeprefix("shapes:")
+
+
+def markdown(m: Manifest, jobs: list[Job], command: str) -> tuple[str, dict[str, Any]]:
+    rows = collect(jobs)
+    figs = figures(rows)
+    lines = [f"## {m.title}", ""]
+    if m.note:
+        lines += [m.note.strip(), ""]
+    lines += ["Produced by (re-runs only what is missing; `--plan` shows what that is and how long it takes):", "",
+              "```", command, "```", ""]
+    train_jobs = [j for j in jobs if j.kind == "train"]
+    if m.runs:
+        seeds = ", ".join(map(str, m.seeds))
+        lines += [f"Training runs, each at seeds {seeds} (`--seed k --out {m.runs_dir}/<run>/seed-k`):", "",
+                  "| run | command | train time per seed (loop) |", "|---|---|---|"]
+        for name, run in m.runs.items():
+            secs = []
+            for j in train_jobs:
+                if j.model == name:
+                    try:
+                        secs.append(json.loads((j.folder / "config.json").read_text()).get("train_seconds"))
+                    except (OSError, json.JSONDecodeError):
+                        pass
+            secs = [s for s in secs if s]
+            t = f"{min(secs):.0f}–{max(secs):.0f} s" if secs else "–"
+            lines.append(f"| {name} | `python -m vlm_inspect.train "
+                         f"{' '.join(shlex.quote(a) for a in [*m.train_args, *run.args])}` | {t} |")
+        lines.append("")
+    ev = " ".join(shlex.quote(a) for a in m.evaluate_args)
+    samples = sorted({r["n"] for r in rows})
+    lines += [f"Evaluation of every model (and every seed of a run): `python -m vlm_inspect.evaluate {ev} "
+              f"--models <model>`; {', '.join(map(str, samples))} test images per data set, the same for every "
+              "model and seed. A cell is the mean ± standard deviation over the training seeds, then "
+              "[the lowest, the highest] bound of the seeds' binomial 95 % intervals (Wilson); a model that "
+              "is not trained here has one evaluation.", ""]
+    for metric in dict.fromkeys(r["metric"] for r in rows):
+        cols = list(dict.fromkeys(column(r) for r in rows if r["metric"] == metric))
+        datas = list(dict.fromkeys(r["data"] for r in rows if r["metric"] == metric))
+        if len(datas) > 1:
+            datas.append("average")
+        lines += [f"**{metric}**", "", "| model | seeds | data | " + " | ".join(cols) + " |",
+                  "|---|---|---|" + "---|" * len(cols)]
+        for entry in m.models:
+            for data in datas:
+                cells = [figs.get((metric, entry, data, c)) for c in cols]
+                if not any(cells):
+                    continue
+                k = max(len(f.values) for f in cells if f)
+                name = f"**{_short(data)}**" if data == "average" else _short(data)
+                lines.append(f"| {entry} | {k} | {name} | " + " | ".join(f.text() if f else "–" for f in cells) + " |")
+        lines.append("")
+    verdicts = []
+    if m.claims:
+        lines += ["**Claims** (a claim is settled only when the spans of the seeds' intervals say so; "
+                  "the difference's interval runs from the lowest bound of one to the highest of the other):", "",
+                  "| paper | claim | figure | ours | difference | verdict |", "|---|---|---|---|---|---|"]
+        for c in m.claims:
+            metric = c.metric or next((r["metric"] for r in rows), "top1")
+            a, b = figs.get((metric, c.a, _full(c.data, rows), c.column)), figs.get((metric, c.b, _full(c.data, rows), c.column))
+            if a is None or b is None:
+                lines.append(f"| {c.paper} | {c.claim} | {c.column}, {c.data} | not in the table | – | – |")
+                continue
+            v, (lo, hi) = verdict(c.relation, a, b, c.margin)
+            rel = ">" if c.relation == ">" else f"≈ (within {c.margin:g})"
+            lines.append(f"| {c.paper} | {c.claim} | {c.column}, {_short(c.data)} | {c.a} {a.mean:.3f} {rel} "
+                         f"{c.b} {b.mean:.3f} | [{lo:+.3f}, {hi:+.3f}] | {v} |")
+            verdicts.append({"paper": c.paper, "claim": c.claim, "a": c.a, "b": c.b, "relation": c.relation,
+                             "margin": c.margin, "column": c.column, "data": c.data, "a_mean": a.mean,
+                             "b_mean": b.mean, "difference_interval": [lo, hi], "verdict": v})
+        lines.append("")
+    record = {"command": command, "manifest": str(m.path), "seeds": m.seeds,
+              "figures": [{"metric": k[0], "model": k[1], "data": k[2], "column": k[3], "values": list(f.values),
+                           "n": f.n, "mean": f.mean, "sd": f.sd, "intervals": f.intervals(), "span": f.span}
+                          for k, f in figs.items()],
+              "claims": verdicts, "evaluations": [j.command for j in jobs if j.kind == "evaluate"]}
+    return "\n".join(lines), record
+
+
+def _full(data: str, rows: list[dict[str, Any]]) -> str:
+    """A claim's data set as the rows name it (``shapes-combo`` is ``shapes:shapes-combo``)."""
+    if data == "average":
+        return data
+    names = {r["data"] for r in rows}
+    return data if data in names else next((n for n in names if _short(n) == data), data)
+
+
+def write(m: Manifest, jobs: list[Job], command: str) -> list[Path]:
+    text, record = markdown(m, jobs, command)
+    m.out.parent.mkdir(parents=True, exist_ok=True)
+    m.out.write_text(text + "\n")
+    m.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    return [m.out, m.out.with_suffix(".json")]
