@@ -48,6 +48,11 @@ def test_caption_and_vqa_rows():
     rows = evaluate_model(embedded("shapes-captioner"), "shapes:shapes-scenes", [AttackSpec("bim", 4 / 255, steps=2)],
                           n=6, batch_size=6)
     assert {r["metric"] for r in rows} == {"bleu4", "cider", "rouge_l"}
+    for r in rows:  # CIDEr rows keep every image's score (their mean is the corpus CIDEr): intervals need them
+        if r["metric"] == "cider":
+            assert len(r["per_sample"]) == 6 and sum(r["per_sample"]) / 6 == pytest.approx(r["value"], abs=1e-3)
+        else:
+            assert "per_sample" not in r
     rows = evaluate_model(embedded("shapes-vqa"), "shapes:shapes-scenes", [AttackSpec("fgsm", 4 / 255)], n=6)
     assert {(r["attack"], r["metric"]) for r in rows} == {("none", "exact_match"), ("fgsm", "exact_match")}
 

@@ -49,12 +49,21 @@ def test_documented_train_and_evaluate_commands_parse(doc):
     from vlm_inspect.evaluate import cli as evaluate_cli
     from vlm_inspect.train import cli as train_cli
 
+    from vlm_inspect.reproduce import cli as reproduce_cli
+    from vlm_inspect.reproduce.manifest import find
+
     text = (ROOT / doc).read_text()
-    lines = re.findall(r"-m vlm_inspect\.(train|evaluate) ([^`\n]*)", text)
+    lines = re.findall(r"-m vlm_inspect\.(train|evaluate|reproduce) ([^`\n]*)", text)
     assert lines
     for module, rest in lines:
         argv = shlex.split(rest.replace("\\", ""), comments=True)
         if "--help" in argv:
+            continue
+        if module == "reproduce":  # its options exist and the manifests it names are in reproduce/
+            args = reproduce_cli.build_parser().parse_args(argv)
+            for name in args.manifests:
+                if not name.startswith("<"):  # a placeholder in prose
+                    find(name)
             continue
         parser = (train_cli if module == "train" else evaluate_cli).build_parser()
         args = parser.parse_args(argv)  # exits (fails the test) on an unknown option

@@ -40,8 +40,12 @@ def test_figure_mean_sd_and_span():
     assert f.text() == f"0.600 ± 0.100 [{f.span[0]:.2f}, {f.span[1]:.2f}]"
     one = figure([0.25], 8, "top1")
     assert one.sd is None and "±" not in one.text()
-    cider = figure([0.9, 1.1], 300, "cider")  # not a proportion: no binomial interval
-    assert cider.intervals() == [] and cider.span == (0.9, 1.1) and "[" not in cider.text()
+    bleu = figure([0.9, 1.1], 300, "bleu4")  # neither a proportion nor a mean over images: no interval
+    assert bleu.intervals() == [] and bleu.span == (0.9, 1.1) and "[" not in bleu.text()
+    cider = figure([2.0, 3.0], 4, "cider", [[1.0, 3.0, 1.0, 3.0], [3.0, 3.0, 3.0, 3.0]])
+    half = 1.959963984540054 * math.sqrt(4 / 3) / 2  # sd of (1, 3, 1, 3) is sqrt(4/3); n = 4
+    assert cider.intervals() == [pytest.approx((2 - half, 2 + half)), pytest.approx((3.0, 3.0))]
+    assert cider.span == pytest.approx((2 - half, 2 + half)) and cider.text().endswith(f"[{2 - half:.3f}, {2 + half:.3f}]")
 
 
 def test_verdicts_need_the_spans_to_separate():
@@ -192,3 +196,15 @@ def test_a_failing_job_stops_the_table_with_its_log(tmp_path, capsys):
     assert "error: evaluate shapes-clip+nothing failed (exit 2)" in err and "evaluate-shapes-clip+nothing.log" in err
     assert "shapes-clip+nothing" in err.split("log is", 1)[1]  # the log's last lines: evaluate's own sentence
     assert not (tmp_path / "tiny.md").exists()
+
+
+def test_a_second_reproduce_of_the_same_runs_is_refused_while_the_first_runs(tmp_path, capsys):
+    import fcntl
+
+    manifest = _manifest(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with (tmp_path / "runs" / ".lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running reproduce holds it
+        assert main([str(manifest), "--no-progress"]) == 2
+    assert "another reproduce is running" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "advpt").exists()

@@ -117,9 +117,11 @@ def evaluate_data(model, data, data_spec: str, attacks: Sequence[AttackSpec], n:
     mine = [(k, idx) for k, idx in enumerate(_chunks(n, batch_size)) if k % shard.world == shard.rank]
     rows: list[dict[str, Any]] = []
 
-    def row(eps_text: str, attack: str, metric: str, value: float) -> None:
+    def row(eps_text: str, attack: str, metric: str, value: float, result: Any = None) -> None:
         rows.append({"model": model.name, "data": data_spec, "eps": eps_text, "attack": attack, "metric": metric,
                      "value": round(float(value), 4), "n": n})
+        if metric == "cider" and isinstance(result, dict):  # corpus CIDEr is their mean: its interval needs them
+            rows[-1]["per_sample"] = [round(float(c), 4) for c in result["cider_per_sample"]]
 
     # ---- per-family: predict (per sample), score (the list of every sample's prediction), objective ----
     if fam == "clip":
@@ -178,8 +180,9 @@ def evaluate_data(model, data, data_spec: str, attacks: Sequence[AttackSpec], n:
     for _, idx in mine:
         clean_mine.update(zip(idx, predict(pixels[idx], idx)))
     clean = gathered(clean_mine)
-    for key, v in summarize(score(clean)).items():
-        row("0", "none", key, v)
+    scored = score(clean)
+    for key, v in summarize(scored).items():
+        row("0", "none", key, v, scored)
 
     by_eps: dict[float, list[AttackSpec]] = {}
     for a in attacks:
@@ -240,12 +243,12 @@ def evaluate_data(model, data, data_spec: str, attacks: Sequence[AttackSpec], n:
                 final = preds_all
                 worst_ok = list(final) if worst_ok is None else [a and b for a, b in zip(worst_ok, final)]
             for key, v in summarize(final).items():
-                row(eps_label(eps), spec.name, key, v)
+                row(eps_label(eps), spec.name, key, v, final)
         _flag_overstated(rows, eps_label(eps), n)
         if len(specs) > 1:
             worst = caption_scores(worst_caps, refs) if fam == "captioner" else worst_ok
             for key, v in summarize(worst).items():
-                row(eps_label(eps), "worst", key, v)
+                row(eps_label(eps), "worst", key, v, worst)
     return rows
 
 

@@ -54,6 +54,8 @@ def _steps_done(job: Job) -> int:
 
 
 def _duration(minutes: float) -> str:
+    if 0 < minutes < 0.5:
+        return "< 1 min"
     h, m = divmod(round(minutes), 60)
     return f"{h} h {m:02d} min" if h else f"{m} min"
 
@@ -183,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
 
     status = 0
     for m, jobs in plans:
+        lock = _lock(m.runs_dir)
+        if lock is None:
+            print(f"error: another reproduce is running {m.name} (it holds {m.runs_dir / '.lock'}); wait for it "
+                  "or stop it", file=sys.stderr)
+            return 2
         logs = {(j.kind, j.label): m.runs_dir / "logs" / (j.kind + "-" + j.label.replace(" ", "-").replace("/", "_") + ".log")
                 for j in jobs}
         runner = Runner(jobs, args.jobs, args.threads, logs, not args.no_progress)
@@ -195,7 +202,23 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         command = "python -m vlm_inspect.reproduce " + shlex.quote(_shown(m.path))
         print("wrote " + ", ".join(map(str, write(m, jobs, command))))
+        lock.close()
     return status
+
+
+def _lock(runs_dir: Path):
+    """An exclusive lock on ``<runs>/.lock`` for as long as this process runs the manifest (the OS drops it
+    when the process dies, so a kill leaves no stale lock); None when another process holds it."""
+    import fcntl
+
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    f = (runs_dir / ".lock").open("a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
 
 
 def _shown(path: Path) -> str:

@@ -26,6 +26,17 @@ Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
 PROPORTIONS = frozenset({"top1", "exact_match"})
 
 
+def mean_interval(samples: Sequence[float], z: float = Z95) -> tuple[float, float]:
+    """The normal 95 % interval of a mean over test samples, ``m ± z·s/√n``: for a metric that is the mean
+    of per-sample scores but no proportion (corpus CIDEr is the mean of the per-image CIDEr)."""
+    n = len(samples)
+    if n < 2:
+        raise ValueError("an interval of a mean needs at least two samples")
+    m = sum(samples) / n
+    s = math.sqrt(sum((x - m) ** 2 for x in samples) / (n - 1))
+    return m - z * s / math.sqrt(n), m + z * s / math.sqrt(n)
+
+
 def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson's score interval of a proportion ``successes / n`` (95 % by default)."""
     if n <= 0:
@@ -46,6 +57,7 @@ class Figure:
     values: tuple[float, ...]
     n: int
     proportion: bool = True
+    samples: tuple[tuple[float, ...], ...] = ()  # per seed, the per-sample scores of a mean metric (CIDEr)
 
     @property
     def mean(self) -> float:
@@ -61,18 +73,21 @@ class Figure:
         return math.sqrt(sum((v - m) ** 2 for v in self.values) / (k - 1))
 
     def intervals(self) -> list[tuple[float, float]]:
-        """The binomial 95 % interval of each seed's evaluation (none for a metric that is no proportion)."""
-        if not self.proportion:
-            return []
-        return [wilson(round(v * self.n), self.n) for v in self.values]
+        """The 95 % interval of each seed's evaluation: binomial (Wilson) for a proportion, the normal
+        interval of the mean for a mean of per-sample scores, none when neither applies (BLEU-4)."""
+        if self.proportion:
+            return [wilson(round(v * self.n), self.n) for v in self.values]
+        if self.samples and all(len(s) > 1 for s in self.samples):
+            return [mean_interval(s) for s in self.samples]
+        return []
 
     @property
-    def span(self) -> tuple[float, float] | None:
-        """From the lowest to the highest bound of the seeds' intervals (for a metric that is no proportion:
-        the range of the seeds' values, which says nothing about the test images)."""
-        if not self.proportion:
-            return min(self.values), max(self.values)
+    def span(self) -> tuple[float, float]:
+        """From the lowest to the highest bound of the seeds' intervals (without intervals: the range of the
+        seeds' values, which says nothing about the test images)."""
         ivs = self.intervals()
+        if not ivs:
+            return min(self.values), max(self.values)
         return min(lo for lo, _ in ivs), max(hi for _, hi in ivs)
 
     def text(self, digits: int = 3) -> str:
@@ -80,23 +95,24 @@ class Figure:
         out = f"{self.mean:.{digits}f}"
         if self.sd is not None:
             out += f" ± {self.sd:.{digits}f}"
-        if self.proportion:
+        if self.intervals():
             lo, hi = self.span
-            out += f" [{lo:.2f}, {hi:.2f}]"
+            out += f" [{lo:.{min(digits, 2) if self.proportion else digits}f}, {hi:.{min(digits, 2) if self.proportion else digits}f}]"
         return out
 
 
-def figure(values: Sequence[float], n: int, metric: str) -> Figure:
+def figure(values: Sequence[float], n: int, metric: str, samples: Sequence[Sequence[float]] | None = None) -> Figure:
     if not values:
         raise ValueError("a figure needs at least one value")
-    return Figure(tuple(float(v) for v in values), int(n), metric in PROPORTIONS)
+    kept = tuple(tuple(float(x) for x in s) for s in samples) if samples and all(samples) else ()
+    return Figure(tuple(float(v) for v in values), int(n), metric in PROPORTIONS, kept)
 
 
 AGREES, DISAGREES, UNRESOLVED = "agrees", "disagrees", "not resolved at this size"
 
 
 def verdict(relation: str, a: Figure, b: Figure, margin: float = 0.0) -> tuple[str, tuple[float, float]]:
-    """Does ``a relation b`` hold, by the spans? Returns the verdict and the interval of ``a − b`` that the
+    """Does ``a relation b`` hold, by the spans (a figure without intervals has only its seeds' range)? Returns the verdict and the interval of ``a − b`` that the
     spans allow (``[lo_a − hi_b, hi_a − lo_b]``).
 
     ``>``: agrees when the difference's interval lies above ``margin`` (default 0), disagrees when it lies

@@ -41,7 +41,7 @@ def figures(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], Figur
     out = {}
     for key, rs in cells.items():
         rs = sorted(rs, key=lambda r: -1 if r["training_seed"] is None else r["training_seed"])
-        out[key] = figure([r["value"] for r in rs], rs[0]["n"], key[0])
+        out[key] = figure([r["value"] for r in rs], rs[0]["n"], key[0], [r.get("per_sample") for r in rs])
     averages: dict[tuple[str, str, str], dict[Any, list[dict[str, Any]]]] = {}
     for (metric, entry, data, col), rs in cells.items():
         for r in rs:
@@ -49,11 +49,12 @@ def figures(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], Figur
     for (metric, entry, col), by_seed in averages.items():
         if len({r["data"] for rs in by_seed.values() for r in rs}) < 2:
             continue
-        values, n = [], 0
+        values, n, samples = [], 0, []
         for _, rs in sorted(by_seed.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
             n = sum(r["n"] for r in rs)
             values.append(sum(r["value"] * r["n"] for r in rs) / n)
-        out[(metric, entry, "average", col)] = figure(values, n, metric)
+            samples.append([x for r in rs for x in r.get("per_sample") or []])
+        out[(metric, entry, "average", col)] = figure(values, n, metric, samples)
     return out
 
 
@@ -92,8 +93,9 @@ def markdown(m: Manifest, jobs: list[Job], command: str) -> tuple[str, dict[str,
     lines += [f"Evaluation of every model (and every seed of a run): `python -m vlm_inspect.evaluate {ev} "
               f"--models <model>`; {', '.join(map(str, samples))} test images per data set, the same for every "
               "model and seed. A cell is the mean ± standard deviation over the training seeds, then "
-              "[the lowest, the highest] bound of the seeds' binomial 95 % intervals (Wilson); a model that "
-              "is not trained here has one evaluation.", ""]
+              "[the lowest, the highest] bound of the seeds' 95 % intervals (binomial, Wilson's, for accuracies; "
+              "the normal interval of the mean over images for CIDEr; none for BLEU-4 and ROUGE-L); a model "
+              "that is not trained here has one evaluation.", ""]
     for metric in dict.fromkeys(r["metric"] for r in rows):
         cols = list(dict.fromkeys(column(r) for r in rows if r["metric"] == metric))
         datas = list(dict.fromkeys(r["data"] for r in rows if r["metric"] == metric))
