@@ -82,13 +82,18 @@ def test_map_distances_by_hand():
         map_distance(a, b, "kl")
 
 
-def test_tecoa_loss_is_the_ce_of_adversarial_logits_by_hand():
-    """With eps = 0 the adversarial image is the clean one: the loss is plain zero-shot CE."""
+
+def clip_task(key: str, **options):
+    """A CLIP defense on the random-weight shapes-clip, its model, data and a batch of three images."""
     model = load("shapes-clip", weights="random")
     data = ShapesDataset("shapes-combo", split="train", length=64)
-    task_cls = DEFENSES.get("tecoa")
-    task = task_cls(model, make_config(task_cls.Config, {"attack_eps": 0.0}), data)
-    batch = task.collate([data[i] for i in range(3)], 0)
+    task_cls = DEFENSES.get(key)
+    task = task_cls(model, make_config(task_cls.Config, options), data)
+    return task, model, data, task.collate([data[i] for i in range(3)], 0)
+
+def test_tecoa_loss_is_the_ce_of_adversarial_logits_by_hand():
+    """With eps = 0 the adversarial image is the clean one: the loss is plain zero-shot CE."""
+    task, model, data, batch = clip_task("tecoa", attack_eps=0.0)
     loss, _ = task.loss(batch)
     with torch.no_grad():
         logits = model.zero_shot_logits(batch["pixels"], data.prompts)
@@ -187,11 +192,7 @@ def test_capt_loss_by_hand_with_eps_zero():
     compares the frozen CLIP with the prompted one; the total is CE + λ·mean(α·KL(p_θ0(x) ‖ p_θ(x)))."""
     from vlm_inspect.defenses.adversarial import kl_per_sample
 
-    model = load("shapes-clip", weights="random")
-    data = ShapesDataset("shapes-combo", split="train", length=64)
-    task_cls = DEFENSES.get("capt")
-    task = task_cls(model, make_config(task_cls.Config, {"attack_eps": 0.0, "consistency_weight": 0.5}), data)
-    batch = task.collate([data[i] for i in range(3)], 0)
+    task, model, data, batch = clip_task("capt", attack_eps=0.0, consistency_weight=0.5)
     loss, parts = task.loss(batch)
     with torch.no_grad():
         y = batch["labels"]
@@ -207,11 +208,8 @@ def test_capt_loss_by_hand_with_eps_zero():
 def test_advpt_loss_is_the_prompted_models_ce_on_the_attacked_images_by_hand():
     """eps = 0: x' = x and the loss is the prompted CLIP's zero-shot CE; eps > 0: the CE of the images PGD
     made against the prompted model (same generator state), never of the unprompted one."""
-    model = load("shapes-clip", weights="random")
-    data = ShapesDataset("shapes-combo", split="train", length=64)
+    task, model, data, batch = clip_task("advpt", attack_eps=0.0)
     task_cls = DEFENSES.get("advpt")
-    task = task_cls(model, make_config(task_cls.Config, {"attack_eps": 0.0}), data)
-    batch = task.collate([data[i] for i in range(3)], 0)
     loss, parts = task.loss(batch)
     y, idx = batch["labels"], torch.arange(3)
     with torch.no_grad():
@@ -229,12 +227,7 @@ def test_advpt_loss_is_the_prompted_models_ce_on_the_attacked_images_by_hand():
 def test_apd_loss_by_hand_with_eps_zero():
     from vlm_inspect.defenses.adversarial import kl_per_sample
 
-    model = load("shapes-clip", weights="random")
-    data = ShapesDataset("shapes-combo", split="train", length=64)
-    task_cls = DEFENSES.get("apd")
-    options = {"attack_eps": 0.0, "teacher_feedback": 0.5, "student_ce": 0.25}
-    task = task_cls(model, make_config(task_cls.Config, options), data)
-    batch = task.collate([data[i] for i in range(3)], 0)
+    task, model, data, batch = clip_task("apd", attack_eps=0.0, teacher_feedback=0.5, student_ce=0.25)
     loss, parts = task.loss(batch)
     with torch.no_grad():
         y, idx = batch["labels"], torch.arange(3)
