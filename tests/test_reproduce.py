@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+from safetensors.torch import load_file as _load_file
 
 from vlm_inspect.reproduce.cli import main
 from vlm_inspect.reproduce.manifest import ManifestError, load_manifest
@@ -16,6 +16,12 @@ from vlm_inspect.reproduce.plan import DONE, FRESH, RESUME, plan
 from vlm_inspect.reproduce.stats import AGREES, DISAGREES, UNRESOLVED, figure, verdict, wilson
 
 TINY = Path(__file__).parent / "data" / "reproduce_tiny.toml"
+
+
+def load_file(path):
+    """The tensors of a safetensors file, copied out: ``load_file`` maps the file, and these tests overwrite
+    files in place (as a kill's leftovers would be), which would change a mapped tensor under our feet."""
+    return {k: v.clone() for k, v in _load_file(path).items()}
 
 
 # ---- statistics ------------------------------------------------------------------------------------
@@ -65,11 +71,9 @@ def test_verdicts_need_the_spans_to_separate():
 
 # ---- manifests ------------------------------------------------------------------------------------
 
-def _manifest(tmp_path: Path, text: str | None = None, **replace: str) -> Path:
+def _manifest(tmp_path: Path, text: str | None = None, name: str = "m.toml") -> Path:
     text = (text if text is not None else TINY.read_text()).replace("OUT", str(tmp_path))
-    for old, new in replace.items():
-        text = text.replace(old.replace("_", " "), new)
-    p = tmp_path / "m.toml"
+    p = tmp_path / name
     p.write_text(text)
     return p
 
@@ -96,23 +100,86 @@ def test_unparsable_training_arguments_are_refused_before_anything_runs(tmp_path
     text = TINY.read_text().replace('args = ["--defense", "advpt"]', 'args = ["--defense", "advpt", "--stepz", "3"]')
     assert main([str(_manifest(tmp_path, text)), "--plan"]) == 2
     err = capsys.readouterr().err
-    assert "do not parse" in err and "--stepz" in err and not (tmp_path / "runs").exists()
+    assert "do not parse" in err and "--stepz" in err and not (tmp_path / "runs" / "advpt").exists()
     text = TINY.read_text().replace('args = ["--defense", "advpt"]', 'args = ["--defense", "advpt", "--set", "depht=2"]')
     assert main([str(_manifest(tmp_path, text)), "--plan"]) == 2
     assert "unknown option(s) depht" in capsys.readouterr().err
 
 
-def test_every_shipped_manifest_loads_and_plans():
-    """The manifests in reproduce/ parse and name only registered defenses, options and models."""
+def test_every_shipped_manifest_loads_and_plans(tmp_path):
+    """The manifests in reproduce/ parse and name only registered defenses, options, models and columns
+    (planned against an empty runs folder, not whatever a developer has in runs/)."""
     from vlm_inspect.reproduce.manifest import manifest_dir
 
     found = sorted(manifest_dir().glob("*.toml"))
     assert found, "reproduce/ holds no manifest"
     for p in found:
         m = load_manifest(p)
-        assert m.out.parts[0] == "docs", p
-        for job in plan(m):
-            assert job.minutes > 0
+        assert m.out.parts[0] == "docs" and m.root == manifest_dir().resolve().parent, p
+        m.runs_dir = tmp_path / m.name
+        jobs = plan(m)
+        assert jobs and all(j.minutes > 0 and j.state == FRESH for j in jobs)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({'column = "pgd 4/255"': 'column = "pgd 5/255"'}, "'pgd 5/255' is not a column of this evaluation"),
+    ({"minutes = 0.3": "minutes = 0.3\nminutes_of = { tecoa = 2 }"}, "'tecoa' is no model of evaluate.models"),
+    ({'data = "shapes-combo"': 'data = "shapes-combo"\nmetric = "cidre"'}, "'cidre'; valid: top1"),
+    ({'data = "shapes-combo"': 'data = "shapes-combo"\nmargin = "big"'}, "margin must be a number"),
+    ({'args = ["--defense", "advpt"]': 'args = ["--defense", "advpt", "--list-options"]'}, "must not give --list-options"),
+])
+def test_claims_and_estimates_are_checked_before_anything_runs(tmp_path, change, match):
+    text = TINY.read_text()
+    for old, new in change.items():
+        assert old in text
+        text = text.replace(old, new)
+    with pytest.raises(ManifestError, match=match):
+        plan(load_manifest(_manifest(tmp_path, text)))
+
+
+def test_a_run_killed_before_its_first_snapshot_starts_afresh(tmp_path):
+    """A kill before the first snapshot leaves only the log (and maybe a staging folder): not someone else's run."""
+    from vlm_inspect.reproduce.plan import run_folder
+
+    m = load_manifest(_manifest(tmp_path))
+    folder = m.at(run_folder(m, "advpt", 0))
+    (folder / "checkpoints" / ".staging-step-0000001-123").mkdir(parents=True)
+    (folder / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    shutil.rmtree(folder / "checkpoints")
+    (folder / ".write-probe-x").write_text("")
+    assert next(j for j in plan(m) if j.label == "advpt seed 0").state == FRESH
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ManifestError, match="holds no run reproduce can read"):
+        plan(m)
+
+
+def test_split_eps_jobs_share_one_clean_row_and_data_sets_average(tmp_path):
+    """Two budgets as two jobs each write the clean row: the table counts it once; the average pools images."""
+    from vlm_inspect.reproduce.table import collect, figures
+
+    text = TINY.read_text().replace('"--eps", "4/255"', '"--eps", "4/255,8/255"').replace(
+        'minutes = 0.3', 'minutes = 0.3\nsplit_eps = true').replace(
+        '"--data", "shapes:shapes-combo", "--attack"', '"--data", "shapes:shapes-combo;shapes:shapes-color", "--attack"')
+    m = load_manifest(_manifest(tmp_path, text))
+    m.runs, m.models = {}, ["shapes-clip"]
+    m.claims = []
+    jobs = [j for j in plan(m) if j.kind == "evaluate"]
+    assert [j.label for j in jobs] == ["shapes-clip eps 4/255", "shapes-clip eps 8/255"]
+    for job, robust in zip(jobs, (0.5, 0.25)):
+        rows = [{"model": "shapes-clip", "data": d, "eps": "0", "attack": "none", "metric": "top1", "value": v, "n": n}
+                for d, v, n in (("shapes:shapes-combo", 1.0, 8), ("shapes:shapes-color", 0.5, 24))]
+        rows += [{**r, "eps": job.label.split()[-1], "attack": "pgd", "value": robust} for r in rows]
+        job.out.parent.mkdir(parents=True, exist_ok=True)
+        job.out.with_suffix(".json").write_text(json.dumps({"command": job.command, "rows": rows}))
+    rows = collect(jobs)
+    assert sum(r["attack"] == "none" for r in rows) == 2  # once per data set, not once per job
+    figs = figures(rows)
+    assert figs[("top1", "shapes-clip", "average", "clean")].values == ((8 * 1.0 + 24 * 0.5) / 32,)
+    assert figs[("top1", "shapes-clip", "average", "clean")].n == 32
+    assert figs[("top1", "shapes-clip", "average", "pgd 8/255")].values == (0.25,)
+    jobs[0].out.with_suffix(".json").write_text(json.dumps({"command": "python -m vlm_inspect.evaluate other", "rows": []}))
+    with pytest.raises(ValueError, match="written by another command"):
+        collect(jobs)
 
 
 # ---- end to end ------------------------------------------------------------------------------------
@@ -135,7 +202,8 @@ def test_the_tiny_table_is_the_seeds_evaluations(made):
     fig = next(f for f in record["figures"] if f["model"] == "advpt" and f["column"] == "pgd 4/255")
     assert fig["values"] == [robust["advpt-seed-0"], robust["advpt-seed-1"]] and fig["n"] == 8
     assert fig["mean"] == pytest.approx((robust["advpt-seed-0"] + robust["advpt-seed-1"]) / 2)
-    assert fig["intervals"] == [list(wilson(round(v * 8), 8)) for v in fig["values"]]
+    assert fig["span"][0] == min(wilson(round(v * 8), 8)[0] for v in fig["values"])
+    assert fig["span"][1] == max(wilson(round(v * 8), 8)[1] for v in fig["values"])
     # the two seeds trained different prompts (seeded init and data order)
     a, b = (load_file(tmp / "runs" / "advpt" / f"seed-{s}" / "model.safetensors") for s in (0, 1))
     assert any(not a[k].equal(b[k]) for k in a)
@@ -162,6 +230,8 @@ def test_a_killed_run_resumes_exactly_and_its_evaluation_is_redone(made):
     tmp, manifest = made
     folder = tmp / "runs" / "advpt" / "seed-1"
     finished = load_file(folder / "model.safetensors")
+    shutil.copy(folder / "checkpoints" / "step-0000001" / "model.safetensors", folder / "model.safetensors")
+    assert any(not load_file(folder / "model.safetensors")[k].equal(finished[k]) for k in finished)
     shutil.rmtree(folder / "checkpoints" / "step-0000002")
     (folder / "checkpoints" / "LATEST").write_text("step-0000001")
     config = json.loads((folder / "config.json").read_text())
@@ -180,7 +250,7 @@ def test_a_killed_run_resumes_exactly_and_its_evaluation_is_redone(made):
 
 def test_a_folder_holding_another_run_is_refused_with_the_difference(made, capsys):
     tmp, manifest = made
-    other = _manifest(tmp, TINY.read_text().replace('"--lr", "2e-3"', '"--lr", "1e-3"'))
+    other = _manifest(tmp, TINY.read_text().replace('"--lr", "2e-3"', '"--lr", "1e-3"'), name="other.toml")
     assert main([str(other), "--plan"]) == 2
     err = capsys.readouterr().err
     assert "holds a run with other settings" in err and "lr 0.002 there, 0.001 here" in err
@@ -208,3 +278,44 @@ def test_a_second_reproduce_of_the_same_runs_is_refused_while_the_first_runs(tmp
         assert main([str(manifest), "--no-progress"]) == 2
     assert "another reproduce is running" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "advpt").exists()
+
+
+def test_a_metric_without_intervals_settles_no_claim():
+    from vlm_inspect.reproduce.stats import NO_INTERVAL
+
+    assert verdict(">", figure([0.301, 0.302, 0.303], 300, "bleu4"), figure([0.300], 300, "bleu4"))[0] == NO_INTERVAL
+    # CIDEr with one seed's per-image scores missing (an old journal): no interval, no verdict
+    partial = figure([9.0, 9.1], 4, "cider", [[9.0, 9.0, 9.0, 9.0], []])
+    assert partial.intervals() == [] and verdict(">", partial, figure([1.0], 4, "cider"))[0] == NO_INTERVAL
+
+
+def test_a_run_killed_between_its_last_snapshot_and_its_checkpoint_is_finished(made):
+    """The last snapshot is written, the checkpoint is not (config.json still says step 1): resuming writes
+    the checkpoint without training again, and the plan then calls it done."""
+    tmp, manifest = made
+    folder = tmp / "runs" / "advpt" / "seed-0"
+    finished = load_file(folder / "model.safetensors")
+    shutil.copy(folder / "checkpoints" / "step-0000001" / "model.safetensors", folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "steps": 1}))
+    assert next(j for j in plan(load_manifest(manifest)) if j.label == "advpt seed 0").state == RESUME
+    assert main([str(manifest), "--no-progress"]) == 0
+    assert json.loads((folder / "config.json").read_text())["steps"] == 2
+    assert all(load_file(folder / "model.safetensors")[k].equal(finished[k]) for k in finished)
+    assert all(j.state == DONE for j in plan(load_manifest(manifest)))
+
+
+def test_an_evaluation_of_weights_that_changed_since_is_done_again(made):
+    from safetensors.torch import save_file
+
+    tmp, manifest = made
+    folder = tmp / "runs" / "advpt" / "seed-0"
+    shutil.copy(folder / "model.safetensors", tmp / "kept.safetensors")
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v + 1 for k, v in weights.items()}, folder / "model.safetensors")  # e.g. retrained by hand
+    try:
+        states = {(j.kind, j.label): j.state for j in plan(load_manifest(manifest))}
+        assert states[("evaluate", "advpt seed 0")] == FRESH and states[("evaluate", "advpt seed 1")] == DONE
+    finally:
+        shutil.copy(tmp / "kept.safetensors", folder / "model.safetensors")
+    assert all(j.state == DONE for j in plan(load_manifest(manifest)))

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .manifest import ManifestError, find, load_manifest, manifest_dir
-from .plan import DONE, RESUME, Job, plan
+from .manifest import Manifest, ManifestError, find, load_manifest, manifest_dir
+from .plan import DONE, RESUME, Job, train_config, eval_state, plan, stamp_path, train_state, weights_hash
 
 POLL = 2.0  # seconds between looks at the running jobs
 
@@ -54,7 +55,7 @@ def _steps_done(job: Job) -> int:
 
 
 def _duration(minutes: float) -> str:
-    if 0 < minutes < 0.5:
+    if 0 < minutes and round(minutes) == 0:
         return "< 1 min"
     h, m = divmod(round(minutes), 60)
     return f"{h} h {m:02d} min" if h else f"{m} min"
@@ -73,13 +74,26 @@ def describe(name: str, jobs: list[Job], n_jobs: int) -> str:
 
 
 class Runner:
-    """Runs jobs as processes, ``jobs`` at a time, training before the evaluations that need it."""
+    """Runs jobs as processes in the manifest's root, ``jobs`` at a time, training before the evaluations
+    that need it. Each child holds the manifest's lock too, so a killed ``reproduce`` whose children still
+    run cannot be started again over them."""
 
-    def __init__(self, jobs: list[Job], n_jobs: int, threads: int, logs: dict[tuple[str, str], Path], progress: bool):
-        self.jobs, self.n, self.threads, self.logs = jobs, n_jobs, threads, logs
+    def __init__(self, m: Manifest, jobs: list[Job], n_jobs: int, threads: int, lock, progress: bool):
+        self.m, self.jobs, self.n, self.threads, self.lock = m, jobs, n_jobs, threads, lock
         self.running: dict[tuple[str, str], tuple[Job, subprocess.Popen, float]] = {}
-        self.failed: list[tuple[Job, int]] = []
+        self.failed: list[tuple[Job, str]] = []
         self.progress = progress
+
+    def log(self, job: Job) -> Path:
+        return self.m.at(self.m.runs_dir) / "logs" / (job.kind + "-" + job.label.replace(" ", "-").replace("/", "_") + ".log")
+
+    def _say(self, text: str, error: bool = False) -> None:
+        from tqdm import tqdm
+
+        if self.progress:
+            tqdm.write(text, file=sys.stderr if error else sys.stdout)
+        else:
+            print(text, file=sys.stderr if error else sys.stdout, flush=True)
 
     def _ready(self) -> list[Job]:
         trained = {j.label for j in self.jobs if j.kind == "train" and j.state == DONE}
@@ -87,17 +101,41 @@ class Runner:
                 and all(n in trained for n in j.needs)]
 
     def _start(self, job: Job) -> None:
-        log = self.logs[job.kind, job.label]
+        log = self.log(job)
         log.parent.mkdir(parents=True, exist_ok=True)
+        if job.kind == "evaluate" and job.folder is not None:  # the weights this evaluation is of
+            stamp_path(job.out).parent.mkdir(parents=True, exist_ok=True)
+            stamp_path(job.out).write_text((weights_hash(job.folder) or "") + "\n")
+        here = str(Path(__file__).resolve().parents[2])  # the jobs run this very package, wherever their cwd
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
-               "TOKENIZERS_PARALLELISM": "false"}
+               "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
         with log.open("a") as f:
             f.write(f"\n$ {job.command}\n")
-        out = log.open("a")
-        proc = subprocess.Popen([sys.executable, "-m", f"vlm_inspect.{job.kind}", *job.argv], stdout=out,
-                                stderr=subprocess.STDOUT, env=env)
-        out.close()
+            f.flush()
+            proc = subprocess.Popen([sys.executable, "-m", f"vlm_inspect.{job.kind}", *job.argv], stdout=f,
+                                    stderr=subprocess.STDOUT, env=env, cwd=self.m.root,
+                                    pass_fds=(self.lock.fileno(),))
         self.running[job.kind, job.label] = (job, proc, time.time())
+
+    def _finished(self, job: Job, rc: int) -> None:
+        """A job's exit: done only when what it should have written is there (a resumed run that wrote no
+        checkpoint, an evaluation without its JSON, are failures however they exited)."""
+        if rc == 0 and job.kind == "train":
+            ok = train_state(self.m, job.folder, train_config(self.m, _fresh_argv(self.m, job))) == DONE
+        else:
+            ok = rc == 0 and eval_state(job) == DONE
+        if ok:
+            job.state = DONE
+            self._say(f"done: {job.kind} {job.label}")
+            return
+        why = f"exit {rc}" if rc else "it exited without writing its result"
+        self.failed.append((job, why))
+        waiting = len(self.running)
+        self._say(f"error: {job.kind} {job.label} failed ({why}); its log is {self.log(job)}:\n"
+                  f"{_last_lines(self.log(job))}" + (f"\nno new job starts; waiting for the {waiting} running "
+                                                    "one(s) to finish (Ctrl-C stops them)" if waiting else ""),
+                  error=True)
 
     def _done_part(self, now: float) -> float:
         """Estimated minutes of work finished, counting the running jobs' progress."""
@@ -113,21 +151,16 @@ class Runner:
         from tqdm import tqdm
 
         total = sum(j.minutes for j in self.jobs)
-        bar = tqdm(total=round(total, 1), initial=round(self._done_part(time.time()), 1), unit="min", disable=not self.progress,
-                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} est. min of work [{elapsed} elapsed, {remaining} left]",
-                   desc="reproduce", dynamic_ncols=True)
+        bar = tqdm(total=round(total, 1), initial=round(self._done_part(time.time()), 1), unit="min",
+                   disable=not self.progress, desc="reproduce", dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} est. min of work [{elapsed} elapsed, {remaining} left]")
         try:
             while True:
                 for key, (job, proc, _) in list(self.running.items()):
                     rc = proc.poll()
-                    if rc is None:
-                        continue
-                    del self.running[key]
-                    if rc == 0:
-                        job.state = DONE
-                        tqdm.write(f"done: {job.kind} {job.label}") if self.progress else print(f"done: {job.kind} {job.label}", flush=True)
-                    else:
-                        self.failed.append((job, rc))
+                    if rc is not None:
+                        del self.running[key]
+                        self._finished(job, rc)
                 if not self.failed:
                     for job in self._ready()[: self.n - len(self.running)]:
                         self._start(job)
@@ -136,7 +169,7 @@ class Runner:
                 bar.n = round(min(total, self._done_part(time.time())), 1)
                 bar.refresh()
                 time.sleep(POLL)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM / SIGHUP (see main): stop the children with us
             for _, proc, _ in self.running.values():
                 proc.terminate()
             for _, proc, _ in self.running.values():
@@ -148,11 +181,20 @@ class Runner:
         return not self.failed and all(j.state == DONE for j in self.jobs)
 
 
+def _fresh_argv(m: Manifest, job: Job) -> list[str]:
+    run = m.runs[job.model]
+    return [*m.train_args, *run.args, "--seed", str(job.seed), "--out", "x", "--no-progress"]
+
+
 def _last_lines(path: Path, n: int = 6) -> str:
     try:
         return "\n".join("    " + x for x in path.read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return ""
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,42 +215,47 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         manifests = [load_manifest(find(n)) for n in names]
-        plans = [(m, plan(m)) for m in manifests]
     except ManifestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for m, jobs in plans:
-        print(describe(m.name, jobs, args.jobs))
-    if args.plan:
-        return 0
+    signal.signal(signal.SIGTERM, _interrupt)  # a kill of reproduce stops its jobs too (they resume next time)
+    signal.signal(signal.SIGHUP, _interrupt)
     from .table import write
 
-    status = 0
-    for m, jobs in plans:
-        lock = _lock(m.runs_dir)
+    for m in manifests:
+        lock = _lock(m.at(m.runs_dir))  # before the plan: a live run's folder is not taken for junk
         if lock is None:
-            print(f"error: another reproduce is running {m.name} (it holds {m.runs_dir / '.lock'}); wait for it "
-                  "or stop it", file=sys.stderr)
+            print(f"error: another reproduce is running {m.name} (it, or a job it started, holds "
+                  f"{m.at(m.runs_dir) / '.lock'}); wait for it or stop it", file=sys.stderr)
             return 2
-        logs = {(j.kind, j.label): m.runs_dir / "logs" / (j.kind + "-" + j.label.replace(" ", "-").replace("/", "_") + ".log")
-                for j in jobs}
-        runner = Runner(jobs, args.jobs, args.threads, logs, not args.no_progress)
-        ok = runner.run()
-        for job, rc in runner.failed:
-            log = logs[job.kind, job.label]
-            print(f"error: {job.kind} {job.label} failed (exit {rc}); its log is {log}:\n{_last_lines(log)}",
-                  file=sys.stderr)
-        if not ok:
-            return 1
-        command = "python -m vlm_inspect.reproduce " + shlex.quote(_shown(m.path))
-        print("wrote " + ", ".join(map(str, write(m, jobs, command))))
-        lock.close()
-    return status
+        try:
+            try:
+                jobs = plan(m)
+            except ManifestError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            print(describe(m.name, jobs, args.jobs))
+            if args.plan:
+                continue
+            runner = Runner(m, jobs, args.jobs, args.threads, lock, not args.no_progress)
+            if not runner.run():
+                return 1
+            print("wrote " + ", ".join(map(str, write(m, jobs, "python -m vlm_inspect.reproduce " + _shown(m)))))
+        finally:
+            lock.close()
+    return 0
+
+
+def _shown(m: Manifest) -> str:
+    """The manifest as a reader would type it: its name when it is one of reproduce/, else its path."""
+    if m.path.resolve().parent == manifest_dir().resolve():
+        return m.name
+    return shlex.quote(str(m.path))
 
 
 def _lock(runs_dir: Path):
-    """An exclusive lock on ``<runs>/.lock`` for as long as this process runs the manifest (the OS drops it
-    when the process dies, so a kill leaves no stale lock); None when another process holds it."""
+    """An exclusive lock on ``<runs>/.lock`` while this process, or a job it started, runs the manifest (the
+    OS drops it when the last of them ends, so a kill leaves no stale lock); None when another holds it."""
     import fcntl
 
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -219,11 +266,3 @@ def _lock(runs_dir: Path):
         f.close()
         return None
     return f
-
-
-def _shown(path: Path) -> str:
-    """The manifest as a reader would type it: relative to the working folder when it is under it."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)

@@ -2,7 +2,7 @@
 
     title   = "..."                         # the table's heading
     out     = "docs/clip_seeds.md"          # the table (markdown; JSON beside it)
-    runs    = "runs/reproduce/clip"         # where the training runs go: <runs>/<name>/seed-<k>
+    runs    = "runs/reproduce/clip"         # where the runs go: <runs>/<name>/seed-<k>; default runs/reproduce/<manifest>
     seeds   = [0, 1, 2]                     # training seeds of every run
     note    = "..."                         # optional: a paragraph under the heading
 
@@ -29,7 +29,11 @@
     b = "tecoa"
     column = "autoattack 4/255"             # a column of the table ("clean", "<attack> <eps>")
     data = "shapes-combo"                   # a data set of the table, or "average"
+    metric = "top1"                         # top1 (default), exact_match, cider, bleu4, rouge_l
     margin = 0.0
+
+Relative paths (``out``, ``runs``, data folders) are read from the checkout for a manifest in ``reproduce/``,
+else from the manifest's folder; the jobs run there.
 
 Every problem is one sentence naming the file and the key, found before anything runs.
 """
@@ -40,9 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# what reproduce sets itself: a manifest giving them would fight it
-TRAIN_OWN = ("--out", "--seed", "--resume", "--no-progress")
-EVALUATE_OWN = ("--models", "--out", "--resume", "--title")
+# what reproduce sets itself, or what would make a job print and exit instead of working
+TRAIN_OWN = ("--out", "--seed", "--resume", "--no-progress", "--list-options", "--rank-report", "--help", "-h")
+EVALUATE_OWN = ("--models", "--out", "--resume", "--title", "--help", "-h")
+# the metrics evaluate writes (a claim names one): zero-shot, VQA, captions
+METRICS = ("top1", "exact_match", "cider", "bleu4", "rouge_l")
 
 
 class ManifestError(ValueError):
@@ -66,7 +72,7 @@ class Claim:
     column: str
     data: str
     margin: float = 0.0
-    metric: str | None = None
+    metric: str = "top1"
 
 
 @dataclass
@@ -89,6 +95,16 @@ class Manifest:
     @property
     def name(self) -> str:
         return self.path.stem
+
+    @property
+    def root(self) -> Path:
+        """What ``out``, ``runs`` and the jobs' paths are relative to (the jobs run there): the checkout for a
+        manifest in its ``reproduce/`` folder, else the manifest's own folder."""
+        folder = self.path.resolve().parent
+        return folder.parent if folder.name == "reproduce" else folder
+
+    def at(self, path: Path) -> Path:
+        return self.root / path
 
     def eval_minutes(self, model: str, eps: str | None = None) -> float:
         """The estimate of one evaluation job: ``minutes_of["<model> eps <e>"]``, else ``minutes_of[model]``,
@@ -168,8 +184,6 @@ def load_manifest(path: str | Path) -> Manifest:
         args = _strings(w(key + ".args"), spec["args"])
         _refuse_own(w(key + ".args"), args, TRAIN_OWN)
         runs[name] = Run(name, args, _minutes(w(key + ".minutes"), spec["minutes"]))
-    if runs and "runs" not in doc:
-        raise ManifestError(f"{w('runs')} is missing: the folder the training runs go to")
     ev = doc["evaluate"]
     if not isinstance(ev, dict) or "models" not in ev or "args" not in ev or "minutes" not in ev:
         raise ManifestError(f"{w('evaluate')} needs models, args and minutes")
@@ -187,6 +201,12 @@ def load_manifest(path: str | Path) -> Manifest:
         raise ManifestError(f"{w('evaluate.split_eps')} must be true or false")
     if split_eps and "--eps" not in evaluate_args:
         raise ManifestError(f"{w('evaluate.split_eps')} splits the --eps list of evaluate.args, which gives none")
+    eps_list = evaluate_args[evaluate_args.index("--eps") + 1].split(",") if "--eps" in evaluate_args[:-1] else []
+    jobs_named = set(models) | {f"{m} eps {e.strip()}" for m in models for e in eps_list if split_eps}
+    for k in minutes_of:
+        if k not in jobs_named:
+            raise ManifestError(f"{w('evaluate.minutes_of')}: {k!r} is no model of evaluate.models"
+                                + (" (nor '<model> eps <e>' of its --eps)" if split_eps else ""))
     claims = []
     for i, c in enumerate(doc.get("claims", [])):
         key = f"claims[{i}]"
@@ -199,12 +219,17 @@ def load_manifest(path: str | Path) -> Manifest:
         if c["relation"] not in (">", "≈", "~"):
             raise ManifestError(f"{w(key + '.relation')} must be '>' or '≈'")
         margin = c.get("margin", 0.0)
-        if c["relation"] != ">" and not (isinstance(margin, (int, float)) and margin > 0):
+        if not isinstance(margin, (int, float)) or isinstance(margin, bool) or margin < 0:
+            raise ManifestError(f"{w(key + '.margin')} must be a number >= 0")
+        if c["relation"] != ">" and margin <= 0:
             raise ManifestError(f"{w(key + '.margin')}: a '≈' claim needs a margin > 0")
+        metric = c.get("metric", "top1")
+        if metric not in METRICS:
+            raise ManifestError(f"{w(key + '.metric')} = {metric!r}; valid: {', '.join(METRICS)}")
         claims.append(Claim(str(c["paper"]), str(c["claim"]), c["a"], c["relation"], c["b"], str(c["column"]),
-                            str(c["data"]), float(margin), c.get("metric")))
+                            str(c["data"]), float(margin), metric))
     return Manifest(path=path, title=str(doc["title"]), out=Path(doc["out"]),
-                    runs_dir=Path(doc.get("runs", "runs/reproduce")),
+                    runs_dir=Path(doc.get("runs", f"runs/reproduce/{path.stem}")),
                     seeds=seeds, train_args=train_args, runs=runs, models=models, evaluate_args=evaluate_args,
                     evaluate_minutes=_minutes(w("evaluate.minutes"), ev["minutes"]), minutes_of=minutes_of,
                     claims=claims, note=str(doc.get("note", "")), split_eps=split_eps)

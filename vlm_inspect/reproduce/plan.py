@@ -13,6 +13,7 @@ was written by exactly this command; a killed one continues from its journal (``
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -35,8 +36,8 @@ class Job:
     state: str = FRESH
     model: str = ""            # the manifest's model entry (evaluate) or run name (train)
     seed: int | None = None
-    folder: Path | None = None
-    out: Path | None = None    # evaluate: the markdown it writes
+    folder: Path | None = None # the run folder (absolute): train's, or the trained model an evaluation reads
+    out: Path | None = None    # evaluate: the markdown it writes (absolute)
     needs: list[str] = field(default_factory=list)  # labels of the jobs that must finish first
     steps: int = 0             # train: total optimiser steps (for progress)
 
@@ -63,7 +64,7 @@ def _protocols(m: Manifest) -> list[tuple[str | None, list[str]]]:
     return [(e, [*args[:i + 1], e, *args[i + 2:]]) for e in args[i + 1].split(",") if e.strip()]
 
 
-def _train_config(m: Manifest, argv: list[str]) -> dict[str, Any]:
+def train_config(m: Manifest, argv: list[str]) -> dict[str, Any]:
     """The resolved config ``python -m vlm_inspect.train argv`` would run, as a checkpoint records it."""
     from ..defenses import DEFENSES
     from ..defenses.common import make_config
@@ -99,8 +100,14 @@ def _differences(want: dict[str, Any], have: dict[str, Any]) -> list[str]:
     return out
 
 
+def _junk_only(folder: Path) -> bool:
+    """What a run killed before its first snapshot leaves: its log and hidden staging / probe files."""
+    return all(p.name == "log.jsonl" or p.name.startswith(".") for p in folder.iterdir())
+
+
 def train_state(m: Manifest, folder: Path, want: dict[str, Any]) -> str:
-    """``done`` / ``resume`` / ``fresh`` for the run folder, or ManifestError when it holds another run."""
+    """``done`` / ``resume`` / ``fresh`` for the run folder (absolute), or ManifestError when it holds
+    another run."""
     config_file = folder / "config.json"
     have, steps = None, None
     if config_file.is_file():
@@ -111,48 +118,102 @@ def train_state(m: Manifest, folder: Path, want: dict[str, Any]) -> str:
             have = None
     if have is None and (folder / "checkpoints").is_dir():
         from ..checkpoints import CheckpointError
+        from ..defenses import DEFENSES
+        from ..defenses.common import make_config
         from ..train.state import resume_config
 
         try:
             cfg = resume_config(folder)
-        except CheckpointError:
-            cfg = None
-        if cfg is not None:
-            have = {"loop": {k: v for k, v in cfg.items() if k != "options"}, "defense": None}
+            options = make_config(DEFENSES.get(cfg["defense"]).Config, cfg.get("options") or {})
+            have = json.loads(json.dumps({"loop": {k: v for k, v in cfg.items() if k != "options"},
+                                          "defense": dataclasses.asdict(options)}, default=str))
             steps = 0
+        except (CheckpointError, KeyError, ValueError):
+            have = None
     if have is None:
-        if folder.is_dir() and any(folder.iterdir()):
+        if folder.is_dir() and not _junk_only(folder):
             raise ManifestError(f"{folder} is not empty and holds no run reproduce can read: move it away")
-        return FRESH
-    diff = _differences(want, have) if have.get("defense") is not None else \
-        _differences({"loop": want["loop"]}, {"loop": have["loop"]})
+        return FRESH  # nothing, or a run killed before its first snapshot (train appends to its log)
+    diff = _differences(want, have)
     if diff:
         raise ManifestError(f"{folder} holds a run with other settings ({'; '.join(diff[:3])}): move it away, or "
                             f"change 'runs' in {m.path.name}")
     return DONE if steps == want["loop"]["steps"] and (folder / "model.safetensors").is_file() else RESUME
 
 
-def _eval_state(job: Job) -> str:
-    js = job.out.with_suffix(".json")
+def weights_hash(folder: Path) -> str | None:
+    """The SHA-256 of a run's ``model.safetensors``: an evaluation is of these weights and no others."""
+    f = folder / "model.safetensors"
+    if not f.is_file():
+        return None
+    h = hashlib.sha256()
+    with f.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stamp_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".weights")
+
+
+def eval_state(job: Job) -> str:
+    """``done`` when the evaluation's JSON was written by this very command and, for a trained model, of
+    the weights now in its run folder (their hash was stamped when the evaluation started)."""
     try:
-        return DONE if json.loads(js.read_text()).get("command") == job.command else FRESH
+        if json.loads(job.out.with_suffix(".json").read_text()).get("command") != job.command:
+            return FRESH
     except (OSError, json.JSONDecodeError, AttributeError):
         return FRESH
+    if job.folder is None:
+        return DONE
+    stamp = stamp_path(job.out)
+    return DONE if stamp.is_file() and stamp.read_text().strip() == weights_hash(job.folder) else FRESH
+
+
+def check_claims(m: Manifest) -> None:
+    """Every claim names a column the evaluation writes: a typo is found now, not after hours of work."""
+    from ..attacks.base import eps_label
+    from ..evaluate import cli as evaluate_cli
+
+    parser = evaluate_cli.build_parser()
+
+    def refuse(message: str):
+        raise ManifestError(f"{m.path.name}: evaluate.args do not parse: {message}")
+
+    parser.error = refuse
+    try:
+        args = parser.parse_args([*m.evaluate_args, "--models", "x"])
+        specs = evaluate_cli.attack_specs(args)
+    except ValueError as e:
+        if isinstance(e, ManifestError):
+            raise
+        raise ManifestError(f"{m.path.name}: evaluate.args: {e}") from None
+    columns = {"clean"} | {f"{s.name} {eps_label(s.eps)}" for s in specs}
+    by_eps: dict[float, int] = {}
+    for s in specs:
+        by_eps[s.eps] = by_eps.get(s.eps, 0) + 1
+    columns |= {f"worst {eps_label(e)}" for e, k in by_eps.items() if k > 1}
+    for i, c in enumerate(m.claims):
+        if c.column not in columns:
+            raise ManifestError(f"{m.path.name}: claims[{i}].column = {c.column!r} is not a column of this "
+                                f"evaluation; valid: {', '.join(sorted(columns))}")
 
 
 def plan(m: Manifest) -> list[Job]:
     """Every job of the manifest, in an order that runs training before the evaluations that need it."""
+    check_claims(m)
     jobs: list[Job] = []
     for name, run in m.runs.items():
         for seed in m.seeds:
             folder = run_folder(m, name, seed)
             argv = [*m.train_args, *run.args, "--seed", str(seed), "--out", str(folder), "--no-progress"]
-            want = _train_config(m, argv)
-            state = train_state(m, folder, want)
-            if state == RESUME:
-                argv = ["--resume", str(folder), "--no-progress"]
+            want = train_config(m, argv)
+            state = train_state(m, m.at(folder), want)
+            if state == RESUME:  # the run's own settings come from its snapshot; where weights live does not
+                argv = ["--resume", str(folder), "--no-progress", *_weights_dir(argv)]
             jobs.append(Job("train", f"{name} seed {seed}", argv, run.minutes, state, model=name, seed=seed,
-                            folder=folder, steps=int(want["loop"]["steps"])))
+                            folder=m.at(folder), steps=int(want["loop"]["steps"])))
     for model in m.models:
         seeds: list[int | None] = list(m.seeds) if model in m.runs else [None]
         for seed in seeds:
@@ -161,9 +222,19 @@ def plan(m: Manifest) -> list[Job]:
                 out = eval_out(m, model, seed, eps)
                 label = model + (f" seed {seed}" if seed is not None else "") + (f" eps {eps}" if eps else "")
                 job = Job("evaluate", label, [*args, "--models", ref, "--out", str(out), "--resume"],
-                          m.eval_minutes(model, eps), model=model, seed=seed, out=out,
+                          m.eval_minutes(model, eps), model=model, seed=seed, out=m.at(out),
+                          folder=m.at(run_folder(m, model, seed)) if seed is not None else None,
                           needs=[f"{model} seed {seed}"] if seed is not None else [])
                 trained = seed is None or next(j.state for j in jobs if j.label == job.needs[0]) == DONE
-                job.state = _eval_state(job) if trained else FRESH  # a model still training is evaluated again
+                job.state = eval_state(job) if trained else FRESH  # a model still training is evaluated again
                 jobs.append(job)
     return jobs
+
+
+def _weights_dir(argv: list[str]) -> list[str]:
+    for i, a in enumerate(argv):
+        if a == "--weights-dir" and i + 1 < len(argv):
+            return argv[i:i + 2]
+        if a.startswith("--weights-dir="):
+            return [a]
+    return []

@@ -109,10 +109,11 @@ def figure(values: Sequence[float], n: int, metric: str, samples: Sequence[Seque
 
 
 AGREES, DISAGREES, UNRESOLVED = "agrees", "disagrees", "not resolved at this size"
+NO_INTERVAL = "not resolved: no interval for this metric"
 
 
 def verdict(relation: str, a: Figure, b: Figure, margin: float = 0.0) -> tuple[str, tuple[float, float]]:
-    """Does ``a relation b`` hold, by the spans (a figure without intervals has only its seeds' range)? Returns the verdict and the interval of ``a − b`` that the
+    """Does ``a relation b`` hold, by the spans? (A figure without intervals, BLEU-4 say, settles nothing.) Returns the verdict and the interval of ``a − b`` that the
     spans allow (``[lo_a − hi_b, hi_a − lo_b]``).
 
     ``>``: agrees when the difference's interval lies above ``margin`` (default 0), disagrees when it lies
@@ -123,6 +124,10 @@ def verdict(relation: str, a: Figure, b: Figure, margin: float = 0.0) -> tuple[s
     """
     (lo_a, hi_a), (lo_b, hi_b) = a.span, b.span
     lo, hi = lo_a - hi_b, hi_a - lo_b
+    if relation in (">", "≈", "~") and not (a.intervals() and b.intervals()):
+        if relation != ">" and margin <= 0:
+            raise ValueError("a '≈' claim needs a margin > 0 (how close counts as the same)")
+        return NO_INTERVAL, (lo, hi)  # the seeds' range says nothing about the test images: never settled
     if relation == ">":
         return (AGREES if lo > margin else DISAGREES if hi <= 0 else UNRESOLVED), (lo, hi)
     if relation in ("≈", "~"):

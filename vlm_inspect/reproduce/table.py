@@ -23,6 +23,8 @@ def collect(jobs: list[Job]) -> list[dict[str, Any]]:
         if job.kind != "evaluate":
             continue
         doc = json.loads(job.out.with_suffix(".json").read_text())
+        if doc.get("command") != job.command:  # never another protocol's rows under this one's name
+            raise ValueError(f"{job.out.with_suffix('.json')} was written by another command; run the manifest again")
         for r in doc["rows"]:
             key = (job.model, job.seed, r["data"], r["metric"], column(r))
             if "source" in r or r.get("region") or key in seen:  # split_eps: each budget's job has the clean row
@@ -84,7 +86,7 @@ def markdown(m: Manifest, jobs: list[Job], command: str) -> tuple[str, dict[str,
                     except (OSError, json.JSONDecodeError):
                         pass
             secs = [s for s in secs if s]
-            t = f"{min(secs):.0f}–{max(secs):.0f} s" if secs else "–"
+            t = "–" if not secs else f"{secs[0]:.0f} s" if len(secs) == 1 else f"{min(secs):.0f}–{max(secs):.0f} s"
             lines.append(f"| {name} | `python -m vlm_inspect.train "
                          f"{' '.join(shlex.quote(a) for a in [*m.train_args, *run.args])}` | {t} |")
         lines.append("")
@@ -118,7 +120,7 @@ def markdown(m: Manifest, jobs: list[Job], command: str) -> tuple[str, dict[str,
                   "the difference's interval runs from the lowest bound of one to the highest of the other):", "",
                   "| paper | claim | figure | ours | difference | verdict |", "|---|---|---|---|---|---|"]
         for c in m.claims:
-            metric = c.metric or next((r["metric"] for r in rows), "top1")
+            metric = c.metric
             a, b = figs.get((metric, c.a, _full(c.data, rows), c.column)), figs.get((metric, c.b, _full(c.data, rows), c.column))
             if a is None or b is None:
                 lines.append(f"| {c.paper} | {c.claim} | {c.column}, {c.data} | not in the table | – | – |")
@@ -149,7 +151,8 @@ def _full(data: str, rows: list[dict[str, Any]]) -> str:
 
 def write(m: Manifest, jobs: list[Job], command: str) -> list[Path]:
     text, record = markdown(m, jobs, command)
-    m.out.parent.mkdir(parents=True, exist_ok=True)
-    m.out.write_text(text + "\n")
-    m.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    return [m.out, m.out.with_suffix(".json")]
+    out = m.at(m.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    return [out, out.with_suffix(".json")]

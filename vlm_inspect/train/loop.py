@@ -191,6 +191,9 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = T
         _, meta = restore_intact(out, task.modules_to_save(), optimizer, scheduler)
         start, elapsed, metrics = meta["step"], meta.get("elapsed", 0.0), meta.get("metrics", {})
         log.info("resumed %s at step %d", out, start)
+        if start >= cfg.steps and info.main:  # killed after the last snapshot, before the checkpoint: write it
+            with writing(out):
+                _write_checkpoint(out, start, task, cfg, options, metrics, elapsed, model)
     elif info.main:
         with writing(out):
             out.mkdir(parents=True, exist_ok=True)
@@ -290,11 +293,15 @@ def task_evaluate(task, model, cfg: TrainConfig) -> dict[str, float]:
 
 
 def _save(out: Path, step: int, task, optimizer, scheduler, cfg: TrainConfig, options, metrics, elapsed, model):
-    module = task.modules_to_save()
+    save_snapshot(out, step, task.modules_to_save(), optimizer, scheduler,
+                  {"config": asdict(cfg), "elapsed": elapsed, "metrics": metrics})
+    _write_checkpoint(out, step, task, cfg, options, metrics, elapsed, model)
+
+
+def _write_checkpoint(out: Path, step: int, task, cfg: TrainConfig, options, metrics, elapsed, model):
+    """The loadable ``model.safetensors`` + ``config.json`` of the run at ``step`` (after its snapshot)."""
     hyper = {"loop": {k: v for k, v in asdict(cfg).items() if k not in ("options",)},
              "defense": asdict(options) if dataclasses.is_dataclass(options) else dict(cfg.options)}
-    save_snapshot(out, step, module, optimizer, scheduler,
-                  {"config": asdict(cfg), "elapsed": elapsed, "metrics": metrics})
     base = None if cfg.init in ("random",) else (cfg.model if cfg.init == "default" else cfg.init)
     # a partial checkpoint (only the trained tensors) needs a base model to sit on
     tensors = task.checkpoint_tensors() if base is not None else None
