@@ -23,10 +23,15 @@ POLL = 2.0  # seconds between looks at the running jobs
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vlm_inspect.reproduce", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m vlm_inspect.reproduce", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Re-make a table of docs/ from its manifest in reproduce/: its training runs at every seed, "
+                    "its evaluations, then mean ± sd over seeds with 95 % intervals and the papers' claims. Only "
+                    "what is missing runs; after a kill or a session's end, the same command continues.",
+        epilog="e.g. python -m vlm_inspect.reproduce threat-model --plan; "
+               "python -m vlm_inspect.reproduce caption-defenses --jobs 2")
     p.add_argument("manifests", nargs="*", metavar="MANIFEST",
-                   help="a .toml file, or the name of one in reproduce/ (e.g. clip-defenses)")
+                   help="a .toml file, or the name of one in reproduce/ (see --list)")
     p.add_argument("--all", action="store_true", help="every manifest in reproduce/")
     p.add_argument("--list", action="store_true", help="list the manifests in reproduce/ and stop")
     p.add_argument("--plan", action="store_true", help="show the jobs, which are done, and the time left; run nothing")
