@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .manifest import Manifest, ManifestError, find, load_manifest, manifest_dir
-from .plan import DONE, RESUME, Job, train_config, eval_state, plan, stamp_path, train_state, weights_hash
+from .plan import DONE, RESUME, Job, eval_state, plan, stamp_path, train_state, weights_hash
 
 POLL = 2.0  # seconds between looks at the running jobs
 
@@ -41,13 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _minutes_left(job: Job) -> float:
-    """The estimate of what is left of a job: a resumed run's done steps are not counted again."""
+def _minutes_done(job: Job, running_since: float | None = None) -> float:
+    """The estimated minutes of a job's work already done: all of a finished job; a run's recorded steps
+    (a resumed run's earlier ones too); a running evaluation's elapsed time against its estimate, never past
+    95 % (it has no step count to read)."""
     if job.state == DONE:
-        return 0.0
-    if job.state == RESUME and job.steps:
-        return job.minutes * (1 - _steps_done(job) / job.steps)
-    return job.minutes
+        return job.minutes
+    if job.kind == "train" and job.steps and (job.state == RESUME or running_since is not None):
+        return job.minutes * min(1.0, _steps_done(job) / job.steps)
+    if running_since is not None:
+        return min(0.95 * job.minutes, (time.time() - running_since) / 60)
+    return 0.0
+
+
+def _minutes_left(job: Job) -> float:
+    return job.minutes - _minutes_done(job)
 
 
 def _steps_done(job: Job) -> int:
@@ -127,7 +135,7 @@ class Runner:
         """A job's exit: done only when what it should have written is there (a resumed run that wrote no
         checkpoint, an evaluation without its JSON, are failures however they exited)."""
         if rc == 0 and job.kind == "train":
-            ok = train_state(self.m, job.folder, train_config(self.m, _fresh_argv(self.m, job))) == DONE
+            ok = train_state(self.m, job.folder, job.config) == DONE
         else:
             ok = rc == 0 and eval_state(job) == DONE
         if ok:
@@ -142,21 +150,16 @@ class Runner:
                                                     "one(s) to finish (Ctrl-C stops them)" if waiting else ""),
                   error=True)
 
-    def _done_part(self, now: float) -> float:
+    def _done_part(self) -> float:
         """Estimated minutes of work finished, counting the running jobs' progress."""
-        total = sum(j.minutes - _minutes_left(j) for j in self.jobs)
-        for job, _, t0 in self.running.values():
-            if job.kind == "train" and job.steps:
-                total += job.minutes * _steps_done(job) / job.steps - (job.minutes - _minutes_left(job))
-            else:  # no step count to read: its elapsed time against the estimate, never past 95 %
-                total += min(0.95 * job.minutes, (now - t0) / 60)
-        return total
+        since = {(job.kind, job.label): t0 for job, _, t0 in self.running.values()}
+        return sum(_minutes_done(j, since.get((j.kind, j.label))) for j in self.jobs)
 
     def run(self) -> bool:
         from tqdm import tqdm
 
         total = sum(j.minutes for j in self.jobs)
-        bar = tqdm(total=round(total, 1), initial=round(self._done_part(time.time()), 1), unit="min",
+        bar = tqdm(total=round(total, 1), initial=round(self._done_part(), 1), unit="min",
                    disable=not self.progress, desc="reproduce", dynamic_ncols=True,
                    bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} est. min of work [{elapsed} elapsed, {remaining} left]")
         try:
@@ -171,7 +174,7 @@ class Runner:
                         self._start(job)
                 if not self.running:
                     break
-                bar.n = round(min(total, self._done_part(time.time())), 1)
+                bar.n = round(min(total, self._done_part()), 1)
                 bar.refresh()
                 time.sleep(POLL)
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM / SIGHUP (see main): stop the children with us
@@ -184,11 +187,6 @@ class Runner:
             return False
         bar.close()
         return not self.failed and all(j.state == DONE for j in self.jobs)
-
-
-def _fresh_argv(m: Manifest, job: Job) -> list[str]:
-    run = m.runs[job.model]
-    return [*m.train_args, *run.args, "--seed", str(job.seed), "--out", "x", "--no-progress"]
 
 
 def _last_lines(path: Path, n: int = 6) -> str:

@@ -106,10 +106,21 @@ class Manifest:
     def at(self, path: Path) -> Path:
         return self.root / path
 
+    @property
+    def budgets(self) -> list[str]:
+        """The ``--eps`` values of ``evaluate.args``, as written."""
+        return budgets(self.evaluate_args)
+
     def eval_minutes(self, model: str, eps: str | None = None) -> float:
         """The estimate of one evaluation job: ``minutes_of["<model> eps <e>"]``, else ``minutes_of[model]``,
         else ``minutes``."""
         return float(self.minutes_of.get(f"{model} eps {eps}", self.minutes_of.get(model, self.evaluate_minutes)))
+
+
+def budgets(evaluate_args: list[str]) -> list[str]:
+    if "--eps" not in evaluate_args[:-1]:
+        return []
+    return [e.strip() for e in evaluate_args[evaluate_args.index("--eps") + 1].split(",") if e.strip()]
 
 
 def manifest_dir() -> Path:
@@ -201,8 +212,7 @@ def load_manifest(path: str | Path) -> Manifest:
         raise ManifestError(f"{w('evaluate.split_eps')} must be true or false")
     if split_eps and "--eps" not in evaluate_args:
         raise ManifestError(f"{w('evaluate.split_eps')} splits the --eps list of evaluate.args, which gives none")
-    eps_list = evaluate_args[evaluate_args.index("--eps") + 1].split(",") if "--eps" in evaluate_args[:-1] else []
-    jobs_named = set(models) | {f"{m} eps {e.strip()}" for m in models for e in eps_list if split_eps}
+    jobs_named = set(models) | {f"{m} eps {e}" for m in models for e in budgets(evaluate_args) if split_eps}
     for k in minutes_of:
         if k not in jobs_named:
             raise ManifestError(f"{w('evaluate.minutes_of')}: {k!r} is no model of evaluate.models"

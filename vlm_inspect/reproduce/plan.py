@@ -13,7 +13,6 @@ was written by exactly this command; a killed one continues from its journal (``
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ class Job:
     out: Path | None = None    # evaluate: the markdown it writes (absolute)
     needs: list[str] = field(default_factory=list)  # labels of the jobs that must finish first
     steps: int = 0             # train: total optimiser steps (for progress)
+    config: dict[str, Any] | None = None  # train: the resolved config the run must record (train_config)
 
     @property
     def command(self) -> str:
@@ -61,7 +61,7 @@ def _protocols(m: Manifest) -> list[tuple[str | None, list[str]]]:
     if not m.split_eps:
         return [(None, args)]
     i = args.index("--eps")
-    return [(e, [*args[:i + 1], e, *args[i + 2:]]) for e in args[i + 1].split(",") if e.strip()]
+    return [(e, [*args[:i + 1], e, *args[i + 2:]]) for e in m.budgets]
 
 
 def train_config(m: Manifest, argv: list[str]) -> dict[str, Any]:
@@ -143,14 +143,10 @@ def train_state(m: Manifest, folder: Path, want: dict[str, Any]) -> str:
 
 def weights_hash(folder: Path) -> str | None:
     """The SHA-256 of a run's ``model.safetensors``: an evaluation is of these weights and no others."""
+    from ..checkpoints import file_sha256
+
     f = folder / "model.safetensors"
-    if not f.is_file():
-        return None
-    h = hashlib.sha256()
-    with f.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(f) if f.is_file() else None
 
 
 def stamp_path(out: Path) -> Path:
@@ -213,7 +209,7 @@ def plan(m: Manifest) -> list[Job]:
             if state == RESUME:  # the run's own settings come from its snapshot; where weights live does not
                 argv = ["--resume", str(folder), "--no-progress", *_weights_dir(argv)]
             jobs.append(Job("train", f"{name} seed {seed}", argv, run.minutes, state, model=name, seed=seed,
-                            folder=m.at(folder), steps=int(want["loop"]["steps"])))
+                            folder=m.at(folder), steps=int(want["loop"]["steps"]), config=want))
     for model in m.models:
         seeds: list[int | None] = list(m.seeds) if model in m.runs else [None]
         for seed in seeds:
