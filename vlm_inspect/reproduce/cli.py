@@ -80,9 +80,10 @@ def describe(name: str, jobs: list[Job], n_jobs: int) -> str:
     lines = [f"{name}: {len(jobs)} jobs ({counts['done']} done, {counts['resume']} to resume, {counts['fresh']} to run); "
              f"about {_duration(left)} of one-thread work left, {_duration(left / max(1, n_jobs))} on {n_jobs} "
              f"job(s) at a time"]
+    width = max((len(j.label) for j in jobs), default=0)
     for j in jobs:
         left_j = _minutes_left(j)
-        lines.append(f"  [{j.state:>6}] {j.kind:<8} {j.label:<28} {'' if j.state == DONE else _duration(left_j)}")
+        lines.append(f"  [{j.state:>6}] {j.kind:<8} {j.label:<{width}}  {'' if j.state == DONE else _duration(left_j)}")
     return "\n".join(lines)
 
 
