@@ -91,6 +91,8 @@ def _manifest(tmp_path: Path, text: str | None = None, name: str = "m.toml") -> 
     ({"minutes = 0.3": "minutes = 0.3\nminutes_of = { tecoa = 2 }"}, "'tecoa' is no model of evaluate.models"),
     ({'data = "shapes-combo"': 'data = "shapes-combo"\nmetric = "cidre"'}, "'cidre'; valid: top1"),
     ({'data = "shapes-combo"': 'data = "shapes-combo"\nmargin = "big"'}, "margin must be a number"),
+    # a CLIP is scored by top-1: a CIDEr claim on it would only ever say "not in the table"
+    ({'data = "shapes-combo"': 'data = "shapes-combo"\nmetric = "cider"'}, "'cider' is not a metric these models"),
     ({'args = ["--defense", "advpt"]': 'args = ["--defense", "advpt", "--list-options"]'}, "must not give --list-options"),
 ])
 def test_manifest_problems_are_one_sentence_before_anything_runs(tmp_path, change, match):
@@ -202,6 +204,22 @@ def test_the_tiny_table_is_the_seeds_evaluations(made):
     assert f"python -m vlm_inspect.reproduce {manifest}" in text
     assert "| advpt | 2 | shapes-combo |" in text and "| shapes-clip | 1 | shapes-combo |" in text
     assert record["claims"][0]["verdict"] == UNRESOLVED  # 8 images cannot settle anything
+
+
+def test_the_claims_table_gathers_made_and_unmade_claims(made, tmp_path):
+    """``--claims`` reads the tables already written; a manifest whose table is not made says so."""
+    from vlm_inspect.reproduce.table import claims_markdown
+
+    tmp, manifest = made
+    m = load_manifest(manifest)
+    record = json.loads((tmp / "tiny.json").read_text())["claims"][0]
+    unmade = load_manifest(_manifest(tmp_path, TINY.read_text().replace('out = "OUT/tiny.md"', 'out = "OUT/none.md"')))
+    text, rec = claims_markdown([m, unmade])
+    rows = [line for line in text.splitlines() if line.startswith("| test |")]
+    assert len(rows) == 2
+    lo, hi = record["difference_interval"]
+    assert f"[{lo:+.3f}, {hi:+.3f}] | **{UNRESOLVED}**" in rows[0] and record["a_text"] in rows[0]
+    assert "not measured yet" in rows[1] and rec["claims"][1]["verdict"] is None
 
 
 def test_a_second_run_reruns_nothing_and_writes_the_same_table(made, capsys):

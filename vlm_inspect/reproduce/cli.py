@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a .toml file, or the name of one in reproduce/ (see --list)")
     p.add_argument("--all", action="store_true", help="every manifest in reproduce/")
     p.add_argument("--list", action="store_true", help="list the manifests in reproduce/ and stop")
+    p.add_argument("--claims", action="store_true",
+                   help="write docs/claims.md: every manifest's claims from the tables already made; runs nothing")
     p.add_argument("--plan", action="store_true", help="show the jobs, which are done, and the time left; run nothing")
     p.add_argument("--jobs", type=int, default=1, help="jobs at a time (each a process of its own)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per job (OMP_NUM_THREADS)")
@@ -209,6 +211,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{p.stem}: {load_manifest(p).title}")
             except ManifestError as e:
                 print(f"{p.stem}: (cannot be read: {e})")
+        return 0
+    if args.claims:
+        from .table import write_claims
+
+        try:
+            every = [load_manifest(p) for p in sorted(manifest_dir().glob("*.toml"))]
+        except ManifestError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print("wrote " + ", ".join(map(str, write_claims(every, manifest_dir().resolve().parent))))
         return 0
     if args.jobs < 1 or args.threads < 1:
         print("error: --jobs and --threads must be >= 1", file=sys.stderr)

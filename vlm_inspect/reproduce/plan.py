@@ -190,10 +190,42 @@ def check_claims(m: Manifest) -> None:
     for s in specs:
         by_eps[s.eps] = by_eps.get(s.eps, 0) + 1
     columns |= {f"worst {eps_label(e)}" for e, k in by_eps.items() if k > 1}
+    metrics = _metrics(m)
     for i, c in enumerate(m.claims):
         if c.column not in columns:
             raise ManifestError(f"{m.path.name}: claims[{i}].column = {c.column!r} is not a column of this "
                                 f"evaluation; valid: {', '.join(sorted(columns))}")
+        if metrics is not None and c.metric not in metrics:
+            raise ManifestError(f"{m.path.name}: claims[{i}].metric = {c.metric!r} is not a metric these models "
+                                f"are scored with; valid: {', '.join(metrics)}")
+
+
+FAMILY_METRICS = {"clip": ("top1",), "captioner": ("cider", "bleu4", "rouge_l"), "vqa": ("exact_match",)}
+
+
+def _metrics(m: Manifest) -> tuple[str, ...] | None:
+    """The metrics the manifest's models are scored with, from their families (a run's: its ``--model``);
+    None when a model's family cannot be told without loading it (a folder of weights)."""
+    import json
+
+    from ..models import PRESETS, checkpoints_dir
+
+    out: list[str] = []
+    for model in m.models:
+        ref = model
+        if model in m.runs:
+            argv = [*m.train_args, *m.runs[model].args]
+            ref = next((argv[i + 1] for i in range(len(argv) - 1, -1, -1) if argv[i] == "--model" and i + 1 < len(argv)),
+                       "")
+        if ref in PRESETS:
+            families = PRESETS[ref].families
+        else:
+            try:
+                families = (json.loads((checkpoints_dir() / ref / "config.json").read_text())["family"],)
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+        out += [x for f in families for x in FAMILY_METRICS.get(f, ())]
+    return tuple(dict.fromkeys(out))
 
 
 def plan(m: Manifest) -> list[Job]:

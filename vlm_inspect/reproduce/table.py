@@ -131,7 +131,8 @@ def markdown(m: Manifest, jobs: list[Job], command: str) -> tuple[str, dict[str,
                          f"{c.b} {b.mean:.3f} | [{lo:+.3f}, {hi:+.3f}] | {v} |")
             verdicts.append({"paper": c.paper, "claim": c.claim, "a": c.a, "b": c.b, "relation": c.relation,
                              "margin": c.margin, "column": c.column, "data": c.data, "a_mean": a.mean,
-                             "b_mean": b.mean, "difference_interval": [lo, hi], "verdict": v})
+                             "b_mean": b.mean, "a_text": a.text(), "b_text": b.text(), "seeds": len(a.values),
+                             "difference_interval": [lo, hi], "verdict": v})
         lines.append("")
     record = {"command": command, "manifest": str(m.path), "seeds": m.seeds,
               "figures": [{"metric": k[0], "model": k[1], "data": k[2], "column": k[3], "values": list(f.values),
@@ -152,6 +153,56 @@ def _full(data: str, rows: list[dict[str, Any]]) -> str:
 def write(m: Manifest, jobs: list[Job], command: str) -> list[Path]:
     text, record = markdown(m, jobs, command)
     out = m.at(m.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    return [out, out.with_suffix(".json")]
+
+
+CLAIMS_OUT = "docs/claims.md"
+
+
+def claims_markdown(manifests: list[Manifest]) -> tuple[str, dict[str, Any]]:
+    """Every manifest's claims in one table, from the tables already written (``reproduce --claims``):
+    nothing is run; a claim whose table is not made yet says so and names the command that makes it."""
+    lines = ["## The papers' claims, as our tables settle them", "",
+             "Produced by (reads the tables the manifests wrote; runs nothing):", "", "```",
+             "python -m vlm_inspect.reproduce --claims", "```", "",
+             "A claim \"A > B\" **agrees** when the span of A's 95 % intervals (one per training seed) lies entirely "
+             "above B's, **disagrees** when it lies entirely at or below, else it is **not resolved at this size**; "
+             "\"A ≈ B within m\" agrees when every difference the spans allow is within ±m. A figure is the mean ± sd "
+             "over the seeds [the span of their intervals].", "",
+             "| paper | claim | figure | A | B | A − B (spans) | verdict | table |",
+             "|---|---|---|---|---|---|---|---|"]
+    record: list[dict[str, Any]] = []
+    for m in manifests:
+        made: list[dict[str, Any]] = []
+        try:
+            made = json.loads(m.at(m.out).with_suffix(".json").read_text()).get("claims", [])
+        except (OSError, json.JSONDecodeError):
+            pass
+        for c in m.claims:
+            found = next((v for v in made if (v["paper"], v["claim"], v["a"], v["b"], v["column"], v["data"])
+                          == (c.paper, c.claim, c.a, c.b, c.column, c.data)), None)
+            rel = ">" if c.relation == ">" else f"≈ (within {c.margin:g})"
+            where = f"`{m.out}` (`reproduce {m.name}`)"
+            figure_of = f"{c.metric}, {c.column}, {_short(c.data)}"
+            if found is None:
+                lines.append(f"| {c.paper} | {c.claim} | {figure_of} | {c.a} | {c.b} | – | not measured yet | {where} |")
+                record.append({"manifest": m.name, "paper": c.paper, "claim": c.claim, "verdict": None})
+                continue
+            lo, hi = found["difference_interval"]
+            a_text = found.get("a_text", f"{found['a_mean']:.3f}")
+            b_text = found.get("b_text", f"{found['b_mean']:.3f}")
+            lines.append(f"| {c.paper} | {c.claim} | {figure_of} | {c.a} {a_text} | {rel} {c.b} {b_text} | "
+                         f"[{lo:+.3f}, {hi:+.3f}] | **{found['verdict']}** | {where} |")
+            record.append({"manifest": m.name, **found})
+    return "\n".join(lines), {"command": "python -m vlm_inspect.reproduce --claims", "claims": record}
+
+
+def write_claims(manifests: list[Manifest], root: Path) -> list[Path]:
+    text, record = claims_markdown(manifests)
+    out = root / CLAIMS_OUT
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
