@@ -81,7 +81,7 @@ def _manifest(tmp_path: Path, text: str | None = None, name: str = "m.toml") -> 
 @pytest.mark.parametrize("change,match", [
     ({'title = "tiny: AdvPT at two seeds"': 'titel = "x"'}, "titel is not a manifest key"),
     ({'"--lr", "2e-3"]': '"--lr", "2e-3", "--out", "x"]'}, "must not give --out: reproduce sets it"),
-    ({'b = "shapes-clip"': 'b = "tecoa"'}, "'tecoa' is not in evaluate.models"),
+    ({'b = "shapes-clip"': 'b = "tecoa"'}, "'tecoa' is not a model of any evaluation"),
     ({'relation = ">"': 'relation = "≈"'}, "needs a margin > 0"),
     ({"seeds = [0, 1]": "seeds = [0, 0]"}, "distinct whole numbers"),
     ({"minutes = 0.5": "minutes = -1"}, "positive number of minutes"),
@@ -94,6 +94,10 @@ def _manifest(tmp_path: Path, text: str | None = None, name: str = "m.toml") -> 
     # a CLIP is scored by top-1: a CIDEr claim on it would only ever say "not in the table"
     ({'data = "shapes-combo"': 'data = "shapes-combo"\nmetric = "cider"'}, "'cider' is not a metric these models"),
     ({'args = ["--defense", "advpt"]': 'args = ["--defense", "advpt", "--list-options"]'}, "must not give --list-options"),
+    ({"minutes = 0.3": "minutes = 0.3\n[evaluate.also.x]\nmodels = [\"shapes-clip\"]\nargs = []\nminute = 1"},
+     "evaluate.also.x.minute is not a key of an evaluation"),
+    ({"minutes = 0.3": "minutes = 0.3\n[evaluate.also.x]\nmodels = [\"shapes-clip\"]\nargs = [\"--attack\", \"pgd\", "
+                       "\"--eps\", \"99\"]\nminutes = 1"}, "evaluate.also.x.args"),
 ])
 def test_manifest_problems_are_one_sentence_before_anything_runs(tmp_path, change, match):
     text = TINY.read_text()
@@ -154,7 +158,7 @@ def test_split_eps_jobs_share_one_clean_row_and_data_sets_average(tmp_path):
         'minutes = 0.3', 'minutes = 0.3\nsplit_eps = true').replace(
         '"--data", "shapes:shapes-combo", "--attack"', '"--data", "shapes:shapes-combo;shapes:shapes-color", "--attack"')
     m = load_manifest(_manifest(tmp_path, text))
-    m.runs, m.models = {}, ["shapes-clip"]
+    m.runs, m.protocols[0].models = {}, ["shapes-clip"]
     m.claims = []
     jobs = [j for j in plan(m) if j.kind == "evaluate"]
     assert [j.label for j in jobs] == ["shapes-clip eps 4/255", "shapes-clip eps 8/255"]
@@ -173,6 +177,36 @@ def test_split_eps_jobs_share_one_clean_row_and_data_sets_average(tmp_path):
     jobs[0].out.with_suffix(".json").write_text(json.dumps({"command": "python -m vlm_inspect.evaluate other", "rows": []}))
     with pytest.raises(ValueError, match="written by another command"):
         collect(jobs)
+
+
+def test_a_second_protocol_evaluates_only_its_models_and_joins_the_table(tmp_path):
+    """``[evaluate.also.<name>]``: its own data set for a subset of the models, in its own folder; the table
+    gets its rows (only for those models) and its columns, and a claim may use them."""
+    from vlm_inspect.reproduce.table import markdown
+
+    text = TINY.read_text().replace("minutes = 0.3", 'minutes = 0.3\n\n[evaluate.also.color]\nmodels = ["advpt"]\n'
+                                    'args = ["--data", "shapes:shapes-color", "--attack", "fgsm", "--eps", "4/255", '
+                                    '"--samples", "8"]\nminutes = 0.2')
+    text += '\n[[claims]]\npaper = "t"\nclaim = "c"\na = "advpt"\nrelation = ">"\nb = "shapes-clip"\ncolumn = "fgsm 4/255"\ndata = "shapes-color"\n'
+    m = load_manifest(_manifest(tmp_path, text))
+    assert m.models == ["shapes-clip", "advpt"] and [p.name for p in m.protocols] == ["", "color"]
+    jobs = [j for j in plan(m) if j.kind == "evaluate"]
+    assert [j.label for j in jobs] == ["shapes-clip", "advpt seed 0", "advpt seed 1", "advpt seed 0 (color)",
+                                       "advpt seed 1 (color)"]
+    assert jobs[3].out == tmp_path / "runs" / "eval" / "color" / "advpt-seed-0.md"
+    assert "shapes:shapes-color" in jobs[3].argv and "shapes:shapes-combo" in jobs[1].argv
+    for job in jobs:
+        data = "shapes:shapes-color" if "(color)" in job.label else "shapes:shapes-combo"
+        attack = "fgsm" if "(color)" in job.label else "pgd"
+        rows = [{"model": job.model, "data": data, "eps": "0", "attack": "none", "metric": "top1", "value": 1.0, "n": 8},
+                {"model": job.model, "data": data, "eps": "4/255", "attack": attack, "metric": "top1", "value": 0.5, "n": 8}]
+        job.out.parent.mkdir(parents=True, exist_ok=True)
+        job.out.with_suffix(".json").write_text(json.dumps({"command": job.command, "rows": rows}))
+    text, _ = markdown(m, jobs, "cmd")
+    assert "| advpt | 2 | shapes-color | 1.000 ± 0.000 [0.68, 1.00] | – | 0.500 ± 0.000 [0.22, 0.78] |" in text
+    assert "| shapes-clip | 1 | shapes-color |" not in text
+    assert "Evaluation of advpt (and every seed of a run)" in text
+    assert "| t | c | fgsm 4/255, shapes-color | not in the table |" in text  # shapes-clip was not run on it
 
 
 # ---- end to end ------------------------------------------------------------------------------------

@@ -21,6 +21,11 @@
     split_eps = true                        # optional: one job per --eps value (a kill loses less; two
                                             # jobs can share one model); minutes are then per budget
 
+    [evaluate.also.styles]                  # optional: another protocol for some models (a name each):
+    models = ["shapes-clip", "capt"]        # other data sets or budgets where only they are needed;
+    args = ["--data", "shapes:shapes-combo@noisy", "--attack", "autoattack", "--eps", "4/255"]
+    minutes = 10                            # minutes_of and split_eps as above
+
     [[claims]]                              # optional: a row of the claims table each
     paper = "TGA-ZSR"
     claim = "the attention terms add robustness over TeCoA"
@@ -76,6 +81,29 @@ class Claim:
 
 
 @dataclass
+class Protocol:
+    """One evaluation protocol: ``python -m vlm_inspect.evaluate <args>`` for each of ``models``. The
+    manifest's ``[evaluate]`` is the first (``name`` ""); ``[evaluate.also.<name>]`` add others."""
+
+    name: str
+    models: list[str]
+    args: list[str]
+    minutes: float
+    minutes_of: dict[str, float] = field(default_factory=dict)
+    split_eps: bool = False
+
+    @property
+    def budgets(self) -> list[str]:
+        """The ``--eps`` values of ``args``, as written."""
+        return budgets(self.args)
+
+    def eval_minutes(self, model: str, eps: str | None = None) -> float:
+        """The estimate of one evaluation job: ``minutes_of["<model> eps <e>"]``, else ``minutes_of[model]``,
+        else ``minutes``."""
+        return float(self.minutes_of.get(f"{model} eps {eps}", self.minutes_of.get(model, self.minutes)))
+
+
+@dataclass
 class Manifest:
     path: Path
     title: str
@@ -84,13 +112,14 @@ class Manifest:
     seeds: list[int]
     train_args: list[str]
     runs: dict[str, Run]
-    models: list[str]
-    evaluate_args: list[str]
-    evaluate_minutes: float
-    minutes_of: dict[str, float] = field(default_factory=dict)
+    protocols: list[Protocol]
     claims: list[Claim] = field(default_factory=list)
     note: str = ""
-    split_eps: bool = False
+
+    @property
+    def models(self) -> list[str]:
+        """Every model any protocol evaluates, in the order the manifest names them (the table's rows)."""
+        return list(dict.fromkeys(x for p in self.protocols for x in p.models))
 
     @property
     def name(self) -> str:
@@ -105,16 +134,6 @@ class Manifest:
 
     def at(self, path: Path) -> Path:
         return self.root / path
-
-    @property
-    def budgets(self) -> list[str]:
-        """The ``--eps`` values of ``evaluate.args``, as written."""
-        return budgets(self.evaluate_args)
-
-    def eval_minutes(self, model: str, eps: str | None = None) -> float:
-        """The estimate of one evaluation job: ``minutes_of["<model> eps <e>"]``, else ``minutes_of[model]``,
-        else ``minutes``."""
-        return float(self.minutes_of.get(f"{model} eps {eps}", self.minutes_of.get(model, self.evaluate_minutes)))
 
 
 def budgets(evaluate_args: list[str]) -> list[str]:
@@ -196,27 +215,17 @@ def load_manifest(path: str | Path) -> Manifest:
         _refuse_own(w(key + ".args"), args, TRAIN_OWN)
         runs[name] = Run(name, args, _minutes(w(key + ".minutes"), spec["minutes"]))
     ev = doc["evaluate"]
-    if not isinstance(ev, dict) or "models" not in ev or "args" not in ev or "minutes" not in ev:
+    if not isinstance(ev, dict):
         raise ManifestError(f"{w('evaluate')} needs models, args and minutes")
-    models = _strings(w("evaluate.models"), ev["models"])
-    if not models or len(set(models)) != len(models):
-        raise ManifestError(f"{w('evaluate.models')} must name each model once")
-    evaluate_args = _strings(w("evaluate.args"), ev["args"])
-    _refuse_own(w("evaluate.args"), evaluate_args, EVALUATE_OWN)
-    minutes_of = ev.get("minutes_of", {})
-    if not isinstance(minutes_of, dict):
-        raise ManifestError(f"{w('evaluate.minutes_of')} must be a table of model = minutes")
-    minutes_of = {k: _minutes(w(f"evaluate.minutes_of.{k}"), v) for k, v in minutes_of.items()}
-    split_eps = ev.get("split_eps", False)
-    if not isinstance(split_eps, bool):
-        raise ManifestError(f"{w('evaluate.split_eps')} must be true or false")
-    if split_eps and "--eps" not in evaluate_args:
-        raise ManifestError(f"{w('evaluate.split_eps')} splits the --eps list of evaluate.args, which gives none")
-    jobs_named = set(models) | {f"{m} eps {e}" for m in models for e in budgets(evaluate_args) if split_eps}
-    for k in minutes_of:
-        if k not in jobs_named:
-            raise ManifestError(f"{w('evaluate.minutes_of')}: {k!r} is no model of evaluate.models"
-                                + (" (nor '<model> eps <e>' of its --eps)" if split_eps else ""))
+    also = ev.get("also", {})
+    if not isinstance(also, dict) or not all(isinstance(v, dict) for v in also.values()):
+        raise ManifestError(f"{w('evaluate.also')} must hold [evaluate.also.<name>] tables")
+    protocols = [_protocol(w, "evaluate", "", {k: v for k, v in ev.items() if k != "also"})]
+    for name, spec in also.items():
+        if "/" in name or name.startswith(".") or not name:
+            raise ManifestError(f"{w('evaluate.also.' + name)}: a protocol name is a folder name (no '/', no leading '.')")
+        protocols.append(_protocol(w, f"evaluate.also.{name}", name, spec))
+    models = list(dict.fromkeys(x for p in protocols for x in p.models))
     claims = []
     for i, c in enumerate(doc.get("claims", [])):
         key = f"claims[{i}]"
@@ -225,7 +234,7 @@ def load_manifest(path: str | Path) -> Manifest:
             raise ManifestError(f"{w(key)} needs {', '.join(need)}")
         for side in ("a", "b"):
             if c[side] not in models:
-                raise ManifestError(f"{w(key + '.' + side)} = {c[side]!r} is not in evaluate.models")
+                raise ManifestError(f"{w(key + '.' + side)} = {c[side]!r} is not a model of any evaluation")
         if c["relation"] not in (">", "≈", "~"):
             raise ManifestError(f"{w(key + '.relation')} must be '>' or '≈'")
         margin = c.get("margin", 0.0)
@@ -240,6 +249,35 @@ def load_manifest(path: str | Path) -> Manifest:
                             str(c["data"]), float(margin), metric))
     return Manifest(path=path, title=str(doc["title"]), out=Path(doc["out"]),
                     runs_dir=Path(doc.get("runs", f"runs/reproduce/{path.stem}")),
-                    seeds=seeds, train_args=train_args, runs=runs, models=models, evaluate_args=evaluate_args,
-                    evaluate_minutes=_minutes(w("evaluate.minutes"), ev["minutes"]), minutes_of=minutes_of,
-                    claims=claims, note=str(doc.get("note", "")), split_eps=split_eps)
+                    seeds=seeds, train_args=train_args, runs=runs, protocols=protocols, claims=claims,
+                    note=str(doc.get("note", "")))
+
+
+def _protocol(w, key: str, name: str, ev: dict[str, Any]) -> Protocol:
+    """``[evaluate]`` or ``[evaluate.also.<name>]``, checked."""
+    known = {"models", "args", "minutes", "minutes_of", "split_eps"}
+    unknown = sorted(set(ev) - known - ({"also"} if not name else set()))
+    if unknown:
+        raise ManifestError(f"{w(key + '.' + unknown[0])} is not a key of an evaluation; valid: {', '.join(sorted(known))}")
+    if "models" not in ev or "args" not in ev or "minutes" not in ev:
+        raise ManifestError(f"{w(key)} needs models, args and minutes")
+    models = _strings(w(f"{key}.models"), ev["models"])
+    if not models or len(set(models)) != len(models):
+        raise ManifestError(f"{w(key + '.models')} must name each model once")
+    args = _strings(w(f"{key}.args"), ev["args"])
+    _refuse_own(w(f"{key}.args"), args, EVALUATE_OWN)
+    minutes_of = ev.get("minutes_of", {})
+    if not isinstance(minutes_of, dict):
+        raise ManifestError(f"{w(key + '.minutes_of')} must be a table of model = minutes")
+    minutes_of = {k: _minutes(w(f"{key}.minutes_of.{k}"), v) for k, v in minutes_of.items()}
+    split_eps = ev.get("split_eps", False)
+    if not isinstance(split_eps, bool):
+        raise ManifestError(f"{w(key + '.split_eps')} must be true or false")
+    if split_eps and "--eps" not in args:
+        raise ManifestError(f"{w(key + '.split_eps')} splits the --eps list of {key}.args, which gives none")
+    jobs_named = set(models) | {f"{m} eps {e}" for m in models for e in budgets(args) if split_eps}
+    for k in minutes_of:
+        if k not in jobs_named:
+            raise ManifestError(f"{w(key + '.minutes_of')}: {k!r} is no model of {key}.models"
+                                + (" (nor '<model> eps <e>' of its --eps)" if split_eps else ""))
+    return Protocol(name, models, args, _minutes(w(f"{key}.minutes"), ev["minutes"]), minutes_of, split_eps)

@@ -7,7 +7,8 @@ exactly), ``fresh`` when there is nothing. A folder holding a run with *other* s
 the setting that differs: reproduce never overwrites or silently reuses someone else's run.
 
 An **evaluation job** is one model (a run at one seed, or a preset / folder once) under the manifest's
-protocol, written to ``<runs>/eval/<model>[-seed-<k>].md`` and ``.json``. It is ``done`` when that JSON
+protocol, written to ``<runs>/eval/[<protocol>/]<model>[-seed-<k>].md`` and ``.json`` (a manifest's
+first protocol has no folder of its own). It is ``done`` when that JSON
 was written by exactly this command; a killed one continues from its journal (``evaluate --resume``).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .manifest import Manifest, ManifestError
+from .manifest import Manifest, ManifestError, Protocol
 
 DONE, RESUME, FRESH = "done", "resume", "fresh"
 # settings that do not change what a run computes: where it writes, on which device, how many loaders
@@ -50,18 +51,19 @@ def run_folder(m: Manifest, name: str, seed: int) -> Path:
     return m.runs_dir / name / f"seed-{seed}"
 
 
-def eval_out(m: Manifest, model: str, seed: int | None, eps: str | None = None) -> Path:
+def eval_out(m: Manifest, model: str, seed: int | None, eps: str | None = None, protocol: str = "") -> Path:
+    """``<runs>/eval/[<protocol>/]<model>[-seed-<k>][-eps-<e>].md``."""
     name = model + (f"-seed-{seed}" if seed is not None else "") + (f"-eps-{eps}" if eps else "")
-    return m.runs_dir / "eval" / (name.replace("/", "_").replace(":", "_") + ".md")
+    folder = m.runs_dir / "eval" / protocol if protocol else m.runs_dir / "eval"
+    return folder / (name.replace("/", "_").replace(":", "_") + ".md")
 
 
-def _protocols(m: Manifest) -> list[tuple[str | None, list[str]]]:
+def _jobs_of(p: Protocol) -> list[tuple[str | None, list[str]]]:
     """The evaluate arguments of each job of one model: all of them, or one job per budget (``split_eps``)."""
-    args = m.evaluate_args
-    if not m.split_eps:
-        return [(None, args)]
-    i = args.index("--eps")
-    return [(e, [*args[:i + 1], e, *args[i + 2:]]) for e in m.budgets]
+    if not p.split_eps:
+        return [(None, p.args)]
+    i = p.args.index("--eps")
+    return [(e, [*p.args[:i + 1], e, *p.args[i + 2:]]) for e in p.budgets]
 
 
 def train_config(m: Manifest, argv: list[str]) -> dict[str, Any]:
@@ -172,24 +174,27 @@ def check_claims(m: Manifest) -> None:
     from ..attacks.base import eps_label
     from ..evaluate import cli as evaluate_cli
 
-    parser = evaluate_cli.build_parser()
+    columns = {"clean"}
+    for p in m.protocols:
+        key = f"evaluate.also.{p.name}" if p.name else "evaluate"
+        parser = evaluate_cli.build_parser()
 
-    def refuse(message: str):
-        raise ManifestError(f"{m.path.name}: evaluate.args do not parse: {message}")
+        def refuse(message: str, key=key):
+            raise ManifestError(f"{m.path.name}: {key}.args do not parse: {message}")
 
-    parser.error = refuse
-    try:
-        args = parser.parse_args([*m.evaluate_args, "--models", "x"])
-        specs = evaluate_cli.attack_specs(args)
-    except ValueError as e:
-        if isinstance(e, ManifestError):
-            raise
-        raise ManifestError(f"{m.path.name}: evaluate.args: {e}") from None
-    columns = {"clean"} | {f"{s.name} {eps_label(s.eps)}" for s in specs}
-    by_eps: dict[float, int] = {}
-    for s in specs:
-        by_eps[s.eps] = by_eps.get(s.eps, 0) + 1
-    columns |= {f"worst {eps_label(e)}" for e, k in by_eps.items() if k > 1}
+        parser.error = refuse
+        try:
+            args = parser.parse_args([*p.args, "--models", "x"])
+            specs = evaluate_cli.attack_specs(args)
+        except ValueError as e:
+            if isinstance(e, ManifestError):
+                raise
+            raise ManifestError(f"{m.path.name}: {key}.args: {e}") from None
+        columns |= {f"{s.name} {eps_label(s.eps)}" for s in specs}
+        by_eps: dict[float, int] = {}
+        for s in specs:
+            by_eps[s.eps] = by_eps.get(s.eps, 0) + 1
+        columns |= {f"worst {eps_label(e)}" for e, k in by_eps.items() if k > 1}
     metrics = _metrics(m)
     for i, c in enumerate(m.claims):
         if c.column not in columns:
@@ -242,21 +247,30 @@ def plan(m: Manifest) -> list[Job]:
                 argv = ["--resume", str(folder), "--no-progress", *_weights_dir(argv)]
             jobs.append(Job("train", f"{name} seed {seed}", argv, run.minutes, state, model=name, seed=seed,
                             folder=m.at(folder), steps=int(want["loop"]["steps"]), config=want))
-    for model in m.models:
-        seeds: list[int | None] = list(m.seeds) if model in m.runs else [None]
-        for seed in seeds:
-            for eps, args in _protocols(m):
-                ref = str(run_folder(m, model, seed)) if seed is not None else model
-                out = eval_out(m, model, seed, eps)
-                label = model + (f" seed {seed}" if seed is not None else "") + (f" eps {eps}" if eps else "")
-                job = Job("evaluate", label, [*args, "--models", ref, "--out", str(out), "--resume"],
-                          m.eval_minutes(model, eps), model=model, seed=seed, out=m.at(out),
-                          folder=m.at(run_folder(m, model, seed)) if seed is not None else None,
-                          needs=[f"{model} seed {seed}"] if seed is not None else [])
-                trained = seed is None or next(j.state for j in jobs if j.label == job.needs[0]) == DONE
-                job.state = eval_state(job) if trained else FRESH  # a model still training is evaluated again
-                jobs.append(job)
+    for p in m.protocols:
+        for model in p.models:
+            jobs += _evaluations(m, p, model, jobs)
     return jobs
+
+
+def _evaluations(m: Manifest, p: Protocol, model: str, jobs: list[Job]) -> list[Job]:
+    """The evaluation jobs of one model under one protocol (each seed of a run; each budget with split_eps)."""
+    out_jobs = []
+    seeds: list[int | None] = list(m.seeds) if model in m.runs else [None]
+    for seed in seeds:
+        for eps, args in _jobs_of(p):
+            ref = str(run_folder(m, model, seed)) if seed is not None else model
+            out = eval_out(m, model, seed, eps, p.name)
+            label = (model + (f" seed {seed}" if seed is not None else "") + (f" eps {eps}" if eps else "")
+                     + (f" ({p.name})" if p.name else ""))
+            job = Job("evaluate", label, [*args, "--models", ref, "--out", str(out), "--resume"],
+                      p.eval_minutes(model, eps), model=model, seed=seed, out=m.at(out),
+                      folder=m.at(run_folder(m, model, seed)) if seed is not None else None,
+                      needs=[f"{model} seed {seed}"] if seed is not None else [])
+            trained = seed is None or next(j.state for j in jobs if j.label == job.needs[0]) == DONE
+            job.state = eval_state(job) if trained else FRESH  # a model still training is evaluated again
+            out_jobs.append(job)
+    return out_jobs
 
 
 def _weights_dir(argv: list[str]) -> list[str]:

@@ -90,10 +90,13 @@ def markdown(m: Manifest, jobs: list[Job], command: str) -> tuple[str, dict[str,
             lines.append(f"| {name} | `python -m vlm_inspect.train "
                          f"{' '.join(shlex.quote(a) for a in [*m.train_args, *run.args])}` | {t} |")
         lines.append("")
-    ev = " ".join(shlex.quote(a) for a in m.evaluate_args)
     samples = sorted({r["n"] for r in rows})
-    lines += [f"Evaluation of every model (and every seed of a run): `python -m vlm_inspect.evaluate {ev} "
-              f"--models <model>`; {', '.join(map(str, samples))} test images per data set, the same for every "
+    for p in m.protocols:
+        ev = " ".join(shlex.quote(a) for a in p.args)
+        who = "every model" if p.models == m.models else ", ".join(p.models)
+        lines += [f"Evaluation of {who} (and every seed of a run): `python -m vlm_inspect.evaluate {ev} "
+                  "--models <model>`", ""]
+    lines += [f"{', '.join(map(str, samples))} test images per data set, the same for every "
               "model and seed. A cell is the mean ± standard deviation over the training seeds, then "
               "[the lowest, the highest] bound of the seeds' 95 % intervals (binomial, Wilson's, for accuracies; "
               "the normal interval of the mean over images for CIDEr; none for BLEU-4 and ROUGE-L); a model "
