@@ -207,6 +207,16 @@ def test_a_second_protocol_evaluates_only_its_models_and_joins_the_table(tmp_pat
     assert "| shapes-clip | 1 | shapes-color |" not in text
     assert "Evaluation of advpt (and every seed of a run)" in text
     assert "| t | c | fgsm 4/255, shapes-color | not in the table |" in text  # shapes-clip was not run on it
+    # --partial: the finished evaluations only, and the table says what is missing
+    text, record = markdown(m, jobs[:-1], "cmd", planned=jobs)
+    assert "**Partial: 4 of 5 evaluations are done** (not yet: advpt seed 1 (color))" in text
+    assert "| advpt | 1 | shapes-color |" in text and record["partial"] == ["advpt seed 1 (color)"]
+    # through the CLI the state decides: the trained models' evaluations carry no weights stamp here (not
+    # started by reproduce), so only the undefended model's counts as done
+    assert main([str(m.path), "--partial"]) == 0
+    assert "**Partial: 1 of 5 evaluations are done**" in (tmp_path / "tiny.md").read_text()
+    (tmp_path / "runs" / "eval" / "shapes-clip.json").unlink()
+    assert main([str(m.path), "--partial"]) == 1  # nothing finished: nothing to tabulate
 
 
 # ---- end to end ------------------------------------------------------------------------------------

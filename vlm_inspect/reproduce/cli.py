@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the manifests in reproduce/ and stop")
     p.add_argument("--claims", action="store_true",
                    help="write docs/claims.md: every manifest's claims from the tables already made; runs nothing")
+    p.add_argument("--partial", action="store_true",
+                   help="write the table from the evaluations finished so far, marked partial; runs nothing")
     p.add_argument("--plan", action="store_true", help="show the jobs, which are done, and the time left; run nothing")
     p.add_argument("--jobs", type=int, default=1, help="jobs at a time (each a process of its own)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per job (OMP_NUM_THREADS)")
@@ -252,6 +254,14 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             print(describe(m.name, jobs, args.jobs))
             if args.plan:
+                continue
+            if args.partial:
+                done = [j for j in jobs if j.kind == "train" or j.state == DONE]
+                if not any(j.kind == "evaluate" for j in done):
+                    print(f"error: {m.name} has no finished evaluation yet: nothing to tabulate", file=sys.stderr)
+                    return 1
+                print("wrote " + ", ".join(map(str, write(m, done, "python -m vlm_inspect.reproduce " + _shown(m),
+                                                          planned=jobs))))
                 continue
             runner = Runner(m, jobs, args.jobs, args.threads, lock, not args.no_progress)
             if not runner.run():

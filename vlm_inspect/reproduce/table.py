@@ -64,10 +64,19 @@ def _short(data: str) -> str:
     return data.removeprefix("shapes:")
 
 
-def markdown(m: Manifest, jobs: list[Job], command: str) -> tuple[str, dict[str, Any]]:
+def markdown(m: Manifest, jobs: list[Job], command: str,
+             planned: list[Job] | None = None) -> tuple[str, dict[str, Any]]:
+    """The table of ``jobs``' evaluations; ``planned`` (``--partial``): every job of the manifest, of which
+    ``jobs`` holds the finished ones, and the table says how much is missing."""
     rows = collect(jobs)
     figs = figures(rows)
     lines = [f"## {m.title}", ""]
+    missing = [j.label for j in planned or [] if j.kind == "evaluate" and j not in jobs]
+    if missing:
+        n_eval = sum(j.kind == "evaluate" for j in planned or [])
+        lines += [f"**Partial: {n_eval - len(missing)} of {n_eval} evaluations are done** (not yet: "
+                  f"{', '.join(missing)}). A cell over seeds holds the seeds done so far; a figure or a claim "
+                  "here may still change.", ""]
     if m.note:
         lines += [m.note.strip(), ""]
     lines += ["Produced by (re-runs only what is missing; `--plan` shows what that is and how long it takes):", "",
@@ -137,7 +146,7 @@ def markdown(m: Manifest, jobs: list[Job], command: str) -> tuple[str, dict[str,
                              "b_mean": b.mean, "a_text": a.text(), "b_text": b.text(), "seeds": len(a.values),
                              "difference_interval": [lo, hi], "verdict": v})
         lines.append("")
-    record = {"command": command, "manifest": str(m.path), "seeds": m.seeds,
+    record = {"command": command, "manifest": str(m.path), "seeds": m.seeds, "partial": missing,
               "figures": [{"metric": k[0], "model": k[1], "data": k[2], "column": k[3], "values": list(f.values),
                            "n": f.n, "mean": f.mean, "sd": f.sd, "intervals": f.intervals(), "span": f.span}
                           for k, f in figs.items()],
@@ -153,8 +162,8 @@ def _full(data: str, rows: list[dict[str, Any]]) -> str:
     return data if data in names else next((n for n in names if _short(n) == data), data)
 
 
-def write(m: Manifest, jobs: list[Job], command: str) -> list[Path]:
-    text, record = markdown(m, jobs, command)
+def write(m: Manifest, jobs: list[Job], command: str, planned: list[Job] | None = None) -> list[Path]:
+    text, record = markdown(m, jobs, command, planned)
     out = m.at(m.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
@@ -180,15 +189,17 @@ def claims_markdown(manifests: list[Manifest]) -> tuple[str, dict[str, Any]]:
     record: list[dict[str, Any]] = []
     for m in manifests:
         made: list[dict[str, Any]] = []
+        partial = False
         try:
-            made = json.loads(m.at(m.out).with_suffix(".json").read_text()).get("claims", [])
+            doc = json.loads(m.at(m.out).with_suffix(".json").read_text())
+            made, partial = doc.get("claims", []), bool(doc.get("partial"))
         except (OSError, json.JSONDecodeError):
             pass
         for c in m.claims:
             found = next((v for v in made if (v["paper"], v["claim"], v["a"], v["b"], v["column"], v["data"])
                           == (c.paper, c.claim, c.a, c.b, c.column, c.data)), None)
             rel = ">" if c.relation == ">" else f"≈ (within {c.margin:g})"
-            where = f"`{m.out}` (`reproduce {m.name}`)"
+            where = f"`{m.out}` (`reproduce {m.name}`" + (", partial: may change)" if partial else ")")
             figure_of = f"{c.metric}, {c.column}, {_short(c.data)}"
             if found is None:
                 lines.append(f"| {c.paper} | {c.claim} | {figure_of} | {c.a} | {c.b} | – | not measured yet | {where} |")
