@@ -94,6 +94,15 @@ def _manifest(tmp_path: Path, text: str | None = None, name: str = "m.toml") -> 
     # a CLIP is scored by top-1: a CIDEr claim on it would only ever say "not in the table"
     ({'data = "shapes-combo"': 'data = "shapes-combo"\nmetric = "cider"'}, "'cider' is not a metric these models"),
     ({'args = ["--defense", "advpt"]': 'args = ["--defense", "advpt", "--list-options"]'}, "must not give --list-options"),
+    # two protocols on one model and one data set would collide in a cell
+    ({"minutes = 0.3": "minutes = 0.3\n[evaluate.also.x]\nmodels = [\"shapes-clip\"]\nargs = [\"--data\", "
+                       "\"shapes:shapes-combo\"]\nminutes = 1"}, "evaluates shapes-clip on shapes:shapes-combo, as \\[evaluate\\]"),
+    ({"minutes = 0.3": "minutes = 0.3\n[evaluate.also.x]\nmodels = [\"shapes-clip\"]\nargs = []\nminutes = 1"},
+     "evaluates shapes-clip on every data set of the family"),
+    # a claim no protocol can settle: the column exists, but not for that model on that data set
+    ({"minutes = 0.3": "minutes = 0.3\n[evaluate.also.x]\nmodels = [\"advpt\"]\nargs = [\"--data\", "
+                       "\"shapes:shapes-color\", \"--attack\", \"fgsm\", \"--eps\", \"4/255\"]\nminutes = 1",
+      'column = "pgd 4/255"': 'column = "fgsm 4/255"'}, "no evaluation gives advpt the column 'fgsm 4/255' on 'shapes-combo'"),
     ({"minutes = 0.3": "minutes = 0.3\n[evaluate.also.x]\nmodels = [\"shapes-clip\"]\nargs = []\nminute = 1"},
      "evaluate.also.x.minute is not a key of an evaluation"),
     ({"minutes = 0.3": "minutes = 0.3\n[evaluate.also.x]\nmodels = [\"shapes-clip\"]\nargs = [\"--attack\", \"pgd\", "
@@ -187,7 +196,6 @@ def test_a_second_protocol_evaluates_only_its_models_and_joins_the_table(tmp_pat
     text = TINY.read_text().replace("minutes = 0.3", 'minutes = 0.3\n\n[evaluate.also.color]\nmodels = ["advpt"]\n'
                                     'args = ["--data", "shapes:shapes-color", "--attack", "fgsm", "--eps", "4/255", '
                                     '"--samples", "8"]\nminutes = 0.2')
-    text += '\n[[claims]]\npaper = "t"\nclaim = "c"\na = "advpt"\nrelation = ">"\nb = "shapes-clip"\ncolumn = "fgsm 4/255"\ndata = "shapes-color"\n'
     m = load_manifest(_manifest(tmp_path, text))
     assert m.models == ["shapes-clip", "advpt"] and [p.name for p in m.protocols] == ["", "color"]
     jobs = [j for j in plan(m) if j.kind == "evaluate"]
@@ -206,7 +214,8 @@ def test_a_second_protocol_evaluates_only_its_models_and_joins_the_table(tmp_pat
     assert "| advpt | 2 | shapes-color | 1.000 ± 0.000 [0.68, 1.00] | – | 0.500 ± 0.000 [0.22, 0.78] |" in text
     assert "| shapes-clip | 1 | shapes-color |" not in text
     assert "Evaluation of advpt (and every seed of a run)" in text
-    assert "| t | c | fgsm 4/255, shapes-color | not in the table |" in text  # shapes-clip was not run on it
+    # the average pools only the data sets every model and seed has in a column: clean's is combo alone
+    assert "| advpt | 2 | **average** |" not in text
     # --partial: the finished evaluations only, and the table says what is missing
     text, record = markdown(m, jobs[:-1], "cmd", planned=jobs)
     assert "**Partial: 4 of 5 evaluations are done** (not yet: advpt seed 1 (color))" in text
@@ -217,6 +226,34 @@ def test_a_second_protocol_evaluates_only_its_models_and_joins_the_table(tmp_pat
     assert "**Partial: 1 of 5 evaluations are done**" in (tmp_path / "tiny.md").read_text()
     (tmp_path / "runs" / "eval" / "shapes-clip.json").unlink()
     assert main([str(m.path), "--partial"]) == 1  # nothing finished: nothing to tabulate
+
+
+def test_averages_pool_only_the_data_sets_every_row_has_and_a_cell_needs_one_test_set():
+    from vlm_inspect.reproduce.table import figures
+
+    def row(entry, seed, data, value, n=10):
+        return {"entry": entry, "training_seed": seed, "data": data, "metric": "top1", "attack": "pgd",
+                "eps": "4/255", "value": value, "n": n, "protocol": ""}
+
+    rows = [row("a", None, "d1", 0.5), row("a", None, "d2", 0.7), row("a", None, "d3", 0.1),
+            row("b", 0, "d1", 0.2), row("b", 0, "d2", 0.4), row("b", 1, "d1", 0.3), row("b", 1, "d2", 0.5)]
+    figs = figures(rows)
+    assert figs[("top1", "a", "average", "pgd 4/255")].values == pytest.approx((0.6,))  # d3: b has none
+    assert figs[("top1", "b", "average", "pgd 4/255")].values == pytest.approx((0.3, 0.4))
+    assert figs[("top1", "a", "average", "pgd 4/255")].n == 20
+    with pytest.raises(ValueError, match="different numbers of test images"):
+        figures([*rows, row("b", 2, "d1", 0.3, n=12)])
+
+
+def test_a_claim_whose_settings_changed_since_its_table_says_so(made, tmp_path):
+    from vlm_inspect.reproduce.table import claims_markdown
+
+    tmp, manifest = made
+    changed = manifest.read_text().replace('relation = ">"', 'relation = "≈"\nmargin = 0.2')
+    p = tmp / "changed.toml"
+    p.write_text(changed)
+    text, _ = claims_markdown([load_manifest(p)])
+    assert "the table is out of date" in text
 
 
 # ---- end to end ------------------------------------------------------------------------------------
@@ -329,7 +366,9 @@ def test_a_second_reproduce_of_the_same_runs_is_refused_while_the_first_runs(tmp
     with (tmp_path / "runs" / ".lock").open("a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running reproduce holds it
         assert main([str(manifest), "--no-progress"]) == 2
-    assert "another reproduce is running" in capsys.readouterr().err
+        assert "another reproduce is running" in capsys.readouterr().err
+        assert main([str(manifest), "--plan"]) == 0  # read-only: it works while the run goes on
+        assert "0 done" in capsys.readouterr().out
     assert not (tmp_path / "runs" / "advpt").exists()
 
 

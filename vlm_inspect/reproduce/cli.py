@@ -217,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.claims:
         from .table import write_claims
 
-        try:
-            every = [load_manifest(p) for p in sorted(manifest_dir().glob("*.toml"))]
+        try:  # the manifests named, else every one of reproduce/
+            every = [load_manifest(find(n)) for n in args.manifests] or \
+                [load_manifest(p) for p in sorted(manifest_dir().glob("*.toml"))]
         except ManifestError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -240,7 +241,24 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, _interrupt)
     from .table import write
 
+    wrote_partial = False
     for m in manifests:
+        if args.plan or args.partial:  # read-only: no lock, so that they work while a run is under way
+            try:
+                jobs = plan(m)
+            except ManifestError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            print(describe(m.name, jobs, args.jobs))
+            if args.partial:
+                done = [j for j in jobs if j.kind == "train" or j.state == DONE]
+                if not any(j.kind == "evaluate" for j in done):
+                    print(f"{m.name}: no finished evaluation yet, no table written", file=sys.stderr)
+                    continue
+                wrote_partial = True
+                print("wrote " + ", ".join(map(str, write(m, done, "python -m vlm_inspect.reproduce " + _shown(m),
+                                                          planned=jobs))))
+            continue
         lock = _lock(m.at(m.runs_dir))  # before the plan: a live run's folder is not taken for junk
         if lock is None:
             print(f"error: another reproduce is running {m.name} (it, or a job it started, holds "
@@ -253,23 +271,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
             print(describe(m.name, jobs, args.jobs))
-            if args.plan:
-                continue
-            if args.partial:
-                done = [j for j in jobs if j.kind == "train" or j.state == DONE]
-                if not any(j.kind == "evaluate" for j in done):
-                    print(f"error: {m.name} has no finished evaluation yet: nothing to tabulate", file=sys.stderr)
-                    return 1
-                print("wrote " + ", ".join(map(str, write(m, done, "python -m vlm_inspect.reproduce " + _shown(m),
-                                                          planned=jobs))))
-                continue
             runner = Runner(m, jobs, args.jobs, args.threads, lock, not args.no_progress)
             if not runner.run():
                 return 1
             print("wrote " + ", ".join(map(str, write(m, jobs, "python -m vlm_inspect.reproduce " + _shown(m)))))
         finally:
             lock.close()
-    return 0
+    return 1 if args.partial and not wrote_partial else 0
 
 
 def _shown(m: Manifest) -> str:

@@ -41,6 +41,7 @@ class Job:
     needs: list[str] = field(default_factory=list)  # labels of the jobs that must finish first
     steps: int = 0             # train: total optimiser steps (for progress)
     config: dict[str, Any] | None = None  # train: the resolved config the run must record (train_config)
+    protocol: str = ""         # evaluate: the manifest's protocol ("" for [evaluate], else its also-name)
 
     @property
     def command(self) -> str:
@@ -169,12 +170,29 @@ def eval_state(job: Job) -> str:
     return DONE if stamp.is_file() and stamp.read_text().strip() == weights_hash(job.folder) else FRESH
 
 
+def _data_of(p: Protocol) -> list[str] | None:
+    """The data sets a protocol's ``--data`` names; None when it gives none (then: every data set of the family)."""
+    a = p.args
+    for i, x in enumerate(a):
+        if x == "--data" and i + 1 < len(a):
+            return [d.strip() for d in a[i + 1].split(";") if d.strip()]
+        if x.startswith("--data="):
+            return [d.strip() for d in x.split("=", 1)[1].split(";") if d.strip()]
+    return None
+
+
+def _same_data(claim_data: str, spec: str) -> bool:
+    return claim_data in (spec, spec.removeprefix("shapes:"))
+
+
 def check_claims(m: Manifest) -> None:
-    """Every claim names a column the evaluation writes: a typo is found now, not after hours of work."""
+    """Every protocol parses, two protocols never evaluate one model on one data set (their figures would
+    collide in a cell), and every claim names a column, a data set and a metric that one protocol gives
+    both its models: a typo is found now, not after hours of work."""
     from ..attacks.base import eps_label
     from ..evaluate import cli as evaluate_cli
 
-    columns = {"clean"}
+    given: list[tuple[Protocol, set[str], list[str] | None]] = []  # protocol, its columns, its data sets
     for p in m.protocols:
         key = f"evaluate.also.{p.name}" if p.name else "evaluate"
         parser = evaluate_cli.build_parser()
@@ -190,16 +208,33 @@ def check_claims(m: Manifest) -> None:
             if isinstance(e, ManifestError):
                 raise
             raise ManifestError(f"{m.path.name}: {key}.args: {e}") from None
-        columns |= {f"{s.name} {eps_label(s.eps)}" for s in specs}
+        columns = {"clean"} | {f"{s.name} {eps_label(s.eps)}" for s in specs}
         by_eps: dict[float, int] = {}
         for s in specs:
             by_eps[s.eps] = by_eps.get(s.eps, 0) + 1
         columns |= {f"worst {eps_label(e)}" for e, k in by_eps.items() if k > 1}
-    metrics = _metrics(m)
+        given.append((p, columns, _data_of(p)))
+    for i, (p, _, dp) in enumerate(given):
+        for q, _, dq in given[i + 1:]:
+            shared = [x for x in p.models if x in q.models]
+            both = None if dp is None or dq is None else [d for d in dp if d in dq]
+            if shared and (both is None or both):
+                where = "every data set of the family" if both is None else "; ".join(both)
+                raise ManifestError(f"{m.path.name}: evaluate.also.{q.name} evaluates {shared[0]} on {where}, as "
+                                    f"{'evaluate.also.' + p.name if p.name else '[evaluate]'} does: one model's "
+                                    "protocols must cover different data sets (give each its own --data)")
+    every_column = set().union(*(c for _, c, _ in given))
     for i, c in enumerate(m.claims):
-        if c.column not in columns:
+        if c.column not in every_column:
             raise ManifestError(f"{m.path.name}: claims[{i}].column = {c.column!r} is not a column of this "
-                                f"evaluation; valid: {', '.join(sorted(columns))}")
+                                f"evaluation; valid: {', '.join(sorted(every_column))}")
+        for side in (c.a, c.b):
+            if not any(side in p.models and c.column in cols
+                       and (c.data == "average" or dp is None or any(_same_data(c.data, d) for d in dp))
+                       for p, cols, dp in given):
+                raise ManifestError(f"{m.path.name}: claims[{i}]: no evaluation gives {side} the column "
+                                    f"{c.column!r} on {c.data!r}")
+        metrics = _metrics(m, (c.a, c.b))
         if metrics is not None and c.metric not in metrics:
             raise ManifestError(f"{m.path.name}: claims[{i}].metric = {c.metric!r} is not a metric these models "
                                 f"are scored with; valid: {', '.join(metrics)}")
@@ -208,20 +243,19 @@ def check_claims(m: Manifest) -> None:
 FAMILY_METRICS = {"clip": ("top1",), "captioner": ("cider", "bleu4", "rouge_l"), "vqa": ("exact_match",)}
 
 
-def _metrics(m: Manifest) -> tuple[str, ...] | None:
-    """The metrics the manifest's models are scored with, from their families (a run's: its ``--model``);
-    None when a model's family cannot be told without loading it (a folder of weights)."""
-    import json
-
+def _metrics(m: Manifest, models: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The metrics ``models`` are scored with, from their families (a run's: the model it trains); None when
+    a family cannot be told without loading the model (a folder of weights)."""
     from ..models import PRESETS, checkpoints_dir
 
     out: list[str] = []
-    for model in m.models:
+    for model in models:
         ref = model
         if model in m.runs:
-            argv = [*m.train_args, *m.runs[model].args]
-            ref = next((argv[i + 1] for i in range(len(argv) - 1, -1, -1) if argv[i] == "--model" and i + 1 < len(argv)),
-                       "")
+            try:
+                ref = train_config(m, [*m.train_args, *m.runs[model].args, "--out", "x"])["loop"]["model"]
+            except (ManifestError, KeyError, TypeError):
+                return None
         if ref in PRESETS:
             families = PRESETS[ref].families
         else:
@@ -266,7 +300,7 @@ def _evaluations(m: Manifest, p: Protocol, model: str, jobs: list[Job]) -> list[
             job = Job("evaluate", label, [*args, "--models", ref, "--out", str(out), "--resume"],
                       p.eval_minutes(model, eps), model=model, seed=seed, out=m.at(out),
                       folder=m.at(run_folder(m, model, seed)) if seed is not None else None,
-                      needs=[f"{model} seed {seed}"] if seed is not None else [])
+                      needs=[f"{model} seed {seed}"] if seed is not None else [], protocol=p.name)
             trained = seed is None or next(j.state for j in jobs if j.label == job.needs[0]) == DONE
             job.state = eval_state(job) if trained else FRESH  # a model still training is evaluated again
             out_jobs.append(job)

@@ -30,33 +30,41 @@ def collect(jobs: list[Job]) -> list[dict[str, Any]]:
             if "source" in r or r.get("region") or key in seen:  # split_eps: each budget's job has the clean row
                 continue
             seen.add(key)
-            rows.append({**r, "entry": job.model, "training_seed": job.seed})
+            rows.append({**r, "entry": job.model, "training_seed": job.seed, "protocol": job.protocol})
     return rows
 
 
 def figures(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], Figure]:
     """``(metric, model entry, data, column) -> Figure`` over the seeds, plus ``data = "average"``: per
-    seed, the samples of every data set pooled (the mean over data sets when each has as many)."""
+    seed, the samples of the data sets pooled (the mean over data sets when each has as many), over the data
+    sets that every model and seed of that column has, so that the averages of two rows compare."""
     cells: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
         cells.setdefault((r["metric"], r["entry"], r["data"], column(r)), []).append(r)
     out = {}
     for key, rs in cells.items():
         rs = sorted(rs, key=lambda r: -1 if r["training_seed"] is None else r["training_seed"])
+        if len({r["n"] for r in rs}) > 1:
+            raise ValueError(f"{key[1]} on {key[2]}, {key[3]}: the seeds were evaluated on different numbers of "
+                             f"test images ({sorted({r['n'] for r in rs})}); one cell needs one test set")
         out[key] = figure([r["value"] for r in rs], rs[0]["n"], key[0], [r.get("per_sample") for r in rs])
-    averages: dict[tuple[str, str, str], dict[Any, list[dict[str, Any]]]] = {}
-    for (metric, entry, data, col), rs in cells.items():
-        for r in rs:
-            averages.setdefault((metric, entry, col), {}).setdefault(r["training_seed"], []).append(r)
-    for (metric, entry, col), by_seed in averages.items():
-        if len({r["data"] for rs in by_seed.values() for r in rs}) < 2:
+    by_column: dict[tuple[str, str], dict[tuple[str, Any], dict[str, dict[str, Any]]]] = {}
+    for r in rows:
+        by_column.setdefault((r["metric"], column(r)), {}).setdefault(
+            (r["entry"], r["training_seed"]), {})[r["data"]] = r
+    for (metric, col), runs in by_column.items():
+        common = set.intersection(*(set(d) for d in runs.values()))
+        if len(common) < 2:
             continue
-        values, n, samples = [], 0, []
-        for _, rs in sorted(by_seed.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
-            n = sum(r["n"] for r in rs)
-            values.append(sum(r["value"] * r["n"] for r in rs) / n)
-            samples.append([x for r in rs for x in r.get("per_sample") or []])
-        out[(metric, entry, "average", col)] = figure(values, n, metric, samples)
+        for entry in dict.fromkeys(e for e, _ in runs):
+            values, n, samples = [], 0, []
+            for (_, seed), by_data in sorted(((k, v) for k, v in runs.items() if k[0] == entry),
+                                             key=lambda kv: -1 if kv[0][1] is None else kv[0][1]):
+                rs = [by_data[d] for d in sorted(common)]
+                n = sum(r["n"] for r in rs)
+                values.append(sum(r["value"] * r["n"] for r in rs) / n)
+                samples.append([x for r in rs for x in r.get("per_sample") or []])
+            out[(metric, entry, "average", col)] = figure(values, n, metric, samples)
     return out
 
 
@@ -99,17 +107,18 @@ def markdown(m: Manifest, jobs: list[Job], command: str,
             lines.append(f"| {name} | `python -m vlm_inspect.train "
                          f"{' '.join(shlex.quote(a) for a in [*m.train_args, *run.args])}` | {t} |")
         lines.append("")
-    samples = sorted({r["n"] for r in rows})
     for p in m.protocols:
         ev = " ".join(shlex.quote(a) for a in p.args)
         who = "every model" if p.models == m.models else ", ".join(p.models)
+        samples = sorted({r["n"] for r in rows if r["protocol"] == p.name})
         lines += [f"Evaluation of {who} (and every seed of a run): `python -m vlm_inspect.evaluate {ev} "
-                  "--models <model>`", ""]
-    lines += [f"{', '.join(map(str, samples))} test images per data set, the same for every "
-              "model and seed. A cell is the mean ± standard deviation over the training seeds, then "
+                  f"--models <model>`; {', '.join(map(str, samples)) or '–'} test images per data set, the same "
+                  "for every model and seed.", ""]
+    lines += ["A cell is the mean ± standard deviation over the training seeds, then "
               "[the lowest, the highest] bound of the seeds' 95 % intervals (binomial, Wilson's, for accuracies; "
               "the normal interval of the mean over images for CIDEr; none for BLEU-4 and ROUGE-L); a model "
-              "that is not trained here has one evaluation.", ""]
+              "that is not trained here has one evaluation. **average**: the images of the data sets that every "
+              "model and seed has in that column, pooled.", ""]
     for metric in dict.fromkeys(r["metric"] for r in rows):
         cols = list(dict.fromkeys(column(r) for r in rows if r["metric"] == metric))
         datas = list(dict.fromkeys(r["data"] for r in rows if r["metric"] == metric))
@@ -139,12 +148,14 @@ def markdown(m: Manifest, jobs: list[Job], command: str,
                 continue
             v, (lo, hi) = verdict(c.relation, a, b, c.margin)
             rel = ">" if c.relation == ">" else f"≈ (within {c.margin:g})"
+            shown = f"{v} (provisional: the table is partial)" if missing else v
             lines.append(f"| {c.paper} | {c.claim} | {c.column}, {_short(c.data)} | {c.a} {a.mean:.3f} {rel} "
-                         f"{c.b} {b.mean:.3f} | [{lo:+.3f}, {hi:+.3f}] | {v} |")
+                         f"{c.b} {b.mean:.3f} | [{lo:+.3f}, {hi:+.3f}] | {shown} |")
             verdicts.append({"paper": c.paper, "claim": c.claim, "a": c.a, "b": c.b, "relation": c.relation,
-                             "margin": c.margin, "column": c.column, "data": c.data, "a_mean": a.mean,
-                             "b_mean": b.mean, "a_text": a.text(), "b_text": b.text(), "seeds": len(a.values),
-                             "difference_interval": [lo, hi], "verdict": v})
+                             "margin": c.margin, "metric": c.metric, "column": c.column, "data": c.data,
+                             "a_mean": a.mean, "b_mean": b.mean, "a_text": a.text(), "b_text": b.text(),
+                             "a_seeds": len(a.values), "b_seeds": len(b.values),
+                             "difference_interval": [lo, hi], "verdict": v, "provisional": bool(missing)})
         lines.append("")
     record = {"command": command, "manifest": str(m.path), "seeds": m.seeds, "partial": missing,
               "figures": [{"metric": k[0], "model": k[1], "data": k[2], "column": k[3], "values": list(f.values),
@@ -196,20 +207,25 @@ def claims_markdown(manifests: list[Manifest]) -> tuple[str, dict[str, Any]]:
         except (OSError, json.JSONDecodeError):
             pass
         for c in m.claims:
-            found = next((v for v in made if (v["paper"], v["claim"], v["a"], v["b"], v["column"], v["data"])
-                          == (c.paper, c.claim, c.a, c.b, c.column, c.data)), None)
+            this = (c.paper, c.claim, c.a, c.b, c.column, c.data)
+            same = [v for v in made if (v["paper"], v["claim"], v["a"], v["b"], v["column"], v["data"]) == this]
+            found = next((v for v in same if (v.get("metric"), v.get("relation"), v.get("margin"))
+                          == (c.metric, c.relation, c.margin)), None)
             rel = ">" if c.relation == ">" else f"≈ (within {c.margin:g})"
             where = f"`{m.out}` (`reproduce {m.name}`" + (", partial: may change)" if partial else ")")
             figure_of = f"{c.metric}, {c.column}, {_short(c.data)}"
             if found is None:
-                lines.append(f"| {c.paper} | {c.claim} | {figure_of} | {c.a} | {c.b} | – | not measured yet | {where} |")
+                why = ("the table is out of date (the claim's metric, relation or margin changed since): run "
+                       f"`reproduce {m.name}` again" if same else "not measured yet")
+                lines.append(f"| {c.paper} | {c.claim} | {figure_of} | {c.a} | {c.b} | – | {why} | {where} |")
                 record.append({"manifest": m.name, "paper": c.paper, "claim": c.claim, "verdict": None})
                 continue
             lo, hi = found["difference_interval"]
             a_text = found.get("a_text", f"{found['a_mean']:.3f}")
             b_text = found.get("b_text", f"{found['b_mean']:.3f}")
             lines.append(f"| {c.paper} | {c.claim} | {figure_of} | {c.a} {a_text} | {rel} {c.b} {b_text} | "
-                         f"[{lo:+.3f}, {hi:+.3f}] | **{found['verdict']}** | {where} |")
+                         f"[{lo:+.3f}, {hi:+.3f}] | **{found['verdict']}**"
+                         f"{' (provisional)' if found.get('provisional') else ''} | {where} |")
             record.append({"manifest": m.name, **found})
     return "\n".join(lines), {"command": "python -m vlm_inspect.reproduce --claims", "claims": record}
 
