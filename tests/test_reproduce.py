@@ -143,6 +143,15 @@ def test_every_shipped_manifest_loads_and_plans(tmp_path):
         assert jobs and all(j.minutes > 0 and j.state == FRESH for j in jobs)
 
 
+def test_list_names_every_manifest_with_what_is_left(capsys):
+    from vlm_inspect.reproduce.manifest import manifest_dir
+
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == sorted(p.stem for p in manifest_dir().glob("*.toml"))
+    assert all(line.endswith("left]") or line.endswith("[all done]") for line in out)
+
+
 def test_a_run_killed_before_its_first_snapshot_starts_afresh(tmp_path):
     """A kill before the first snapshot leaves only the log (and maybe a staging folder): not someone else's run."""
     from vlm_inspect.reproduce.plan import run_folder

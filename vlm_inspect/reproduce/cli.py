@@ -210,9 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for p in sorted(manifest_dir().glob("*.toml")):
             try:
-                print(f"{p.stem}: {load_manifest(p).title}")
+                m = load_manifest(p)
+                jobs = plan(m)
             except ManifestError as e:
-                print(f"{p.stem}: (cannot be read: {e})")
+                print(f"{p.stem}: (cannot be planned: {e})")
+                continue
+            left = sum(_minutes_left(j) for j in jobs)
+            done = sum(j.state == DONE for j in jobs)
+            status = "all done" if done == len(jobs) else f"{done} of {len(jobs)} jobs done, about {_duration(left)} left"
+            print(f"{p.stem}: {m.title} [{status}]")
         return 0
     if args.claims:
         from .table import write_claims
