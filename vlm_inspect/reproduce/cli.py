@@ -250,12 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     wrote_partial = False
     for m in manifests:
         if args.plan or args.partial:  # read-only: no lock, so that they work while a run is under way
-            try:
-                jobs = plan(m)
-            except ManifestError as e:
-                print(f"error: {e}", file=sys.stderr)
+            jobs = _planned(m, args.jobs)
+            if jobs is None:
                 return 2
-            print(describe(m.name, jobs, args.jobs))
             if args.partial:
                 done = [j for j in jobs if j.kind == "train" or j.state == DONE]
                 if not any(j.kind == "evaluate" for j in done):
@@ -271,12 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{m.at(m.runs_dir) / '.lock'}); wait for it or stop it", file=sys.stderr)
             return 2
         try:
-            try:
-                jobs = plan(m)
-            except ManifestError as e:
-                print(f"error: {e}", file=sys.stderr)
+            jobs = _planned(m, args.jobs)
+            if jobs is None:
                 return 2
-            print(describe(m.name, jobs, args.jobs))
             runner = Runner(m, jobs, args.jobs, args.threads, lock, not args.no_progress)
             if not runner.run():
                 return 1
@@ -284,6 +278,17 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             lock.close()
     return 1 if args.partial and not wrote_partial else 0
+
+
+def _planned(m: Manifest, n_jobs: int) -> list[Job] | None:
+    """The manifest's jobs, described on stdout; None (and the reason on stderr) when it cannot be planned."""
+    try:
+        jobs = plan(m)
+    except ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    print(describe(m.name, jobs, n_jobs))
+    return jobs
 
 
 def _shown(m: Manifest) -> str:
