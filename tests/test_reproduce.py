@@ -78,6 +78,9 @@ def _manifest(tmp_path: Path, text: str | None = None, name: str = "m.toml") -> 
     return p
 
 
+ALSO_X = 'minutes = 0.3\n[evaluate.also.x]\nmodels = ["{}"]\nminutes = 1\nargs = '  # a second protocol, args last
+
+
 @pytest.mark.parametrize("change,match", [
     ({'title = "tiny: AdvPT at two seeds"': 'titel = "x"'}, "titel is not a manifest key"),
     ({'"--lr", "2e-3"]': '"--lr", "2e-3", "--out", "x"]'}, "must not give --out: reproduce sets it"),
@@ -95,18 +98,15 @@ def _manifest(tmp_path: Path, text: str | None = None, name: str = "m.toml") -> 
     ({'data = "shapes-combo"': 'data = "shapes-combo"\nmetric = "cider"'}, "'cider' is not a metric these models"),
     ({'args = ["--defense", "advpt"]': 'args = ["--defense", "advpt", "--list-options"]'}, "must not give --list-options"),
     # two protocols on one model and one data set would collide in a cell
-    ({"minutes = 0.3": "minutes = 0.3\n[evaluate.also.x]\nmodels = [\"shapes-clip\"]\nargs = [\"--data\", "
-                       "\"shapes:shapes-combo\"]\nminutes = 1"}, "evaluates shapes-clip on shapes:shapes-combo, as \\[evaluate\\]"),
-    ({"minutes = 0.3": "minutes = 0.3\n[evaluate.also.x]\nmodels = [\"shapes-clip\"]\nargs = []\nminutes = 1"},
-     "evaluates shapes-clip on every data set of the family"),
+    ({"minutes = 0.3": ALSO_X.format("shapes-clip") + '["--data", "shapes:shapes-combo"]'},
+     "evaluates shapes-clip on shapes:shapes-combo, as \\[evaluate\\]"),
+    ({"minutes = 0.3": ALSO_X.format("shapes-clip") + "[]"}, "evaluates shapes-clip on every data set of the family"),
     # a claim no protocol can settle: the column exists, but not for that model on that data set
-    ({"minutes = 0.3": "minutes = 0.3\n[evaluate.also.x]\nmodels = [\"advpt\"]\nargs = [\"--data\", "
-                       "\"shapes:shapes-color\", \"--attack\", \"fgsm\", \"--eps\", \"4/255\"]\nminutes = 1",
+    ({"minutes = 0.3": ALSO_X.format("advpt") + '["--data", "shapes:shapes-color", "--attack", "fgsm", "--eps", "4/255"]',
       'column = "pgd 4/255"': 'column = "fgsm 4/255"'}, "no evaluation gives advpt the column 'fgsm 4/255' on 'shapes-combo'"),
-    ({"minutes = 0.3": "minutes = 0.3\n[evaluate.also.x]\nmodels = [\"shapes-clip\"]\nargs = []\nminute = 1"},
+    ({"minutes = 0.3": ALSO_X.format("shapes-clip").replace("minutes = 1", "minute = 1") + "[]"},
      "evaluate.also.x.minute is not a key of an evaluation"),
-    ({"minutes = 0.3": "minutes = 0.3\n[evaluate.also.x]\nmodels = [\"shapes-clip\"]\nargs = [\"--attack\", \"pgd\", "
-                       "\"--eps\", \"99\"]\nminutes = 1"}, "evaluate.also.x.args"),
+    ({"minutes = 0.3": ALSO_X.format("shapes-clip") + '["--attack", "pgd", "--eps", "99"]'}, "evaluate.also.x.args"),
 ])
 def test_manifest_problems_are_one_sentence_before_anything_runs(tmp_path, change, match):
     text = TINY.read_text()
@@ -226,7 +226,9 @@ def test_a_second_protocol_evaluates_only_its_models_and_joins_the_table(tmp_pat
     # the average pools only the data sets every model and seed has in a column: clean's is combo alone
     assert "| advpt | 2 | **average** |" not in text
     # --partial: the finished evaluations only, and the table says what is missing
-    text, record = markdown(m, jobs[:-1], "cmd", planned=jobs)
+    for job in jobs[:-1]:
+        job.state = DONE
+    text, record = markdown(m, jobs, "cmd", partial=True)
     assert "**Partial: 4 of 5 evaluations are done** (not yet: advpt seed 1 (color))" in text
     assert "| advpt | 1 | shapes-color |" in text and record["partial"] == ["advpt seed 1 (color)"]
     # through the CLI the state decides: the trained models' evaluations carry no weights stamp here (not

@@ -80,6 +80,11 @@ def with_vision_tower(models: list[str], tower: str) -> list[str]:
     return [tower_name(m, tower) if is_llava(m) else m for m in models]
 
 
+def data_specs(args: argparse.Namespace) -> list[str] | None:
+    """The data sets ``--data`` names (';'-separated); None when it names none: every data set of the family."""
+    return [d.strip() for d in args.data.split(";") if d.strip()] if args.data else None
+
+
 def attack_specs(args) -> list[AttackSpec]:
     names = [a.strip().lower() for a in args.attack.split(",") if a.strip()]
     names = [n for n in names if n not in ATTACKS or is_bounded(n)]  # the others: region_specs
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         if args.vision_tower:
             models = with_vision_tower(models, args.vision_tower.strip())
-        data = [d.strip() for d in args.data.split(";") if d.strip()] if args.data else None
+        data = data_specs(args)
         apply_weights_dir(args)
     except (DataError, CheckpointError, ValueError, ModelUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -254,13 +254,12 @@ def main(argv: list[str] | None = None) -> int:
             if jobs is None:
                 return 2
             if args.partial:
-                done = [j for j in jobs if j.kind == "train" or j.state == DONE]
-                if not any(j.kind == "evaluate" for j in done):
+                if not any(j.kind == "evaluate" and j.state == DONE for j in jobs):
                     print(f"{m.name}: no finished evaluation yet, no table written", file=sys.stderr)
                     continue
                 wrote_partial = True
-                print("wrote " + ", ".join(map(str, write(m, done, "python -m vlm_inspect.reproduce " + _shown(m),
-                                                          planned=jobs))))
+                print("wrote " + ", ".join(map(str, write(m, jobs, "python -m vlm_inspect.reproduce " + _shown(m),
+                                                          partial=True))))
             continue
         lock = _lock(m.at(m.runs_dir))  # before the plan: a live run's folder is not taken for junk
         if lock is None:

@@ -170,25 +170,14 @@ def eval_state(job: Job) -> str:
     return DONE if stamp.is_file() and stamp.read_text().strip() == weights_hash(job.folder) else FRESH
 
 
-def _data_of(p: Protocol) -> list[str] | None:
-    """The data sets a protocol's ``--data`` names; None when it gives none (then: every data set of the family)."""
-    a = p.args
-    for i, x in enumerate(a):
-        if x == "--data" and i + 1 < len(a):
-            return [d.strip() for d in a[i + 1].split(";") if d.strip()]
-        if x.startswith("--data="):
-            return [d.strip() for d in x.split("=", 1)[1].split(";") if d.strip()]
-    return None
-
-
 def _same_data(claim_data: str, spec: str) -> bool:
     return claim_data in (spec, spec.removeprefix("shapes:"))
 
 
-def check_claims(m: Manifest) -> None:
+def check_claims(m: Manifest, bases: dict[str, str]) -> None:
     """Every protocol parses, two protocols never evaluate one model on one data set (their figures would
     collide in a cell), and every claim names a column, a data set and a metric that one protocol gives
-    both its models: a typo is found now, not after hours of work."""
+    both its models: a typo is found now, not after hours of work. ``bases``: each run's trained model."""
     from ..attacks.base import eps_label
     from ..evaluate import cli as evaluate_cli
 
@@ -213,7 +202,7 @@ def check_claims(m: Manifest) -> None:
         for s in specs:
             by_eps[s.eps] = by_eps.get(s.eps, 0) + 1
         columns |= {f"worst {eps_label(e)}" for e, k in by_eps.items() if k > 1}
-        given.append((p, columns, _data_of(p)))
+        given.append((p, columns, evaluate_cli.data_specs(args)))
     for i, (p, _, dp) in enumerate(given):
         for q, _, dq in given[i + 1:]:
             shared = [x for x in p.models if x in q.models]
@@ -234,7 +223,7 @@ def check_claims(m: Manifest) -> None:
                        for p, cols, dp in given):
                 raise ManifestError(f"{m.path.name}: claims[{i}]: no evaluation gives {side} the column "
                                     f"{c.column!r} on {c.data!r}")
-        metrics = _metrics(m, (c.a, c.b))
+        metrics = _metrics((bases.get(c.a, c.a), bases.get(c.b, c.b)))
         if metrics is not None and c.metric not in metrics:
             raise ManifestError(f"{m.path.name}: claims[{i}].metric = {c.metric!r} is not a metric these models "
                                 f"are scored with; valid: {', '.join(metrics)}")
@@ -243,19 +232,13 @@ def check_claims(m: Manifest) -> None:
 FAMILY_METRICS = {"clip": ("top1",), "captioner": ("cider", "bleu4", "rouge_l"), "vqa": ("exact_match",)}
 
 
-def _metrics(m: Manifest, models: tuple[str, ...]) -> tuple[str, ...] | None:
-    """The metrics ``models`` are scored with, from their families (a run's: the model it trains); None when
-    a family cannot be told without loading the model (a folder of weights)."""
+def _metrics(models: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The metrics ``models`` (presets or shipped checkpoints) are scored with, from their families; None
+    when a family cannot be told without loading the model (a folder of weights)."""
     from ..models import PRESETS, checkpoints_dir
 
     out: list[str] = []
-    for model in models:
-        ref = model
-        if model in m.runs:
-            try:
-                ref = train_config(m, [*m.train_args, *m.runs[model].args, "--out", "x"])["loop"]["model"]
-            except (ManifestError, KeyError, TypeError):
-                return None
+    for ref in models:
         if ref in PRESETS:
             families = PRESETS[ref].families
         else:
@@ -269,7 +252,6 @@ def _metrics(m: Manifest, models: tuple[str, ...]) -> tuple[str, ...] | None:
 
 def plan(m: Manifest) -> list[Job]:
     """Every job of the manifest, in an order that runs training before the evaluations that need it."""
-    check_claims(m)
     jobs: list[Job] = []
     for name, run in m.runs.items():
         for seed in m.seeds:
@@ -281,6 +263,7 @@ def plan(m: Manifest) -> list[Job]:
                 argv = ["--resume", str(folder), "--no-progress", *_weights_dir(argv)]
             jobs.append(Job("train", f"{name} seed {seed}", argv, run.minutes, state, model=name, seed=seed,
                             folder=m.at(folder), steps=int(want["loop"]["steps"]), config=want))
+    check_claims(m, {j.model: j.config["loop"]["model"] for j in jobs})
     for p in m.protocols:
         for model in p.models:
             jobs += _evaluations(m, p, model, jobs)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .manifest import Manifest
-from .plan import Job
+from .plan import DONE, Job
 from .stats import Figure, figure, verdict
 
 
@@ -72,16 +72,17 @@ def _short(data: str) -> str:
     return data.removeprefix("shapes:")
 
 
-def markdown(m: Manifest, jobs: list[Job], command: str,
-             planned: list[Job] | None = None) -> tuple[str, dict[str, Any]]:
-    """The table of ``jobs``' evaluations; ``planned`` (``--partial``): every job of the manifest, of which
-    ``jobs`` holds the finished ones, and the table says how much is missing."""
+def markdown(m: Manifest, jobs: list[Job], command: str, partial: bool = False) -> tuple[str, dict[str, Any]]:
+    """The table of ``jobs``' evaluations; ``partial`` (``--partial``): of the finished ones only, and the
+    table says which are missing."""
+    missing = [j.label for j in jobs if partial and j.kind == "evaluate" and j.state != DONE]
+    if missing:
+        n_eval = sum(j.kind == "evaluate" for j in jobs)
+        jobs = [j for j in jobs if j.kind == "train" or j.state == DONE]
     rows = collect(jobs)
     figs = figures(rows)
     lines = [f"## {m.title}", ""]
-    missing = [j.label for j in planned or [] if j.kind == "evaluate" and j not in jobs]
     if missing:
-        n_eval = sum(j.kind == "evaluate" for j in planned or [])
         lines += [f"**Partial: {n_eval - len(missing)} of {n_eval} evaluations are done** (not yet: "
                   f"{', '.join(missing)}). A cell over seeds holds the seeds done so far; a figure or a claim "
                   "here may still change.", ""]
@@ -173,8 +174,8 @@ def _full(data: str, rows: list[dict[str, Any]]) -> str:
     return data if data in names else next((n for n in names if _short(n) == data), data)
 
 
-def write(m: Manifest, jobs: list[Job], command: str, planned: list[Job] | None = None) -> list[Path]:
-    text, record = markdown(m, jobs, command, planned)
+def write(m: Manifest, jobs: list[Job], command: str, partial: bool = False) -> list[Path]:
+    text, record = markdown(m, jobs, command, partial)
     out = m.at(m.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
