@@ -408,6 +408,26 @@ def test_a_run_killed_between_its_last_snapshot_and_its_checkpoint_is_finished(m
     assert all(j.state == DONE for j in plan(load_manifest(manifest)))
 
 
+def test_an_evaluation_killed_with_units_in_its_journal_is_resumed(made, capsys):
+    """A kill mid-evaluation leaves its journal: the plan says resume and counts the journal's units as done."""
+    from vlm_inspect.evaluate.journal import journal_path
+
+    tmp, manifest = made
+    out = tmp / "runs" / "eval" / "shapes-clip.md"
+    table = (tmp / "tiny.md").read_text()
+    record = json.loads(out.with_suffix(".json").read_text())
+    out.with_suffix(".json").unlink()
+    journal_path(out).write_text(json.dumps({"model": "shapes-clip", "data": "shapes:shapes-combo",
+                                             "rows": record["rows"]}) + "\n{cut sho")
+    job = next(j for j in plan(load_manifest(manifest)) if j.label == "shapes-clip")
+    assert job.state == RESUME and job.units == 1
+    assert main([str(manifest), "--plan"]) == 0
+    assert "1 to resume" in capsys.readouterr().out
+    assert main([str(manifest), "--no-progress"]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["rows"] == record["rows"]
+    assert not journal_path(out).exists() and (tmp / "tiny.md").read_text() == table
+
+
 def test_an_evaluation_of_weights_that_changed_since_is_done_again(made):
     from safetensors.torch import save_file
 

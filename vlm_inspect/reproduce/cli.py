@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .manifest import Manifest, ManifestError, find, load_manifest, manifest_dir
-from .plan import DONE, RESUME, Job, eval_state, plan, stamp_path, train_state, weights_hash
+from .plan import DONE, RESUME, Job, eval_state, journal_units, plan, stamp_path, train_state, weights_hash
 
 POLL = 2.0  # seconds between looks at the running jobs
 
@@ -47,15 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _minutes_done(job: Job, running_since: float | None = None) -> float:
     """The estimated minutes of a job's work already done: all of a finished job; a run's recorded steps
-    (a resumed run's earlier ones too); a running evaluation's elapsed time against its estimate, never past
-    95 % (it has no step count to read)."""
+    (a resumed run's earlier ones too); an evaluation's data sets in its journal, plus a running one's
+    elapsed time against its estimate, never past 95 % (it has no step count to read)."""
     if job.state == DONE:
         return job.minutes
     if job.kind == "train" and job.steps and (job.state == RESUME or running_since is not None):
         return job.minutes * min(1.0, _steps_done(job) / job.steps)
+    done = 0.0
+    if job.kind == "evaluate" and job.units and job.state == RESUME:
+        done = job.minutes * min(0.95, journal_units(job) / job.units)
     if running_since is not None:
-        return min(0.95 * job.minutes, (time.time() - running_since) / 60)
-    return 0.0
+        done += (time.time() - running_since) / 60
+    return min(0.95 * job.minutes, done)
 
 
 def _minutes_left(job: Job) -> float:

@@ -9,7 +9,8 @@ the setting that differs: reproduce never overwrites or silently reuses someone 
 An **evaluation job** is one model (a run at one seed, or a preset / folder once) under the manifest's
 protocol, written to ``<runs>/eval/[<protocol>/]<model>[-seed-<k>].md`` and ``.json`` (a manifest's
 first protocol has no folder of its own). It is ``done`` when that JSON
-was written by exactly this command; a killed one continues from its journal (``evaluate --resume``).
+was written by exactly this command, ``resume`` when a killed one left finished model x data set units in
+its journal (``evaluate --resume`` reads them back), else ``fresh``.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class Job:
     steps: int = 0             # train: total optimiser steps (for progress)
     config: dict[str, Any] | None = None  # train: the resolved config the run must record (train_config)
     protocol: str = ""         # evaluate: the manifest's protocol ("" for [evaluate], else its also-name)
+    units: int = 0             # evaluate: its data sets (0: every data set of the family, count unknown)
 
     @property
     def command(self) -> str:
@@ -170,6 +172,31 @@ def eval_state(job: Job) -> str:
     return DONE if stamp.is_file() and stamp.read_text().strip() == weights_hash(job.folder) else FRESH
 
 
+def _eval_state(job: Job) -> str:
+    state = eval_state(job)
+    return RESUME if state == FRESH and journal_units(job) else state
+
+
+def journal_units(job: Job) -> int:
+    """The finished model x data set units a killed evaluation left in its journal (an estimate: evaluate
+    itself decides which of them still hold, by their settings and the weights' digest)."""
+    from ..evaluate.journal import journal_path
+
+    try:
+        lines = journal_path(job.out).read_text(encoding="utf-8", errors="replace").splitlines()
+    except (OSError, TypeError):
+        return 0
+    units = set()
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(e, dict) and isinstance(e.get("rows"), list):
+            units.add((e.get("model"), e.get("data")))
+    return len(units)
+
+
 def _same_data(claim_data: str, spec: str) -> bool:
     return claim_data in (spec, spec.removeprefix("shapes:"))
 
@@ -235,19 +262,38 @@ FAMILY_METRICS = {"clip": ("top1",), "captioner": ("cider", "bleu4", "rouge_l"),
 def _metrics(models: tuple[str, ...]) -> tuple[str, ...] | None:
     """The metrics ``models`` (presets or shipped checkpoints) are scored with, from their families; None
     when a family cannot be told without loading the model (a folder of weights)."""
-    from ..models import PRESETS, checkpoints_dir
-
     out: list[str] = []
     for ref in models:
-        if ref in PRESETS:
-            families = PRESETS[ref].families
-        else:
-            try:
-                families = (json.loads((checkpoints_dir() / ref / "config.json").read_text())["family"],)
-            except (OSError, ValueError, KeyError, TypeError):
-                return None
+        families = _families(ref)
+        if families is None:
+            return None
         out += [x for f in families for x in FAMILY_METRICS.get(f, ())]
     return tuple(dict.fromkeys(out))
+
+
+def _families(ref: str) -> tuple[str, ...] | None:
+    """A preset's or shipped checkpoint's model families; None for anything else (a folder of weights)."""
+    from ..models import PRESETS, checkpoints_dir
+
+    if ref in PRESETS:
+        return tuple(PRESETS[ref].families)
+    try:
+        return (json.loads((checkpoints_dir() / ref / "config.json").read_text())["family"],)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _units(p: Protocol, base: str) -> int:
+    """How many data sets an evaluation of a ``base`` model under ``p`` scores (0: not known)."""
+    from ..evaluate import cli as evaluate_cli
+    from ..evaluate.run import default_data
+
+    try:
+        data = evaluate_cli.data_specs(evaluate_cli.build_parser().parse_args([*p.args, "--models", "x"]))
+    except SystemExit:  # check_claims has said why already
+        return 0
+    families = _families(base) or ()
+    return len(data) if data is not None else len(default_data(families[0])) if len(families) == 1 else 0
 
 
 def plan(m: Manifest) -> list[Job]:
@@ -275,6 +321,8 @@ def _evaluations(m: Manifest, p: Protocol, model: str, jobs: list[Job]) -> list[
     out_jobs = []
     seeds: list[int | None] = list(m.seeds) if model in m.runs else [None]
     for seed in seeds:
+        trainer = next((j for j in jobs if j.kind == "train" and j.label == f"{model} seed {seed}"), None)
+        units = _units(p, trainer.config["loop"]["model"] if trainer else model)
         for eps, args in _jobs_of(p):
             ref = str(run_folder(m, model, seed)) if seed is not None else model
             out = eval_out(m, model, seed, eps, p.name)
@@ -283,9 +331,9 @@ def _evaluations(m: Manifest, p: Protocol, model: str, jobs: list[Job]) -> list[
             job = Job("evaluate", label, [*args, "--models", ref, "--out", str(out), "--resume"],
                       p.eval_minutes(model, eps), model=model, seed=seed, out=m.at(out),
                       folder=m.at(run_folder(m, model, seed)) if seed is not None else None,
-                      needs=[f"{model} seed {seed}"] if seed is not None else [], protocol=p.name)
-            trained = seed is None or next(j.state for j in jobs if j.label == job.needs[0]) == DONE
-            job.state = eval_state(job) if trained else FRESH  # a model still training is evaluated again
+                      needs=[trainer.label] if trainer else [], protocol=p.name, units=units)
+            trained = trainer is None or trainer.state == DONE
+            job.state = _eval_state(job) if trained else FRESH  # a model still training is evaluated again
             out_jobs.append(job)
     return out_jobs
 
