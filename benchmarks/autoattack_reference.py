@@ -10,7 +10,7 @@ For every model and eps: the robust accuracy after each attack of ours (APGD-CE,
 FAB-T) and of the reference (APGD-CE, APGD-T, FAB-T, Square), the difference in points, and the time of
 each (reference time / ours = the speed ratio). One pair takes up to an hour on one CPU thread, so the
 output is written after every pair and a second run skips the pairs already in it (``--fresh`` redoes
-them). ``docs/REPRODUCTION.md`` and ``docs/BENCHMARKS.md`` show the tables this writes
+them). ``docs/ATTACK_STUDIES.md`` and ``docs/BENCHMARKS.md`` show the tables this writes
 (``--table`` prints them from the JSON without running anything).
 
 The reference attacks the model as a user hands it over: eval mode, weights still requiring gradients,

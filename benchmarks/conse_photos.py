@@ -1,5 +1,5 @@
 """The typographic and patch attacks on the ConSE photo model (the embedded suite's zero-shot model for
-photos), on the four sample photos in ``assets/``: the photo rows of docs/REPRODUCTION.md.
+photos), on the four sample photos in ``assets/``: the photo rows of docs/ATTACK_STUDIES.md.
 
 There is no photo data set offline, so these are four inspections, not an accuracy: for each photo
 the clean top-1 of the 12 everyday classes, then, through the app's own service, the typographic attack

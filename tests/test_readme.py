@@ -39,7 +39,7 @@ def test_quickstart_example_prints_sensible_output():
     assert after > before
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/REPRODUCTION.md"])
+@pytest.mark.parametrize("doc", ["README.md", "docs/REPRODUCTION.md", "docs/BASELINES.md", "docs/ATTACK_STUDIES.md"])
 def test_documented_train_and_evaluate_commands_parse(doc):
     """Every `python -m vlm_inspect.train|evaluate ...` line in the docs uses options that exist, and
     every --set KEY names an option of its defense."""

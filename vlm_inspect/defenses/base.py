@@ -9,7 +9,7 @@
 * vqa — teacher-forced cross-entropy of the answer. On the shapes world each image contributes every
   question of its scene (``all_questions``; the vision model runs once per image), and the vision model
   can start from the trained captioner's ViT (``vision_init``) with a smaller learning rate
-  (``vision_lr_scale``). docs/REPRODUCTION.md has the measurements behind these choices.
+  (``vision_lr_scale``). docs/BASELINES.md has the measurements behind these choices.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class BaseConfig:
     count_prob: float = 0.2      # P(count-bearing variant "{n} shapes: <caption>") - our choice
     partial_prob: float = 0.5    # P(partial caption) for single-object scenes - our choice
     vision_init: str = ""        # vqa only: a captioner checkpoint whose ViT encoder initialises BLIP's
-                                 # vision model (see docs/REPRODUCTION.md) - our choice
+                                 # vision model (see docs/BASELINES.md) - our choice
     vision_lr_scale: float = 1.0  # vqa only: learning-rate factor of the vision model - our choice
     all_questions: bool = True   # vqa on the shapes world: every question of each scene per step - our choice
 

@@ -18,7 +18,7 @@ Our choices:
 
 - **FAB-T is left out** (the reference runs it between APGD-T and Square); every table and verdict says so.
   On the reference's own models FAB-T rarely changes the robust accuracy after APGD-T;
-  ``docs/REPRODUCTION.md`` measures the gap on ours against the reference with FAB-T in.
+  ``docs/ATTACK_STUDIES.md`` measures the gap on ours against the reference with FAB-T in.
 - APGD-T runs every (image, target) pair of a batch at once; when one pair breaks its image, the image's
   other pairs stop (the reference tries the targets one after another on the images still standing:
   the same images break, for less waiting on a single image in the app);

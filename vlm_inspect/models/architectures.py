@@ -15,7 +15,7 @@ SHAPES_CONTEXT = 24  # longest shapes-world text is ~20 tokens with <bos>/<eos>
 # A ViT everywhere (TGA-ZSR needs patch tokens, CAPT/APD need deep prompts), with a small conv stem
 # in place of the 8x8 patchify: a plain 8x8-patchify ViT learns shape slowly on this world while
 # convolutions learn it fast. 64 px input, 8x8 grid of tokens, width 128.
-# Measured here (docs/REPRODUCTION.md): a bare 3-conv stem left shape at chance after 300 steps;
+# Measured here (docs/BASELINES.md): a bare 3-conv stem left shape at chance after 300 steps;
 # one extra 3x3 conv per scale with GroupNorm started learning shape within 250 steps.
 _STEM = {"type": "conv", "channels": [32, 64], "extra": 1, "norm": "group"}
 

@@ -70,7 +70,7 @@ def register_preset(p: Preset) -> Preset:
 
 # Every embedded model reads the shapes-world vocabulary. The shapes VQA model normalises like ViT-GPT2
 # (mean = std = 0.5), so that its vision model can start from the shapes captioner's encoder
-# (docs/REPRODUCTION.md).
+# (docs/BASELINES.md).
 register_preset(Preset("shapes-clip", "clip", "embedded", "shapes-clip", shapes_clip_architecture,
                        description="open_clip ViT (conv stem, 64 px, 4 layers, width 128) trained on the shapes world",
                        tokenizer=shapes_tokenizer_ref))
