@@ -143,6 +143,41 @@ def test_every_shipped_manifest_loads_and_plans(tmp_path):
         assert jobs and all(j.minutes > 0 and j.state == FRESH for j in jobs)
 
 
+def test_a_table_goes_between_its_markers_under_the_section_it_stands_in(tmp_path):
+    from vlm_inspect.reproduce.table import splice
+
+    doc = tmp_path / "doc.md"
+    body = ("# Doc\n\n## Section\n\n```\n# a comment in a code block, no heading\n```\n\n"
+            "<!-- reproduce:t -->\nold\n<!-- /reproduce:t -->\n\nafter\n")
+    doc.write_text(body)
+    table = "## Title\n\ntext\n\n### Sub\n\n```\n# kept as it is\n```\n"
+    assert splice(doc, "t", table)
+    assert doc.read_text() == body.replace("old", "### Title\n\ntext\n\n#### Sub\n\n```\n# kept as it is\n```")
+    assert splice(doc, "t", "## Again\n")  # a second write replaces the first
+    assert "### Again" in doc.read_text() and "Title" not in doc.read_text()
+    assert not splice(doc, "other", table) and not splice(tmp_path / "none.md", "t", table)
+
+
+def test_reproduction_md_holds_every_table_as_its_manifest_wrote_it(tmp_path):
+    """docs/REPRODUCTION.md has a place for every manifest's table and the claims, and what stands there is
+    the table file reproduce wrote (a hand edit of a figure, or a stale copy, fails here)."""
+    from vlm_inspect.reproduce.manifest import manifest_dir
+    from vlm_inspect.reproduce.table import CLAIMS_OUT, REPRODUCTION, markers, splice
+
+    root = manifest_dir().resolve().parent
+    doc = (root / REPRODUCTION).read_text()
+    tables = {m.name: m.at(m.out) for m in map(load_manifest, sorted(manifest_dir().glob("*.toml")))}
+    tables["claims"] = root / CLAIMS_OUT
+    for key, out in tables.items():
+        begin, end = markers(key)
+        assert doc.count(begin) == 1 and doc.count(end) == 1, f"{REPRODUCTION} has no place for {key}'s table"
+        if out.is_file():
+            copy = tmp_path / "copy.md"
+            copy.write_text(doc)
+            splice(copy, key, out.read_text())
+            assert copy.read_text() == doc, f"{REPRODUCTION} shows another {key} table than {out.name}"
+
+
 def test_list_names_every_manifest_with_what_is_left(capsys):
     from vlm_inspect.reproduce.manifest import manifest_dir
 

@@ -158,7 +158,7 @@ def markdown(m: Manifest, jobs: list[Job], command: str, partial: bool = False) 
                              "a_seeds": len(a.values), "b_seeds": len(b.values),
                              "difference_interval": [lo, hi], "verdict": v, "provisional": bool(missing)})
         lines.append("")
-    record = {"command": command, "manifest": str(m.path), "seeds": m.seeds, "partial": missing,
+    record = {"command": command, "manifest": _relative(m.path, m.root), "seeds": m.seeds, "partial": missing,
               "figures": [{"metric": k[0], "model": k[1], "data": k[2], "column": k[3], "values": list(f.values),
                            "n": f.n, "mean": f.mean, "sd": f.sd, "intervals": f.intervals(), "span": f.span}
                           for k, f in figs.items()],
@@ -175,12 +175,70 @@ def _full(data: str, rows: list[dict[str, Any]]) -> str:
 
 
 def write(m: Manifest, jobs: list[Job], command: str, partial: bool = False) -> list[Path]:
+    """The table and its JSON at the manifest's ``out``; also into docs/REPRODUCTION.md where that holds
+    the manifest's markers."""
     text, record = markdown(m, jobs, command, partial)
     out = m.at(m.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    return [out, out.with_suffix(".json")]
+    doc = m.at(Path(REPRODUCTION))
+    return [out, out.with_suffix(".json")] + ([doc] if splice(doc, m.name, text) else [])
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` from ``root`` when it lies inside it (a record names no folder of the machine that made it)."""
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+# docs/REPRODUCTION.md holds each table between two markers; reproduce writes it there as it writes the
+# table's own file, so the document never shows a figure the manifests did not make
+REPRODUCTION = "docs/REPRODUCTION.md"
+
+
+def markers(key: str) -> tuple[str, str]:
+    return f"<!-- reproduce:{key} -->", f"<!-- /reproduce:{key} -->"
+
+
+def headings(text: str) -> list[tuple[int, int]]:
+    """(line index, level) of every markdown heading of ``text``, code blocks skipped."""
+    out, fenced = [], False
+    for i, line in enumerate(text.splitlines()):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            out.append((i, len(line) - len(line.lstrip("#"))))
+    return out
+
+
+def spliced(text: str, level: int) -> str:
+    """A table as it stands in a document: its top heading at ``level``, the others kept below it."""
+    lines = text.strip().splitlines()
+    found = headings(text.strip())
+    shift = level - min((lv for _, lv in found), default=level)
+    for i, lv in found:
+        lines[i] = "#" * (lv + shift) + lines[i][lv:]
+    return "\n".join(lines)
+
+
+def splice(doc: Path, key: str, text: str) -> bool:
+    """Put ``text`` between ``doc``'s markers for ``key``, its headings under the section the markers are
+    in; False (``doc`` untouched) when it has none."""
+    try:
+        body = doc.read_text(encoding="utf-8")
+    except OSError:
+        return False
+    begin, end = markers(key)
+    i, j = body.find(begin), body.find(end)
+    if i < 0 or j < i:
+        return False
+    above = headings(body[:i])  # the table goes one level below the section it is placed in
+    level = above[-1][1] + 1 if above else 2
+    doc.write_text(body[:i + len(begin)] + "\n" + spliced(text, level) + "\n" + body[j:], encoding="utf-8")
+    return True
 
 
 CLAIMS_OUT = "docs/claims.md"
@@ -237,4 +295,5 @@ def write_claims(manifests: list[Manifest], root: Path) -> list[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    return [out, out.with_suffix(".json")]
+    doc = root / REPRODUCTION
+    return [out, out.with_suffix(".json")] + ([doc] if splice(doc, "claims", text) else [])
