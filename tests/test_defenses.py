@@ -239,14 +239,17 @@ def test_apd_loss_by_hand_with_eps_zero():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
-def test_prompt_defense_options_are_checked():
-    model = load("shapes-clip", weights="random")
-    data = ShapesDataset("shapes-combo", split="train", length=8)
+def test_prompt_defense_options_are_checked_when_made():
+    """Refused by the options themselves (no model needed: a manifest's plan finds them)."""
     for key, options, match in [("apd", {"distillation": "both"}, "unknown distillation"),
                                 ("capt", {"modality": "audio"}, "unknown modality"),
-                                ("apd", {"n_text": 6}, "fewer than n_text")]:
+                                ("apd", {"n_text": 6}, "fewer than n_text"),
+                                ("advpt", {"n_text": "5"}, "fewer than n_text"),
+                                ("advpt", {"depth": "0"}, "depth must be >= 1")]:
         with pytest.raises(ValueError, match=match):
-            DEFENSES.get(key)(model, make_config(DEFENSES.get(key).Config, options), data)
+            make_config(DEFENSES.get(key).Config, options)
+    # visual prompts only: the text initialisation does not limit them
+    assert make_config(DEFENSES.get("apd").Config, {"modality": "vision", "n_text": "8"}).n_text == 8
 
 
 def test_options_from_the_command_line_are_parsed_or_refused():

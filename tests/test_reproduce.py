@@ -97,6 +97,8 @@ ALSO_X = 'minutes = 0.3\n[evaluate.also.x]\nmodels = ["{}"]\nminutes = 1\nargs =
     # a CLIP is scored by top-1: a CIDEr claim on it would only ever say "not in the table"
     ({'data = "shapes-combo"': 'data = "shapes-combo"\nmetric = "cider"'}, "'cider' is not a metric these models"),
     ({'args = ["--defense", "advpt"]': 'args = ["--defense", "advpt", "--list-options"]'}, "must not give --list-options"),
+    # an option a defense refuses only once it builds its prompts: refused by the plan, not hours later
+    ({'args = ["--defense", "advpt"]': 'args = ["--defense", "advpt", "--set", "n_text=8"]'}, "fewer than n_text=8 words"),
     # two protocols on one model and one data set would collide in a cell
     ({"minutes = 0.3": ALSO_X.format("shapes-clip") + '["--data", "shapes:shapes-combo"]'},
      "evaluates shapes-clip on shapes:shapes-combo, as \\[evaluate\\]"),

@@ -97,6 +97,20 @@ def kl_per_sample(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Te
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
+def check_prompt_options(c) -> None:
+    """What a prompt defense's options must satisfy, checked when the options are made (so that a manifest's
+    plan refuses them, not a training run hours later): a known modality, at least one prompt layer, and no
+    more text context tokens than ``init_text`` has words to start them from (the tokenizer, once the model
+    is known, checks its own count too)."""
+    if c.modality not in MODALITIES:
+        raise ValueError(f"unknown modality {c.modality!r}; valid: {', '.join(MODALITIES)}")
+    if c.depth < 1 or c.n_vision < 0 or c.n_text < 0:
+        raise ValueError(f"depth must be >= 1 and n_vision, n_text >= 0 (got {c.depth}, {c.n_vision}, {c.n_text})")
+    if c.modality != "vision" and c.n_text > len(c.init_text.split()):
+        raise ValueError(f"init_text {c.init_text!r} has fewer than n_text={c.n_text} words (each text context "
+                         "token starts from one of its words)")
+
+
 class PromptTuningTask(ZeroShotTask):
     """A CLIP defense that learns deep prompts (:mod:`.prompts`) on a frozen CLIP: every model weight is
     frozen, the class prompts' text features are recomputed each step (text prompts move them), and the
@@ -116,8 +130,6 @@ class PromptTuningTask(ZeroShotTask):
 
     def prompt_sizes(self) -> tuple[int, int]:
         c = self.config
-        if c.modality not in MODALITIES:
-            raise ValueError(f"unknown modality {c.modality!r}; valid: {', '.join(MODALITIES)}")
         return (c.n_vision if c.modality != "text" else 0), (c.n_text if c.modality != "vision" else 0)
 
     def attack_prompted(self, model: PromptedClip, x: torch.Tensor, labels: torch.Tensor,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .adversarial import PromptTuningTask
+from .adversarial import PromptTuningTask, check_prompt_options
 from .common import DEFENSES
 from ..models.prompted import PromptedClip
 
@@ -38,6 +38,9 @@ class AdvPTConfig:
     depth: int = 9                     # prompt depth (capped at the layer count)
     init_text: str = "a photo of a"    # text prompt initialisation
     modality: str = "both"             # both (AdvVLP) | vision (AdvVP) | text (AdvTP)
+
+    def __post_init__(self) -> None:
+        check_prompt_options(self)
 
 
 @DEFENSES.register("advpt", families=("clip",))

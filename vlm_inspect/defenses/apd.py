@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adversarial import PromptTuningTask, kl_per_sample
+from .adversarial import PromptTuningTask, check_prompt_options, kl_per_sample
 from .common import DEFENSES
 from ..models.prompted import PromptedClip
 
@@ -57,6 +57,11 @@ class APDConfig:
     teacher_feedback: float = 1.0      # β in the teacher loss (docs/METHODS.md: our choice)
     student_ce: float = 0.0            # w, CE of the student on x' (docs/METHODS.md: our choice, default 0)
 
+    def __post_init__(self) -> None:
+        check_prompt_options(self)
+        if self.distillation not in DISTILLATION:
+            raise ValueError(f"unknown distillation {self.distillation!r}; valid: {', '.join(DISTILLATION)}")
+
 
 @DEFENSES.register("apd", families=("clip",))
 class APD(PromptTuningTask):
@@ -64,8 +69,6 @@ class APD(PromptTuningTask):
     key = "apd"
 
     def __init__(self, model, config, data) -> None:
-        if config.distillation not in DISTILLATION:
-            raise ValueError(f"unknown distillation {config.distillation!r}; valid: {', '.join(DISTILLATION)}")
         super().__init__(model, config, data)
         n_vision, n_text = self.prompt_sizes()
         self.student = PromptedClip(model, self.make_prompts(n_vision, n_text))

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .adversarial import PromptTuningTask, kl_per_sample
+from .adversarial import PromptTuningTask, check_prompt_options, kl_per_sample
 from .common import DEFENSES
 from ..models.prompted import PromptedClip
 
@@ -45,6 +45,9 @@ class CAPTConfig:
     modality: str = "both"             # both (paper: multimodal prompts) | vision | text
     consistency_weight: float = 1.0    # λ (docs/METHODS.md: our choice, default 1.0)
     frozen_consistency: bool = True    # the frozen-CLIP term with adaptive α (paper); False: α = 0 (ablation)
+
+    def __post_init__(self) -> None:
+        check_prompt_options(self)
 
 
 @DEFENSES.register("capt", families=("clip",))
