@@ -92,9 +92,11 @@ def markdown(m: Manifest, jobs: list[Job], command: str, partial: bool = False) 
               "```", command, "```", ""]
     train_jobs = [j for j in jobs if j.kind == "train"]
     if m.runs:
-        seeds = ", ".join(map(str, m.seeds))
-        lines += [f"Training runs, each at seeds {seeds} (`--seed k --out {m.runs_dir}/<run>/seed-k`):", "",
-                  "| run | command | train time per seed (loop) |", "|---|---|---|"]
+        seeds = ("seeds " if len(m.seeds) > 1 else "seed ") + ", ".join(map(str, m.seeds))
+        shared = " ".join(shlex.quote(a) for a in m.train_args)
+        lines += [f"Training runs, each at {seeds}: `python -m vlm_inspect.train {shared} <the run's own "
+                  f"arguments> --seed k --out {m.runs_dir}/<run>/seed-k` (an argument given twice: the run's "
+                  "counts):", "", "| run | the run's own arguments | train time per seed (loop) |", "|---|---|---|"]
         for name, run in m.runs.items():
             secs = []
             for j in train_jobs:
@@ -105,8 +107,8 @@ def markdown(m: Manifest, jobs: list[Job], command: str, partial: bool = False) 
                         pass
             secs = [s for s in secs if s]
             t = "–" if not secs else f"{secs[0]:.0f} s" if len(secs) == 1 else f"{min(secs):.0f}–{max(secs):.0f} s"
-            lines.append(f"| {name} | `python -m vlm_inspect.train "
-                         f"{' '.join(shlex.quote(a) for a in [*m.train_args, *run.args])}` | {t} |")
+            own = " ".join(shlex.quote(a) for a in run.args)
+            lines.append(f"| {name} | {f'`{own}`' if own else '(none)'} | {t} |")
         lines.append("")
     for p in m.protocols:
         ev = " ".join(shlex.quote(a) for a in p.args)
