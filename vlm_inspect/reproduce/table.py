@@ -94,9 +94,10 @@ def markdown(m: Manifest, jobs: list[Job], command: str, partial: bool = False) 
     if m.runs:
         seeds = ("seeds " if len(m.seeds) > 1 else "seed ") + ", ".join(map(str, m.seeds))
         shared = " ".join(shlex.quote(a) for a in m.train_args)
-        lines += [f"Training runs, each at {seeds}: `python -m vlm_inspect.train {shared} <the run's own "
-                  f"arguments> --seed k --out {m.runs_dir}/<run>/seed-k` (an argument given twice: the run's "
-                  "counts):", "", "| run | the run's own arguments | train time per seed (loop) |", "|---|---|---|"]
+        lines += [f"Training runs, each at {seeds}: `python -m vlm_inspect.train {shared}`, then the run's own "
+                  f"arguments (an argument given twice: the run's counts) and `--seed k --out "
+                  f"{m.runs_dir}/<run>/seed-k`:", "", "| run | the run's own arguments | train time per seed (loop) |",
+                  "|---|---|---|"]
         for name, run in m.runs.items():
             secs = []
             for j in train_jobs:
