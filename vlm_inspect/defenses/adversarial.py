@@ -100,8 +100,8 @@ def kl_per_sample(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Te
 def check_prompt_options(c) -> None:
     """What a prompt defense's options must satisfy, checked when the options are made (so that a manifest's
     plan refuses them, not a training run hours later): a known modality, at least one prompt layer, and no
-    more text context tokens than ``init_text`` has words to start them from (the tokenizer, once the model
-    is known, checks its own count too)."""
+    more text context tokens than ``init_text`` has words to start them from (a tokenizer makes at least one
+    token of a word, so no model needs to be loaded for it)."""
     if c.modality not in MODALITIES:
         raise ValueError(f"unknown modality {c.modality!r}; valid: {', '.join(MODALITIES)}")
     if c.depth < 1 or c.n_vision < 0 or c.n_text < 0:
@@ -123,9 +123,7 @@ class PromptTuningTask(ZeroShotTask):
         self.base = model  # θ0: the frozen CLIP without prompts (its text features: self.text_features)
 
     def make_prompts(self, n_vision: int, n_text: int) -> DeepPrompts:
-        c = self.config
-        if n_text and len(self.base.tokenize([c.init_text])[0].nonzero()) < n_text + 2:
-            raise ValueError(f"init_text {c.init_text!r} has fewer than n_text={n_text} words")
+        c = self.config  # check_prompt_options has checked n_text against init_text's words
         return DeepPrompts(self.base, n_vision=n_vision, n_text=n_text, depth=c.depth, init_text=c.init_text)
 
     def prompt_sizes(self) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger("vlm_inspect.evaluate")
 
@@ -21,6 +21,17 @@ log = logging.getLogger("vlm_inspect.evaluate")
 def journal_path(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.stem + ".partial.jsonl")
+
+
+def entries(text: str) -> Iterator[dict[str, Any]]:
+    """The finished units a journal's text holds, whatever their settings (a line a kill cut is skipped)."""
+    for line in text.splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a run killed while writing it
+            continue
+        if isinstance(e, dict) and isinstance(e.get("rows"), list):
+            yield e
 
 
 class Journal:
@@ -45,12 +56,8 @@ class Journal:
             return 0
         text = self.path.read_text(encoding="utf-8", errors="replace")
         self._cut = bool(text) and not text.endswith("\n")
-        for line in text.splitlines():
-            try:
-                e = json.loads(line)
-            except json.JSONDecodeError:  # the last line of a run killed while writing it
-                continue
-            if isinstance(e, dict) and e.get("settings") == self.settings and isinstance(e.get("rows"), list):
+        for e in entries(text):
+            if e.get("settings") == self.settings:
                 self.done[(e.get("model"), e.get("data"), e.get("digest"))] = e["rows"]
         return len(self.done)
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .manifest import Manifest, ManifestError, find, load_manifest, manifest_dir
-from .plan import DONE, RESUME, Job, eval_state, journal_units, plan, stamp_path, train_state, weights_hash
+from .plan import DONE, RESUME, Job, eval_state, plan, stamp_path, train_state, weights_hash
 
 POLL = 2.0  # seconds between looks at the running jobs
 
@@ -55,7 +55,7 @@ def _minutes_done(job: Job, running_since: float | None = None) -> float:
         return job.minutes * min(1.0, _steps_done(job) / job.steps)
     done = 0.0
     if job.kind == "evaluate" and job.units and job.state == RESUME:
-        done = job.minutes * min(0.95, journal_units(job) / job.units)
+        done = job.minutes * min(0.95, job.journal / job.units)
     if running_since is not None:
         done += (time.time() - running_since) / 60
     return min(0.95 * job.minutes, done)

@@ -44,6 +44,7 @@ class Job:
     config: dict[str, Any] | None = None  # train: the resolved config the run must record (train_config)
     protocol: str = ""         # evaluate: the manifest's protocol ("" for [evaluate], else its also-name)
     units: int = 0             # evaluate: its data sets (0: every data set of the family, count unknown)
+    journal: int = 0           # evaluate: the units its journal held when planned (a killed run's)
 
     @property
     def command(self) -> str:
@@ -172,39 +173,27 @@ def eval_state(job: Job) -> str:
     return DONE if stamp.is_file() and stamp.read_text().strip() == weights_hash(job.folder) else FRESH
 
 
-def _eval_state(job: Job) -> str:
-    state = eval_state(job)
-    return RESUME if state == FRESH and journal_units(job) else state
-
-
 def journal_units(job: Job) -> int:
     """The finished model x data set units a killed evaluation left in its journal (an estimate: evaluate
     itself decides which of them still hold, by their settings and the weights' digest)."""
-    from ..evaluate.journal import journal_path
+    from ..evaluate.journal import entries, journal_path
 
     try:
-        lines = journal_path(job.out).read_text(encoding="utf-8", errors="replace").splitlines()
+        text = journal_path(job.out).read_text(encoding="utf-8", errors="replace")
     except (OSError, TypeError):
         return 0
-    units = set()
-    for line in lines:
-        try:
-            e = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(e, dict) and isinstance(e.get("rows"), list):
-            units.add((e.get("model"), e.get("data")))
-    return len(units)
+    return len({(e.get("model"), e.get("data")) for e in entries(text)})
 
 
 def _same_data(claim_data: str, spec: str) -> bool:
     return claim_data in (spec, spec.removeprefix("shapes:"))
 
 
-def check_claims(m: Manifest, bases: dict[str, str]) -> None:
+def check_claims(m: Manifest, bases: dict[str, str]) -> dict[str, list[str] | None]:
     """Every protocol parses, two protocols never evaluate one model on one data set (their figures would
     collide in a cell), and every claim names a column, a data set and a metric that one protocol gives
-    both its models: a typo is found now, not after hours of work. ``bases``: each run's trained model."""
+    both its models: a typo is found now, not after hours of work. ``bases``: each run's trained model.
+    Returns each protocol's data sets, by name (None: every data set of the family)."""
     from ..attacks.base import eps_label
     from ..evaluate import cli as evaluate_cli
 
@@ -254,6 +243,7 @@ def check_claims(m: Manifest, bases: dict[str, str]) -> None:
         if metrics is not None and c.metric not in metrics:
             raise ManifestError(f"{m.path.name}: claims[{i}].metric = {c.metric!r} is not a metric these models "
                                 f"are scored with; valid: {', '.join(metrics)}")
+    return {p.name: dp for p, _, dp in given}
 
 
 FAMILY_METRICS = {"clip": ("top1",), "captioner": ("cider", "bleu4", "rouge_l"), "vqa": ("exact_match",)}
@@ -283,15 +273,10 @@ def _families(ref: str) -> tuple[str, ...] | None:
         return None
 
 
-def _units(p: Protocol, base: str) -> int:
-    """How many data sets an evaluation of a ``base`` model under ``p`` scores (0: not known)."""
-    from ..evaluate import cli as evaluate_cli
+def _units(data: list[str] | None, base: str) -> int:
+    """How many data sets an evaluation of a ``base`` model scores (0: not known)."""
     from ..evaluate.run import default_data
 
-    try:
-        data = evaluate_cli.data_specs(evaluate_cli.build_parser().parse_args([*p.args, "--models", "x"]))
-    except SystemExit:  # check_claims has said why already
-        return 0
     families = _families(base) or ()
     return len(data) if data is not None else len(default_data(families[0])) if len(families) == 1 else 0
 
@@ -309,20 +294,21 @@ def plan(m: Manifest) -> list[Job]:
                 argv = ["--resume", str(folder), "--no-progress", *_weights_dir(argv)]
             jobs.append(Job("train", f"{name} seed {seed}", argv, run.minutes, state, model=name, seed=seed,
                             folder=m.at(folder), steps=int(want["loop"]["steps"]), config=want))
-    check_claims(m, {j.model: j.config["loop"]["model"] for j in jobs})
+    data = check_claims(m, {j.model: j.config["loop"]["model"] for j in jobs})
     for p in m.protocols:
         for model in p.models:
-            jobs += _evaluations(m, p, model, jobs)
+            jobs += _evaluations(m, p, model, jobs, data[p.name])
     return jobs
 
 
-def _evaluations(m: Manifest, p: Protocol, model: str, jobs: list[Job]) -> list[Job]:
-    """The evaluation jobs of one model under one protocol (each seed of a run; each budget with split_eps)."""
+def _evaluations(m: Manifest, p: Protocol, model: str, jobs: list[Job], data: list[str] | None) -> list[Job]:
+    """The evaluation jobs of one model under one protocol (each seed of a run; each budget with split_eps);
+    ``data``: the protocol's data sets."""
     out_jobs = []
     seeds: list[int | None] = list(m.seeds) if model in m.runs else [None]
     for seed in seeds:
         trainer = next((j for j in jobs if j.kind == "train" and j.label == f"{model} seed {seed}"), None)
-        units = _units(p, trainer.config["loop"]["model"] if trainer else model)
+        units = _units(data, trainer.config["loop"]["model"] if trainer else model)
         for eps, args in _jobs_of(p):
             ref = str(run_folder(m, model, seed)) if seed is not None else model
             out = eval_out(m, model, seed, eps, p.name)
@@ -332,8 +318,10 @@ def _evaluations(m: Manifest, p: Protocol, model: str, jobs: list[Job]) -> list[
                       p.eval_minutes(model, eps), model=model, seed=seed, out=m.at(out),
                       folder=m.at(run_folder(m, model, seed)) if seed is not None else None,
                       needs=[trainer.label] if trainer else [], protocol=p.name, units=units)
-            trained = trainer is None or trainer.state == DONE
-            job.state = _eval_state(job) if trained else FRESH  # a model still training is evaluated again
+            if trainer is None or trainer.state == DONE:  # a model still training is evaluated again
+                job.journal = journal_units(job)
+                state = eval_state(job)
+                job.state = RESUME if state == FRESH and job.journal else state
             out_jobs.append(job)
     return out_jobs
 
